@@ -1,0 +1,3 @@
+from tasklease.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Go-style duration strings ("90s", "1h30m", "500ms") as `timedelta`.
+
+The CRD stores durations as strings in the format Kubernetes users already write for
+`metav1.Duration` fields, because CEL's `duration()` parses exactly that format: the API
+server can then compare `ackTimeout` with `reportProgressTimeout` itself. The models parse
+them into `timedelta` so no code ever handles a bare number of unknown unit.
+
+What the pattern accepts is a strict subset of what Go's `time.ParseDuration` (and so CEL)
+accepts, so a string the schema lets through never makes a CEL rule fail to evaluate.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+
+# One or more <number><unit> groups, the grammar of Go's time.ParseDuration (no sign: the
+# API has no use for negative durations, and the schema refuses them early). Go spells the
+# micro sign both ways (U+00B5 and U+03BC).
+GO_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|μs|ms|s|m|h))+$"
+# Bounds the work of the pattern and of CEL's duration() on a hostile string.
+MAX_DURATION_LENGTH = 64
+_MAX_NANOSECONDS = 2**63 - 1  # Go's time.Duration is an int64 of nanoseconds
+# The longest duration Go, and so CEL, can represent (about 106751 days), in timedelta's
+# microsecond resolution.
+MAX_DURATION = timedelta(microseconds=_MAX_NANOSECONDS // 1000)
+
+_PART = re.compile(r"([0-9]+)(?:\.([0-9]+))?(ns|us|µs|μs|ms|s|m|h)")
+_NANOSECONDS_PER_UNIT = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+_MICROSECONDS_PER_HOUR = 3_600_000_000
+_MICROSECONDS_PER_MINUTE = 60_000_000
+_MICROSECONDS_PER_SECOND = 1_000_000
+
+
+def parse_go_duration(value: Any) -> timedelta:
+    """Parse "1h30m" into a timedelta; pass timedeltas through; refuse anything else.
+
+    The arithmetic is Go's: integer nanoseconds, each part's fraction truncated to the
+    nanosecond. `timedelta` resolves microseconds, so finer values are rounded up: a
+    positive duration never becomes zero.
+    """
+    if isinstance(value, timedelta):
+        if value < timedelta(0):
+            raise ValueError(f"{value} is negative; a duration must not be")
+        if value > MAX_DURATION:
+            raise ValueError(f"{value} is longer than the longest duration, {MAX_DURATION}")
+        return value
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_DURATION_LENGTH
+        or not re.fullmatch(GO_DURATION_PATTERN, value)
+    ):
+        raise ValueError(f"{value!r} is not a duration such as '90s', '15m' or '1h30m'")
+    nanoseconds = 0
+    for whole, fraction, unit in _PART.findall(value):
+        scale = _NANOSECONDS_PER_UNIT[unit]
+        nanoseconds += int(whole) * scale
+        if fraction:
+            nanoseconds += int(fraction) * scale // 10 ** len(fraction)
+    if nanoseconds > _MAX_NANOSECONDS:
+        raise ValueError(f"{value!r} is longer than the longest duration, about 2562047h")
+    return timedelta(microseconds=-(-nanoseconds // 1000))  # rounded up
+
+
+def format_go_duration(value: timedelta) -> str:
+    """Render the shortest exact Go duration string ("2m"; "1h0m30s" becomes "1h30s").
+
+    Below one second the unit is the one Go picks ("500ms", "1.5ms", "250us"); from one
+    second on, hours, minutes and (fractional) seconds ("1h2m3.5s"). Exact to the
+    microsecond, so `parse_go_duration(format_go_duration(d)) == d`.
+    """
+    microseconds = value // timedelta(microseconds=1)
+    if microseconds < 0:
+        return "-" + format_go_duration(-value)
+    if microseconds == 0:
+        return "0s"
+    if microseconds < _MICROSECONDS_PER_SECOND:
+        milliseconds, rest = divmod(microseconds, 1000)
+        if not milliseconds:
+            return f"{rest}us"
+        return _with_fraction(milliseconds, rest, digits=3) + "ms"
+    hours, rest = divmod(microseconds, _MICROSECONDS_PER_HOUR)
+    minutes, rest = divmod(rest, _MICROSECONDS_PER_MINUTE)
+    seconds, rest = divmod(rest, _MICROSECONDS_PER_SECOND)
+    text = ""
+    if hours:
+        text += f"{hours}h"
+    if minutes:
+        text += f"{minutes}m"
+    if seconds or rest:
+        text += _with_fraction(seconds, rest, digits=6) + "s"
+    return text
+
+
+def _with_fraction(whole: int, fraction: int, *, digits: int) -> str:
+    if not fraction:
+        return str(whole)
+    return f"{whole}.{fraction:0{digits}d}".rstrip("0")
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_go_duration),
+    PlainSerializer(format_go_duration, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "pattern": GO_DURATION_PATTERN, "maxLength": MAX_DURATION_LENGTH}
+    ),
+]

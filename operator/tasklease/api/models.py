@@ -1,0 +1,515 @@
+"""The Task API (`tasklease.io/v1alpha1`): the one source of truth.
+
+The CRD in `crds/` and the chart's copy are rendered from these models by
+`python -m tasklease.api.crd` (`make manifests`); a test fails when they drift. Descriptions
+here are what `kubectl explain` prints, so they are written for users, not for us.
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from tasklease.api.durations import Duration
+
+GROUP = "tasklease.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "Task"
+PLURAL = "tasks"
+SINGULAR = "task"
+SHORT_NAMES = ["tl"]
+CATEGORIES = ["tasklease"]
+
+# Lease annotations, written only by the operator (or, in a worker pool, by the runner that
+# claims the task). The vocabulary follows coordination.k8s.io/v1 Lease.
+HOLDER_ANNOTATION = f"{GROUP}/holder"
+EPOCH_ANNOTATION = f"{GROUP}/epoch"
+ACQUIRE_TIME_ANNOTATION = f"{GROUP}/acquire-time"
+
+# Labels the operator puts on runner pods, so it can watch exactly its own pods.
+TASK_LABEL = f"{GROUP}/task"
+EPOCH_LABEL = f"{GROUP}/epoch"
+
+MAX_ATTEMPT_HISTORY = 20
+POSITIVE_DURATION_RULE = {"rule": "duration(self) > duration('0s')", "message": "must be > 0"}
+_MUST_BE_POSITIVE: dict[str, Any] = {"x-kubernetes-validations": [POSITIVE_DURATION_RULE]}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(alias=to_camel),
+        populate_by_name=True,
+        # Unknown fields are pruned by the API server; an object written under a newer CRD
+        # must still parse under an older operator.
+        extra="ignore",
+        frozen=True,
+    )
+
+
+class Backoff(_Model):
+    """How long to wait before the next attempt after a failed one."""
+
+    initial: Duration = Field(
+        default=timedelta(seconds=10),
+        description="Delay before the second attempt, e.g. '10s'. Later delays grow by `factor`.",
+    )
+    factor: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description="Multiplier applied to the delay after each further failed attempt.",
+    )
+    max: Duration = Field(
+        default=timedelta(minutes=5),
+        description="Upper bound of the delay, e.g. '5m'.",
+    )
+    jitter: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Fraction of the delay added at random (0.2: up to 20% longer), so tasks that "
+            "failed together do not all retry in the same second."
+        ),
+    )
+
+
+class RetryPolicy(_Model):
+    """How many attempts a task gets and how long to wait between them."""
+
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description=(
+            "Attempts in all, the first one included (AWS maximumRetries + 1). Every attempt "
+            "that ends without success counts: a runner-reported failure, an acknowledgement "
+            "or progress timeout, a failed or lost pod."
+        ),
+    )
+    backoff: Backoff = Field(
+        default_factory=Backoff,
+        description=(
+            "Delay before retrying after a failure the runner reported or a failed pod. A "
+            "lease lost to a timeout or a vanished pod is handed out again at once."
+        ),
+    )
+    non_retryable_errors: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Error ids (the errorId a runner reports with a FAILED result) that fail the "
+            "task at once, without further attempts."
+        ),
+    )
+
+
+class TaskSpec(_Model):
+    """What to run, and the lease, retry and deadline policy that governs its attempts."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.template) || has(self.workerGroup)",
+                    "message": (
+                        "set spec.template (a runner pod per attempt) or spec.workerGroup "
+                        "(a pool runner claims the task)"
+                    ),
+                },
+                {
+                    "rule": "duration(self.ackTimeout) <= duration(self.reportProgressTimeout)",
+                    "message": "spec.ackTimeout must not exceed spec.reportProgressTimeout",
+                    "fieldPath": ".ackTimeout",
+                },
+                {
+                    "rule": (
+                        "duration(self.heartbeatInterval) < duration(self.reportProgressTimeout)"
+                    ),
+                    "message": (
+                        "spec.heartbeatInterval must be shorter than spec.reportProgressTimeout"
+                    ),
+                    "fieldPath": ".heartbeatInterval",
+                },
+            ]
+        }
+    )
+
+    template: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Pod template for the runner pods, one pod per attempt (a core/v1 "
+            "PodTemplateSpec). The operator adds the lease identity to the first "
+            "container's environment: TASKLEASE_TASK, TASKLEASE_NAMESPACE, TASKLEASE_EPOCH, "
+            "TASKLEASE_POD_NAME, TASKLEASE_PARAMETERS (JSON) and TASKLEASE_CHECKPOINT (the "
+            "previous attempt's last checkpoint, JSON). restartPolicy must be Never or unset."
+        ),
+        json_schema_extra={
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "required": ["spec"],
+            "properties": {
+                "metadata": {
+                    "type": "object",
+                    "description": "Labels and annotations for the runner pods.",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                },
+                "spec": {
+                    "type": "object",
+                    "description": "The runner pod's spec (core/v1 PodSpec).",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                    "required": ["containers"],
+                    "properties": {
+                        "containers": {
+                            "type": "array",
+                            "minItems": 1,
+                            "description": "The runner's containers; the first one runs the task.",
+                            "items": {
+                                "type": "object",
+                                "x-kubernetes-preserve-unknown-fields": True,
+                            },
+                        },
+                        # Declared so the API server enforces what the validator below
+                        # enforces in Python; the rest of the pod spec stays open.
+                        "restartPolicy": {
+                            "type": "string",
+                            "enum": ["Never"],
+                            "description": (
+                                "Must be Never or unset: every attempt is a new pod with a new "
+                                "lease epoch, so a container is never restarted in place."
+                            ),
+                        },
+                    },
+                },
+            },
+        },
+    )
+    parameters: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named string values handed to the runner (AWS: the task's fields).",
+    )
+    worker_group: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description=(
+            "Worker group whose pool runners may claim this task (AWS workerGroup). Used "
+            "when spec.template is not set."
+        ),
+    )
+    priority: int = Field(
+        default=0,
+        ge=-1000,
+        le=1000,
+        description="Pool runners claim higher priorities first, then older tasks first.",
+    )
+    cancel: bool = Field(
+        default=False,
+        description=(
+            "Set to true to cancel the task: the runner is told (its next report sees it), "
+            "its pod is deleted after the pod's grace period, and the phase becomes Canceled. "
+            "Cannot be undone."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self || !oldSelf", "message": "a canceled task cannot be uncanceled"}
+            ]
+        },
+    )
+    ack_timeout: Duration = Field(
+        default=timedelta(minutes=2),
+        description=(
+            "How long a new runner has to acknowledge the task with its first progress "
+            "report before the lease is taken back (AWS: 2 minutes)."
+        ),
+        json_schema_extra=_MUST_BE_POSITIVE,
+    )
+    report_progress_timeout: Duration = Field(
+        default=timedelta(minutes=15),
+        description=(
+            "How long the lease is kept without a progress report (AWS "
+            "reportProgressTimeout: 15 minutes). Measured by the operator from the moment it "
+            "observed the last report, never from a timestamp the runner wrote."
+        ),
+        json_schema_extra=_MUST_BE_POSITIVE,
+    )
+    heartbeat_interval: Duration = Field(
+        default=timedelta(seconds=60),
+        description=(
+            "How often runners should report progress (AWS: every 60 seconds). Must be "
+            "well below reportProgressTimeout."
+        ),
+        json_schema_extra=_MUST_BE_POSITIVE,
+    )
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy,
+        description="How many attempts the task gets and the delay between them.",
+    )
+    attempt_timeout: Duration | None = Field(
+        default=None,
+        description=(
+            "Longest one attempt may run, from hand-out to result (AWS attemptTimeout). "
+            "Unset: no limit."
+        ),
+        json_schema_extra=_MUST_BE_POSITIVE,
+    )
+    active_deadline: Duration | None = Field(
+        default=None,
+        description=(
+            "Longest the whole task may take from its creation, all attempts together. "
+            "When it passes, the running attempt is stopped and the task Failed. Unset: no limit."
+        ),
+        json_schema_extra=_MUST_BE_POSITIVE,
+    )
+    late_after: Duration | None = Field(
+        default=None,
+        description=(
+            "After this long from creation without a final phase, the task is marked Late "
+            "(a condition and an Event) and goes on (AWS lateAfterTimeout). Unset: never late."
+        ),
+        json_schema_extra=_MUST_BE_POSITIVE,
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _runner_pods_are_not_restarted(
+        cls, template: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        # The schema leaves the pod template open (it is a whole PodTemplateSpec), so this
+        # rule lives here: a kubelet restart would rerun the work under the same epoch,
+        # which breaks "one attempt, one epoch".
+        if template is None:
+            return None
+        pod_spec = template.get("spec")
+        if not isinstance(pod_spec, dict):
+            raise ValueError("spec.template.spec must be a pod spec")
+        policy = pod_spec.get("restartPolicy", "Never")
+        if policy != "Never":
+            raise ValueError(
+                f"spec.template.spec.restartPolicy is {policy!r}; runner pods must use "
+                "'Never' (each attempt is a new pod with a new epoch)"
+            )
+        return template
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    ASSIGNED = "Assigned"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+    CANCELED = "Canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_PHASES
+
+
+FINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.SKIPPED, Phase.CANCELED})
+
+
+class ResultStatus(enum.StrEnum):
+    """AWS SetTaskStatus taskStatus values."""
+
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    FALSE = "FALSE"
+
+
+class Outcome(enum.StrEnum):
+    """Why an attempt ended."""
+
+    SUCCEEDED = "Succeeded"
+    SKIPPED = "Skipped"
+    FAILED = "Failed"
+    ACK_TIMEOUT = "AckTimeout"
+    PROGRESS_TIMEOUT = "ProgressTimeout"
+    ATTEMPT_TIMEOUT = "AttemptTimeout"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    POD_FAILED = "PodFailed"
+    POD_LOST = "PodLost"
+    CANCELED = "Canceled"
+
+
+class Progress(_Model):
+    """The runner's last progress report (AWS ReportTaskProgress), written by the runner."""
+
+    epoch: int = Field(ge=1, description="The lease epoch the runner holds; must be current.")
+    percent: float | None = Field(
+        default=None, ge=0, le=100, description="Share of the work done, 0 to 100."
+    )
+    message: str | None = Field(default=None, max_length=1024, description="What it is doing.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Free-form key/value progress details (AWS ReportTaskProgress fields).",
+    )
+    checkpoint: Any = Field(
+        default=None,
+        description=(
+            "Any JSON value the runner wants the next attempt to resume from. The next "
+            "attempt receives it in TASKLEASE_CHECKPOINT."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    report_time: datetime | None = Field(
+        default=None,
+        description=(
+            "When the runner sent this report, by the runner's clock. Shown to users; the "
+            "operator never compares it with its own clock."
+        ),
+    )
+
+
+class Result(_Model):
+    """The runner's outcome (AWS SetTaskStatus), written by the runner."""
+
+    epoch: int = Field(ge=1, description="The lease epoch the runner holds; must be current.")
+    status: ResultStatus = Field(
+        description=(
+            "FINISHED: the work is done. FAILED: it failed (retried per spec.retry unless "
+            "errorId is non-retryable). FALSE: a precondition was not met; the task is Skipped."
+        )
+    )
+    error_id: str | None = Field(default=None, max_length=256, description="Error id of a failure.")
+    error_message: str | None = Field(default=None, max_length=4096, description="What failed.")
+    error_stack_trace: str | None = Field(
+        default=None, max_length=32768, description="Stack trace of the failure."
+    )
+    report_time: datetime | None = Field(default=None, description="When the runner reported it.")
+
+
+class AttemptRecord(_Model):
+    """One attempt: who ran it, when, and how it ended."""
+
+    attempt: int = Field(ge=1, description="Attempt number, from 1.")
+    epoch: int = Field(ge=1, description="Lease epoch of this attempt.")
+    holder: str = Field(description="The runner pod that held the lease.")
+    start_time: datetime = Field(description="When the lease was handed out.")
+    end_time: datetime | None = Field(default=None, description="When the attempt ended.")
+    outcome: Outcome | None = Field(default=None, description="Why the attempt ended.")
+    message: str | None = Field(default=None, max_length=4096, description="Details.")
+
+
+class Condition(_Model):
+    """A Kubernetes-style condition (metav1.Condition)."""
+
+    type: str = Field(description="Condition type: Leased, Late, Complete or Invalid.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word saying why.")
+    message: str = Field(default="", max_length=32768, description="Details for people.")
+    last_transition_time: datetime = Field(description="When the status last changed.")
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation the condition was set for."
+    )
+
+
+class TaskStatus(_Model):
+    """Observed state. The runner writes progress and result; the operator the rest."""
+
+    phase: Phase = Field(
+        default=Phase.PENDING,
+        description=(
+            "Where the task stands. Pending: waiting for a runner (or backing off before a "
+            "retry). Assigned: leased to a runner that has not acknowledged yet. Running: the "
+            "runner acknowledged and reports progress. Final: Succeeded, Failed, Skipped (the "
+            "runner reported FALSE) or Canceled."
+        ),
+    )
+    attempt: int = Field(default=0, ge=0, description="Attempts started so far.")
+    epoch: int = Field(
+        default=0,
+        ge=0,
+        description="Current lease epoch (copy of the tasklease.io/epoch annotation).",
+    )
+    holder: str | None = Field(
+        default=None, description="Runner pod holding the lease (copy of tasklease.io/holder)."
+    )
+    progress: Progress | None = Field(default=None, description="The runner's last report.")
+    result: Result | None = Field(default=None, description="The runner's outcome.")
+    attempts: list[AttemptRecord] = Field(
+        default_factory=list,
+        max_length=MAX_ATTEMPT_HISTORY,
+        description=f"The last {MAX_ATTEMPT_HISTORY} attempts, oldest first.",
+    )
+    start_time: datetime | None = Field(default=None, description="First hand-out.")
+    completion_time: datetime | None = Field(default=None, description="When it became final.")
+    next_attempt_time: datetime | None = Field(
+        default=None, description="While backing off: when the next attempt will be handed out."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Leased, Late, Complete and Invalid conditions.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation the operator last acted on."
+    )
+
+
+class Lease(_Model):
+    """The lease annotations, parsed. Epoch 0 means never handed out."""
+
+    holder: str | None = None
+    epoch: int = 0
+    acquire_time: datetime | None = None
+
+
+class Task(_Model):
+    """A unit of work handed to one runner at a time under a heartbeat lease.
+
+    The operator leases the task to a runner: a pod made from spec.template, or a pool
+    runner of spec.workerGroup. The runner acknowledges within spec.ackTimeout and then
+    reports progress in status.progress every spec.heartbeatInterval; when reports stop for
+    spec.reportProgressTimeout, or the pod dies, the lease is taken back and the task handed
+    to a new runner, up to spec.retry.maxAttempts attempts in all.
+    """
+
+    # Literals spelled out: mypy cannot narrow the str constants to Literal types.
+    api_version: Literal["tasklease.io/v1alpha1"] = "tasklease.io/v1alpha1"
+    kind: Literal["Task"] = "Task"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: TaskSpec
+    status: TaskStatus = Field(default_factory=TaskStatus)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace", ""))
+
+    @property
+    def uid(self) -> str:
+        return str(self.metadata.get("uid", ""))
+
+    @property
+    def generation(self) -> int:
+        return int(self.metadata.get("generation", 0))
+
+    @property
+    def creation_time(self) -> datetime | None:
+        stamp = self.metadata.get("creationTimestamp")
+        return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+
+    @property
+    def lease(self) -> Lease:
+        annotations = self.metadata.get("annotations") or {}
+        epoch_text = annotations.get(EPOCH_ANNOTATION, "0")
+        acquire_text = annotations.get(ACQUIRE_TIME_ANNOTATION)
+        return Lease(
+            holder=annotations.get(HOLDER_ANNOTATION) or None,
+            epoch=int(epoch_text) if str(epoch_text).isdigit() else 0,
+            acquire_time=datetime.fromisoformat(acquire_text) if acquire_text else None,
+        )

@@ -1,0 +1,37 @@
+"""The `tasklease` command: operator, local control plane, and (later) the runner wrapper."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="tasklease",
+        description="A heartbeat-lease operator for Kubernetes batch work.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("operator", help="run the operator (settings from TASKLEASE_* variables)")
+    sub.add_parser(
+        "controlplane",
+        help="local etcd + kube-apiserver + kube-controller-manager (see `controlplane -h`)",
+        add_help=False,
+    )
+    if args and args[0] == "controlplane":
+        from tasklease.controlplane.cli import main as controlplane_main
+
+        return controlplane_main(args[1:])
+    parsed = parser.parse_args(args)
+    if parsed.command == "operator":
+        from tasklease.operator.main import run
+
+        run()
+        return 0
+    parser.error(f"unknown command {parsed.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""`python -m tasklease.controlplane`: obtain the binaries, or run a control plane in the
+foreground.
+
+    export KUBEBUILDER_ASSETS=$(python -m tasklease.controlplane binaries)
+    python -m tasklease.controlplane up          # prints `export KUBECONFIG=...`
+
+`up` stays in the foreground and stops everything on Ctrl-C, SIGTERM or SIGHUP (a closed
+terminal). It never daemonises: a background control plane is one nobody remembers to stop.
+The state dir defaults to `./.tasklease/controlplane`, so the kubeconfig path is predictable
+from the repository root; it is emptied on stop (`--keep-state` keeps logs and etcd data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from tasklease.controlplane.binaries import BinariesError, find_binaries, obtain_binaries
+from tasklease.controlplane.cluster import ControlPlane, ControlPlaneError
+from tasklease.controlplane.versions import ETCD_VERSION, KUBERNETES_VERSION
+
+DEFAULT_STATE_DIR = Path(".tasklease/controlplane")
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler; a BaseException so no `except Exception` swallows it."""
+
+
+def _say(message: str) -> None:
+    print(f"tasklease: {message}", file=sys.stderr, flush=True)
+
+
+def _install_stop_handlers() -> None:
+    stopping = False
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            # A second Ctrl-C must not interrupt the orderly stop half-way; it is bounded
+            # (SIGKILL after a grace period) and SIGKILL of this process still ends all.
+            _say("already stopping")
+            return
+        stopping = True
+        raise _Stop(signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+
+
+def _binaries(args: argparse.Namespace) -> int:
+    _install_stop_handlers()
+    try:
+        found = find_binaries() if args.no_build else obtain_binaries()
+    except _Stop as stop:
+        _say(f"{stop.args[0]}: build stopped")
+        return 130
+    if found is None:
+        _say(f"no binaries for Kubernetes {KUBERNETES_VERSION} / etcd {ETCD_VERSION}")
+        return 1
+    _say(f"binaries from {found.source}")
+    print(found.directory, flush=True)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    _install_stop_handlers()
+    started = time.monotonic()
+    try:
+        binaries = obtain_binaries()
+        plane = ControlPlane.start(
+            args.state_dir, keep_state=args.keep_state, binaries=binaries, timeout=args.timeout
+        )
+    except _Stop:
+        _say("interrupted during start-up; stopped")
+        return 130
+    with plane:
+        _say(
+            f"Kubernetes {KUBERNETES_VERSION} control plane ready at {plane.server} in "
+            f"{time.monotonic() - started:.1f}s (state: {plane.state_dir})"
+        )
+        print(f"export KUBECONFIG={plane.kubeconfig}", flush=True)
+        print(
+            f"# running in the foreground; stop with Ctrl-C or `kill {os.getpid()}`",
+            flush=True,
+        )
+        try:
+            while True:
+                time.sleep(1.0)
+                plane.check_running()
+        except _Stop as stop:
+            _say(f"{stop.args[0]}: stopping")
+        except ControlPlaneError as error:
+            _say(str(error))
+            return 1
+    _say("stopped")
+    return 0
+
+
+def _gomod(args: argparse.Namespace) -> int:
+    from tasklease.controlplane.gomod import regenerate
+
+    regenerate(args.output, say=_say)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tasklease.controlplane",
+        description=(
+            f"A local Kubernetes {KUBERNETES_VERSION} control plane (etcd {ETCD_VERSION}, "
+            f"kube-apiserver, kube-controller-manager), no Docker needed."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    binaries = commands.add_parser(
+        "binaries",
+        help="find or build the binaries; print their folder (for KUBEBUILDER_ASSETS)",
+    )
+    binaries.add_argument(
+        "--no-build", action="store_true", help="fail instead of building when not found"
+    )
+    binaries.set_defaults(run=_binaries)
+
+    up = commands.add_parser("up", help="run a control plane in the foreground")
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"certs, etcd data, logs and the kubeconfig (default: ./{DEFAULT_STATE_DIR})",
+    )
+    up.add_argument(
+        "--keep-state", action="store_true", help="keep the state dir (logs, data) after stop"
+    )
+    up.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds each component may take to start"
+    )
+    up.set_defaults(run=_up)
+
+    gomod = commands.add_parser(
+        "gomod", help="regenerate the wrapper go.mod/go.sum after a version bump"
+    )
+    gomod.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).parent / "gobuild",
+        help="folder to write go.mod and go.sum into (default: the package's gobuild/)",
+    )
+    gomod.set_defaults(run=_gomod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except (BinariesError, ControlPlaneError) as error:
+        _say(str(error))
+        return 1
+    return code

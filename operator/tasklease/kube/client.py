@@ -1,0 +1,228 @@
+"""The operator's writes to the Kubernetes API: the only module that talks to it directly.
+
+kopf watches; this module writes. kopf's own patches are not compare-and-swap, and every
+lease and status write of the operator must be: each carries the resourceVersion the
+decision was made from, and the API server answers 409 Conflict when the Task moved on.
+
+Responses are read as plain JSON (`_preload_content=False`): the generated client's model
+deserialisation costs more CPU than the request itself and we only need a few fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tasklease.api.models import GROUP, KIND, PLURAL, VERSION
+
+logger = logging.getLogger(__name__)
+
+FIELD_MANAGER = "tasklease-operator"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class Conflict(Exception):
+    """The Task changed since the decision was made (HTTP 409): decide again."""
+
+
+class Gone(Exception):
+    """The object no longer exists (HTTP 404)."""
+
+
+async def api_client(*, qps_hint: int | None = None) -> k8s.ApiClient:
+    """An API client from the in-cluster service account, else from KUBECONFIG."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    except k8s_config.ConfigException:
+        await k8s_config.load_kube_config(client_configuration=configuration)
+    if qps_hint:
+        configuration.connection_pool_maxsize = qps_hint
+    return k8s.ApiClient(configuration)
+
+
+class ApiError(Exception):
+    """The API server refused a request; `status` is the HTTP status, `message` its reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+async def _checked(response: Any) -> bytes:
+    """The body of a raw response, raising for errors.
+
+    With `_preload_content=False` the generated client hands back the raw aiohttp response
+    without checking its status, so a refusal would otherwise pass for a Task.
+    """
+    data: bytes = await response.read()
+    response.release()
+    if not 200 <= response.status <= 299:
+        try:
+            message = str(json.loads(data).get("message", ""))
+        except ValueError:
+            message = data[:512].decode(errors="replace")
+        if response.status == 409:
+            raise Conflict(message)
+        if response.status == 404:
+            raise Gone(message)
+        raise ApiError(response.status, message)
+    return data
+
+
+async def _json(response: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(await _checked(response))
+    return result
+
+
+def _raise_for(exc: ApiException) -> None:
+    if exc.status == 409:
+        raise Conflict(exc.reason) from exc
+    if exc.status == 404:
+        raise Gone(exc.reason) from exc
+
+
+class KubeWriter:
+    """Typed, CAS-minded wrappers around the few calls the operator makes."""
+
+    def __init__(self, api: k8s.ApiClient) -> None:
+        self._api = api
+        self._custom = k8s.CustomObjectsApi(api)
+        self._core = k8s.CoreV1Api(api)
+        self._events = k8s.CoreV1Api(api)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def get_task(self, namespace: str, name: str) -> dict[str, Any]:
+        try:
+            response = await self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            )
+        except ApiException as exc:
+            _raise_for(exc)
+            raise
+        return await _json(response)
+
+    async def patch_task_annotations(
+        self, namespace: str, name: str, *, resource_version: str, annotations: dict[str, str | None]
+    ) -> dict[str, Any]:
+        body = {"metadata": {"resourceVersion": resource_version, "annotations": annotations}}
+        try:
+            response = await self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, body,
+                field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False,
+            )
+        except ApiException as exc:
+            _raise_for(exc)
+            raise
+        return await _json(response)
+
+    async def patch_task_status(
+        self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        try:
+            response = await self._custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body,
+                field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False,
+            )
+        except ApiException as exc:
+            _raise_for(exc)
+            raise
+        return await _json(response)
+
+    async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create the pod; False when it already exists (an earlier try made it)."""
+        try:
+            response = await self._core.create_namespaced_pod(
+                namespace, manifest, field_manager=FIELD_MANAGER, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        try:
+            await _checked(response)
+        except Conflict:
+            return False
+        return True
+
+    async def delete_pod(self, namespace: str, name: str) -> bool:
+        """Delete the pod with its own grace period; False when it was already gone."""
+        try:
+            response = await self._core.delete_namespaced_pod(
+                name, namespace, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        try:
+            await _checked(response)
+        except Gone:
+            return False
+        return True
+
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            response = await self._core.read_namespaced_pod(
+                name, namespace, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        try:
+            return await _json(response)
+        except Gone:
+            return None
+
+    async def record_event(
+        self,
+        task: dict[str, Any],
+        *,
+        type_: str,
+        reason: str,
+        message: str,
+    ) -> None:
+        """A core/v1 Event on the Task; failures are logged, never raised (best effort)."""
+        metadata = task.get("metadata", {})
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        namespace = metadata.get("namespace", "default")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{metadata.get('name', 'task')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": metadata.get("name"),
+                "namespace": namespace,
+                "uid": metadata.get("uid"),
+                "resourceVersion": metadata.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "tasklease-operator"},
+            "reportingComponent": "tasklease.io/operator",
+            "reportingInstance": "tasklease-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            response = await self._events.create_namespaced_event(
+                namespace, body, _preload_content=False
+            )
+            await _checked(response)
+        except (ApiException, ApiError) as exc:
+            logger.warning("could not record event %s on %s: %s", reason, metadata.get("name"), exc)

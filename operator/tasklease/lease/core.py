@@ -1,0 +1,746 @@
+"""The lease state machine: a Task, what the operator saw, and a clock in; writes out.
+
+Nothing here performs I/O or knows kopf. `decide` looks at one Task, the state of its
+current runner pod, and the operator's own sightings (on the operator's monotonic clock),
+and returns the writes that move the Task on, plus when it wants to be asked again. The
+reconciler executes the writes in order; every Task write is compare-and-swap on the
+resourceVersion the decision was made from, so a decision taken on a stale view is refused
+by the API server and simply taken again on a fresh one.
+
+Lease expiry is measured from the moment the operator *observed* a new report
+(`Sighting.report_seen_at`), never from the runner's `reportTime`: clocks of runner nodes
+and of the operator may disagree, and after an operator restart every lease gets a full
+window again because the sightings start anew (design invariant 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from tasklease.api.durations import format_go_duration
+from tasklease.api.models import (
+    ACQUIRE_TIME_ANNOTATION,
+    EPOCH_ANNOTATION,
+    HOLDER_ANNOTATION,
+    MAX_ATTEMPT_HISTORY,
+    AttemptRecord,
+    Condition,
+    Outcome,
+    Phase,
+    Progress,
+    ResultStatus,
+    Task,
+)
+from tasklease.lease.backoff import retry_delay
+from tasklease.lease.pods import runner_pod, runner_pod_name
+
+ACTIVE_PHASES = frozenset({Phase.ASSIGNED, Phase.RUNNING})
+
+# Outcomes whose runner reported its own end: its pod is exiting by itself and keeps its
+# logs; every other outcome means the runner may still be running and must be stopped.
+RUNNER_REPORTED = frozenset({Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.FAILED})
+# Lease losses are handed out again at once (AWS reassigns a task whose reports stopped);
+# failures of the work itself wait for the backoff so a crash loop does not spin.
+BACKED_OFF = frozenset({Outcome.FAILED, Outcome.POD_FAILED})
+
+CONDITION_LEASED = "Leased"
+CONDITION_COMPLETE = "Complete"
+CONDITION_LATE = "Late"
+CONDITION_INVALID = "Invalid"
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """Both clocks, read once per decision. `wall` must be timezone-aware."""
+
+    monotonic: float
+    wall: datetime
+
+    def monotonic_at(self, when: datetime) -> float:
+        """The monotonic reading at which the wall clock will show `when`."""
+        return self.monotonic + (when - self.wall).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class PodState:
+    """The operator's view of one runner pod."""
+
+    name: str
+    epoch: int
+    phase: str = "Pending"  # Pending, Running, Succeeded, Failed, Unknown
+    gone: bool = False  # a DELETED event or a 404 was seen: the pod no longer exists
+    terminating: bool = False  # deletionTimestamp is set
+    reason: str | None = None
+    message: str | None = None
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """What this operator process saw of a Task's lease, on its own monotonic clock.
+
+    Deliberately kept in memory only: an operator that restarts starts with no sightings,
+    so every lease gets a full ack/progress window from the moment it is seen again.
+    """
+
+    epoch: int
+    epoch_seen_at: float
+    last_report: Progress | None = None
+    report_seen_at: float | None = None
+
+
+def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
+    """Fold one observation of `task` into the sighting.
+
+    A report counts as new when its content differs from the last one seen for the same
+    epoch; a report already present the first time a lease is seen (after a restart)
+    counts as seen now.
+    """
+    epoch = task.lease.epoch
+    progress = task.status.progress
+    current_report = progress if progress is not None and progress.epoch == epoch else None
+    if previous is None or previous.epoch != epoch:
+        return Sighting(
+            epoch=epoch,
+            epoch_seen_at=now,
+            last_report=current_report,
+            report_seen_at=now if current_report is not None else None,
+        )
+    if current_report is not None and current_report != previous.last_report:
+        return Sighting(
+            epoch=epoch,
+            epoch_seen_at=previous.epoch_seen_at,
+            last_report=current_report,
+            report_seen_at=now,
+        )
+    return previous
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PatchLease:
+    """Merge these lease annotations (None removes one). Compare-and-swap."""
+
+    annotations: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class PatchStatus:
+    """Merge this into `status` through the status subresource. Compare-and-swap."""
+
+    status: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CreatePod:
+    """Create this runner pod; AlreadyExists means an earlier try made it and is fine."""
+
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeletePod:
+    """Delete this runner pod; NotFound is fine."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEvent:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = PatchLease | PatchStatus | CreatePod | DeletePod | RecordEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    actions: tuple[Action, ...] = ()
+    wake_at: float | None = None  # monotonic; ask again then even if nothing changes
+    why: str = ""
+
+    @property
+    def writes(self) -> bool:
+        return any(not isinstance(a, RecordEvent) for a in self.actions)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Accumulates actions and the earliest wake-up while `decide` walks the rules."""
+
+    clock: Clock
+    actions: list[Action] = field(default_factory=list)
+    wake_at: float | None = None
+    why: str = ""
+
+    def wake(self, at: float) -> None:
+        self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
+
+    def decision(self) -> Decision:
+        return Decision(actions=tuple(self.actions), wake_at=self.wake_at, why=self.why)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def set_condition(
+    conditions: list[Condition],
+    *,
+    type_: str,
+    status: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int,
+) -> list[Condition]:
+    """Conditions with one replaced; lastTransitionTime moves only when status changes."""
+    previous = next((c for c in conditions if c.type == type_), None)
+    transition = (
+        previous.last_transition_time
+        if previous is not None and previous.status == status
+        else now
+    )
+    updated = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=transition,
+        observed_generation=generation,
+    )
+    return [c for c in conditions if c.type != type_] + [updated]
+
+
+def _dump_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
+    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions]
+
+
+def _dump_attempts(attempts: list[AttemptRecord]) -> list[dict[str, Any]]:
+    kept = attempts[-MAX_ATTEMPT_HISTORY:]
+    return [a.model_dump(mode="json", by_alias=True, exclude_none=True) for a in kept]
+
+
+def _condition_is(task: Task, type_: str, status: str) -> bool:
+    return any(c.type == type_ and c.status == status for c in task.status.conditions)
+
+
+# --- transitions --------------------------------------------------------------------------
+
+
+def _hand_out(task: Task, plan: _Plan, *, lease_written: bool) -> None:
+    """Give the task to a new runner pod: lease, status, pod, Event (in that order).
+
+    The lease is written first so that it fences the previous holder before anyone else
+    acts; the status before the pod so that the runner always finds a status to report
+    into. A crash between steps is finished by the next decision (`lease_written`).
+    """
+    now = plan.clock.wall
+    if lease_written:
+        lease = task.lease
+        epoch = lease.epoch
+        holder = lease.holder or runner_pod_name(task.name, epoch)
+        acquired = lease.acquire_time or now
+        attempt = task.status.attempt + 1
+    else:
+        epoch = task.lease.epoch + 1
+        holder = runner_pod_name(task.name, epoch)
+        acquired = now
+        attempt = task.status.attempt + 1
+        plan.actions.append(
+            PatchLease(
+                {
+                    HOLDER_ANNOTATION: holder,
+                    EPOCH_ANNOTATION: str(epoch),
+                    ACQUIRE_TIME_ANNOTATION: _iso(acquired),
+                }
+            )
+        )
+    max_attempts = task.spec.retry.max_attempts
+    attempts = [
+        *task.status.attempts,
+        AttemptRecord(attempt=attempt, epoch=epoch, holder=holder, start_time=acquired),
+    ]
+    conditions = set_condition(
+        task.status.conditions,
+        type_=CONDITION_LEASED,
+        status="True",
+        reason="Assigned",
+        message=f"pod {holder} holds lease epoch {epoch}; waiting for its acknowledgement",
+        now=now,
+        generation=task.generation,
+    )
+    plan.actions.append(
+        PatchStatus(
+            {
+                "phase": Phase.ASSIGNED.value,
+                "attempt": attempt,
+                "epoch": epoch,
+                "holder": holder,
+                "attempts": _dump_attempts(attempts),
+                "startTime": _iso(task.status.start_time or acquired),
+                "nextAttemptTime": None,
+                "conditions": _dump_conditions(conditions),
+                "observedGeneration": task.generation,
+            }
+        )
+    )
+    # A pool task reaches here only when a pool runner claimed it by writing the lease
+    # itself (lease ahead of status): that runner is the holder, there is no pod to make.
+    # Building one would raise (no template) and fail this Task's reconcile forever.
+    if task.spec.template is not None:
+        checkpoint = task.status.progress.checkpoint if task.status.progress else None
+        plan.actions.append(
+            CreatePod(runner_pod(task, epoch=epoch, attempt=attempt, checkpoint=checkpoint))
+        )
+    plan.actions.append(
+        RecordEvent(
+            "Normal",
+            "HandedOut",
+            f"attempt {attempt}/{max_attempts}: lease epoch {epoch} handed to pod {holder}",
+        )
+    )
+    plan.why = f"hand out epoch {epoch}"
+
+
+def _acknowledge(task: Task, plan: _Plan) -> None:
+    holder = task.lease.holder
+    conditions = set_condition(
+        task.status.conditions,
+        type_=CONDITION_LEASED,
+        status="True",
+        reason="Running",
+        message=f"pod {holder} acknowledged lease epoch {task.lease.epoch}",
+        now=plan.clock.wall,
+        generation=task.generation,
+    )
+    plan.actions.append(
+        PatchStatus(
+            {
+                "phase": Phase.RUNNING.value,
+                "conditions": _dump_conditions(conditions),
+                "observedGeneration": task.generation,
+            }
+        )
+    )
+    plan.actions.append(
+        RecordEvent("Normal", "Acknowledged", f"pod {holder} acknowledged the task")
+    )
+    plan.why = "acknowledged"
+
+
+def _end_attempt(
+    task: Task,
+    plan: _Plan,
+    *,
+    outcome: Outcome,
+    message: str,
+    final_phase: Phase | None = None,
+    pod: PodState | None = None,
+) -> None:
+    """Close the current attempt and either finish the task or schedule the next attempt.
+
+    `final_phase` None means: retry if the policy allows, else fail.
+    """
+    now = plan.clock.wall
+    status = task.status
+    spec = task.spec
+    attempts = list(status.attempts)
+    if attempts and attempts[-1].epoch == task.lease.epoch and attempts[-1].end_time is None:
+        attempts[-1] = attempts[-1].model_copy(
+            update={"end_time": now, "outcome": outcome, "message": message}
+        )
+
+    next_attempt_time: datetime | None = None
+    if final_phase is None:
+        if status.attempt >= spec.retry.max_attempts:
+            final_phase = Phase.FAILED
+            message = (
+                f"retries exhausted after {status.attempt} attempt(s); last: "
+                f"{outcome.value}: {message}"
+            )
+        elif outcome in BACKED_OFF:
+            delay = retry_delay(
+                spec.retry.backoff, failed_attempt=status.attempt, task_uid=task.uid
+            )
+            if delay > timedelta(0):
+                next_attempt_time = now + delay
+
+    patch: dict[str, Any] = {
+        "attempts": _dump_attempts(attempts),
+        "holder": None,
+        "observedGeneration": task.generation,
+    }
+    conditions = status.conditions
+    if final_phase is not None:
+        patch["phase"] = final_phase.value
+        patch["completionTime"] = _iso(now)
+        patch["nextAttemptTime"] = None
+        conditions = set_condition(
+            conditions,
+            type_=CONDITION_LEASED,
+            status="False",
+            reason=outcome.value,
+            message=message,
+            now=now,
+            generation=task.generation,
+        )
+        conditions = set_condition(
+            conditions,
+            type_=CONDITION_COMPLETE,
+            status="True",
+            reason=final_phase.value,
+            message=message,
+            now=now,
+            generation=task.generation,
+        )
+        event_type: Literal["Normal", "Warning"] = (
+            "Normal" if final_phase in (Phase.SUCCEEDED, Phase.SKIPPED) else "Warning"
+        )
+        event_reason = final_phase.value if outcome in RUNNER_REPORTED else outcome.value
+        plan.why = f"{outcome.value} -> {final_phase.value}"
+    else:
+        patch["phase"] = Phase.PENDING.value
+        patch["nextAttemptTime"] = _iso(next_attempt_time) if next_attempt_time else None
+        wait = (
+            f"; next attempt at {_iso(next_attempt_time)}" if next_attempt_time else ""
+        )
+        conditions = set_condition(
+            conditions,
+            type_=CONDITION_LEASED,
+            status="False",
+            reason=outcome.value,
+            message=f"attempt {status.attempt} ended: {message}{wait}",
+            now=now,
+            generation=task.generation,
+        )
+        event_type = "Warning"
+        event_reason = outcome.value
+        message = f"attempt {status.attempt} ended: {message}{wait}"
+        plan.why = f"{outcome.value} -> retry"
+    patch["conditions"] = _dump_conditions(conditions)
+    plan.actions.append(PatchStatus(patch))
+
+    holder = task.lease.holder
+    runner_may_still_run = outcome not in RUNNER_REPORTED
+    if holder and runner_may_still_run and not (pod is not None and (pod.gone or pod.terminated)):
+        plan.actions.append(DeletePod(holder))
+    plan.actions.append(RecordEvent(event_type, event_reason, message))
+
+
+def _mark_late(task: Task, plan: _Plan, *, late_after: timedelta) -> None:
+    text = f"not finished {format_go_duration(late_after)} after creation (spec.lateAfter)"
+    conditions = set_condition(
+        task.status.conditions,
+        type_=CONDITION_LATE,
+        status="True",
+        reason="LateAfterExceeded",
+        message=text,
+        now=plan.clock.wall,
+        generation=task.generation,
+    )
+    plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
+    plan.actions.append(RecordEvent("Warning", "Late", text))
+
+
+def _release_lease(plan: _Plan) -> None:
+    # The epoch stays: it is the fencing token, and the next hand-out increments it.
+    plan.actions.append(PatchLease({HOLDER_ANNOTATION: None}))
+    plan.why = "release lease"
+
+
+# --- the decision -------------------------------------------------------------------------
+
+
+def decide(
+    task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
+) -> Decision:
+    """The next writes for `task`; `pod` is the current epoch's runner pod, if seen."""
+    plan = _Plan(clock)
+    status = task.status
+    spec = task.spec
+    lease = task.lease
+    now = clock.wall
+
+    if _condition_is(task, CONDITION_INVALID, "True"):
+        # The spec was fixed: say so before anything else happens to the task.
+        conditions = set_condition(
+            status.conditions,
+            type_=CONDITION_INVALID,
+            status="False",
+            reason="Valid",
+            message="the spec is valid",
+            now=now,
+            generation=task.generation,
+        )
+        plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
+        plan.why = "spec fixed"
+        return plan.decision()
+
+    if status.phase.is_final:
+        if lease.holder:
+            _release_lease(plan)
+        return plan.decision()
+
+    if spec.cancel:
+        if status.phase in ACTIVE_PHASES:
+            _end_attempt(
+                task,
+                plan,
+                outcome=Outcome.CANCELED,
+                message="spec.cancel is true",
+                final_phase=Phase.CANCELED,
+                pod=pod,
+            )
+        else:
+            _finish_without_attempt(task, plan, Phase.CANCELED, "Canceled", "spec.cancel is true")
+        return plan.decision()
+
+    created = task.creation_time
+    if spec.active_deadline is not None and created is not None:
+        deadline = created + spec.active_deadline
+        if now >= deadline:
+            text = f"spec.activeDeadline of {format_go_duration(spec.active_deadline)} passed"
+            if status.phase in ACTIVE_PHASES:
+                _end_attempt(
+                    task,
+                    plan,
+                    outcome=Outcome.DEADLINE_EXCEEDED,
+                    message=text,
+                    final_phase=Phase.FAILED,
+                    pod=pod,
+                )
+            else:
+                _finish_without_attempt(task, plan, Phase.FAILED, "DeadlineExceeded", text)
+            return plan.decision()
+        plan.wake(clock.monotonic_at(deadline))
+
+    if spec.late_after is not None and created is not None:
+        late_at = created + spec.late_after
+        if now >= late_at:
+            if not _condition_is(task, CONDITION_LATE, "True"):
+                _mark_late(task, plan, late_after=spec.late_after)
+                # One write at a time: the next decision sees the condition and goes on.
+                return plan.decision()
+        else:
+            plan.wake(clock.monotonic_at(late_at))
+
+    if lease.epoch > status.epoch and lease.holder:
+        # The lease was written but the crash (or a conflict) came before the status.
+        _hand_out(task, plan, lease_written=True)
+        return plan.decision()
+
+    if status.phase == Phase.PENDING:
+        _decide_pending(task, plan)
+        return plan.decision()
+
+    _decide_active(task, plan, sighting=sighting, pod=pod)
+    return plan.decision()
+
+
+def _finish_without_attempt(
+    task: Task, plan: _Plan, phase: Phase, reason: str, message: str
+) -> None:
+    now = plan.clock.wall
+    conditions = set_condition(
+        task.status.conditions,
+        type_=CONDITION_COMPLETE,
+        status="True",
+        reason=phase.value,
+        message=message,
+        now=now,
+        generation=task.generation,
+    )
+    plan.actions.append(
+        PatchStatus(
+            {
+                "phase": phase.value,
+                "completionTime": _iso(now),
+                "nextAttemptTime": None,
+                "conditions": _dump_conditions(conditions),
+                "observedGeneration": task.generation,
+            }
+        )
+    )
+    plan.actions.append(
+        RecordEvent("Normal" if phase == Phase.CANCELED else "Warning", reason, message)
+    )
+    plan.why = f"{reason} -> {phase.value}"
+
+
+def _decide_pending(task: Task, plan: _Plan) -> None:
+    status = task.status
+    if task.spec.template is None:
+        # Pool tasks wait for a runner to claim them (worker pools, a later feature).
+        if not _condition_is(task, CONDITION_LEASED, "False"):
+            conditions = set_condition(
+                status.conditions,
+                type_=CONDITION_LEASED,
+                status="False",
+                reason="WaitingForRunner",
+                message=f"waiting for a runner of worker group {task.spec.worker_group}",
+                now=plan.clock.wall,
+                generation=task.generation,
+            )
+            plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
+        return
+    if status.attempt >= task.spec.retry.max_attempts:
+        _finish_without_attempt(
+            task, plan, Phase.FAILED, "RetriesExhausted",
+            f"{status.attempt} attempt(s) used of spec.retry.maxAttempts",
+        )
+        return
+    if status.next_attempt_time is not None and plan.clock.wall < status.next_attempt_time:
+        if task.lease.holder:
+            _release_lease(plan)
+        plan.wake(plan.clock.monotonic_at(status.next_attempt_time))
+        plan.why = plan.why or "backing off"
+        return
+    _hand_out(task, plan, lease_written=False)
+
+
+def _decide_active(
+    task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState | None
+) -> None:
+    status = task.status
+    spec = task.spec
+    lease = task.lease
+    clock = plan.clock
+
+    result = status.result
+    if result is not None and result.epoch == lease.epoch:
+        _decide_result(task, plan)
+        return
+
+    if pod is not None and pod.epoch == lease.epoch:
+        if pod.gone or pod.terminating:
+            what = "was deleted" if pod.gone else "is being deleted"
+            _end_attempt(task, plan, outcome=Outcome.POD_LOST, message=f"pod {pod.name} {what}",
+                         pod=pod)
+            return
+        if pod.terminated:
+            detail = ": ".join(p for p in (pod.reason, pod.message) if p)
+            text = (
+                f"pod {pod.name} ended ({pod.phase}) without reporting a result"
+                + (f" ({detail})" if detail else "")
+            )
+            _end_attempt(task, plan, outcome=Outcome.POD_FAILED, message=text, pod=pod)
+            return
+
+    if spec.attempt_timeout is not None and lease.acquire_time is not None:
+        attempt_deadline = lease.acquire_time + spec.attempt_timeout
+        if clock.wall >= attempt_deadline:
+            _end_attempt(
+                task,
+                plan,
+                outcome=Outcome.ATTEMPT_TIMEOUT,
+                message=f"spec.attemptTimeout of {format_go_duration(spec.attempt_timeout)} passed",
+                pod=pod,
+            )
+            return
+        plan.wake(clock.monotonic_at(attempt_deadline))
+
+    acknowledged = sighting.last_report is not None
+    if status.phase == Phase.ASSIGNED:
+        if acknowledged:
+            _acknowledge(task, plan)
+            return
+        ack_deadline = sighting.epoch_seen_at + spec.ack_timeout.total_seconds()
+        if clock.monotonic >= ack_deadline:
+            _end_attempt(
+                task,
+                plan,
+                outcome=Outcome.ACK_TIMEOUT,
+                message=(
+                    f"no progress report within spec.ackTimeout "
+                    f"({format_go_duration(spec.ack_timeout)})"
+                ),
+                pod=pod,
+            )
+            return
+        plan.wake(ack_deadline)
+        plan.why = plan.why or "waiting for acknowledgement"
+        return
+
+    # Running: the lease lives while reports keep coming.
+    last_seen = sighting.report_seen_at if sighting.report_seen_at is not None else (
+        sighting.epoch_seen_at
+    )
+    progress_deadline = last_seen + spec.report_progress_timeout.total_seconds()
+    if clock.monotonic >= progress_deadline:
+        _end_attempt(
+            task,
+            plan,
+            outcome=Outcome.PROGRESS_TIMEOUT,
+            message=(
+                f"no progress report for spec.reportProgressTimeout "
+                f"({format_go_duration(spec.report_progress_timeout)})"
+            ),
+            pod=pod,
+        )
+        return
+    plan.wake(progress_deadline)
+    plan.why = plan.why or "lease held"
+
+
+def _decide_result(task: Task, plan: _Plan) -> None:
+    result = task.status.result
+    assert result is not None
+    if result.status == ResultStatus.FINISHED:
+        _end_attempt(
+            task, plan, outcome=Outcome.SUCCEEDED, message="the runner reported FINISHED",
+            final_phase=Phase.SUCCEEDED,
+        )
+        return
+    if result.status == ResultStatus.FALSE:
+        _end_attempt(
+            task, plan, outcome=Outcome.SKIPPED,
+            message="the runner reported FALSE (a precondition was not met)",
+            final_phase=Phase.SKIPPED,
+        )
+        return
+    error = result.error_id or "unknown"
+    text = f"the runner reported FAILED ({error})"
+    if result.error_message:
+        text += f": {result.error_message}"
+    if result.error_id is not None and result.error_id in task.spec.retry.non_retryable_errors:
+        _end_attempt(
+            task, plan, outcome=Outcome.FAILED,
+            message=f"{text}; {error} is in spec.retry.nonRetryableErrors",
+            final_phase=Phase.FAILED,
+        )
+        return
+    _end_attempt(task, plan, outcome=Outcome.FAILED, message=text)
+
+
+def stale_pod(task: Task, pod: PodState) -> bool:
+    """Whether `pod` is a runner the operator must stop: it no longer holds the lease.
+
+    Pods that ended, are already being deleted, or whose attempt ended with a result the
+    runner reported (they exit by themselves and keep their logs) are left alone.
+    """
+    if pod.gone or pod.terminating or pod.terminated:
+        return False
+    lease = task.lease
+    if pod.epoch == lease.epoch and lease.holder == pod.name and task.status.phase in ACTIVE_PHASES:
+        return False
+    if pod.epoch > lease.epoch:
+        # A pod from an epoch we have not seen yet: our view of the Task is behind.
+        return False
+    record = next((a for a in task.status.attempts if a.epoch == pod.epoch), None)
+    return not (record is not None and record.outcome in RUNNER_REPORTED)

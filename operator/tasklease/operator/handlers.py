@@ -1,0 +1,66 @@
+"""kopf wiring: thin handlers that hand watch events to the reconciler.
+
+Only `on.event` handlers are registered, on purpose: change handlers (`on.create`,
+`on.update`) make kopf write its own annotations on every lease change, and timers or
+daemons put a finalizer on every Task (which then cannot be deleted while the operator is
+down) and cost an asyncio task per object. Event handlers cost neither; the reconciler
+does its own deadline keeping (see tasklease.operator.queues).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from tasklease.api.models import GROUP, PLURAL, TASK_LABEL, VERSION
+from tasklease.kube.client import KubeWriter, api_client
+from tasklease.operator.reconciler import Reconciler
+from tasklease.settings import OperatorSettings
+
+MEMO_RECONCILER = "reconciler"
+
+
+def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
+    """kopf settings for an operator that only watches."""
+    # We post our own Events with reasons users can filter on; kopf's would echo logs.
+    settings.posting.enabled = False
+    # Only our runner pods, filtered by the API server rather than after the fact.
+    settings.watching.label_selectors["v1", "pods"] = TASK_LABEL
+    settings.watching.server_timeout = 300
+    if operator.peering:
+        settings.peering.name = operator.peering
+        settings.peering.priority = operator.priority
+        settings.peering.standalone = False
+    else:
+        settings.peering.standalone = True
+
+
+@kopf.on.startup()
+async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
+    operator = OperatorSettings.from_env()
+    writer = KubeWriter(await api_client(qps_hint=operator.workers))
+    reconciler = Reconciler(writer, workers=operator.workers)
+    reconciler.start()
+    memo[MEMO_RECONCILER] = reconciler
+    memo["writer"] = writer
+
+
+@kopf.on.cleanup()
+async def stop_reconciler(memo: kopf.Memo, **_: Any) -> None:
+    reconciler = memo.get(MEMO_RECONCILER)
+    if reconciler is not None:
+        await reconciler.stop()
+    writer = memo.get("writer")
+    if writer is not None:
+        await writer.close()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def task_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo[MEMO_RECONCILER].task_seen(event["type"], event["object"])
+
+
+@kopf.on.event("v1", "pods", labels={TASK_LABEL: kopf.PRESENT})
+async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo[MEMO_RECONCILER].pod_seen(event["type"], event["object"])

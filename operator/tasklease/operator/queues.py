@@ -1,0 +1,123 @@
+"""A work queue and a deadline queue for the reconciler, in the shape of client-go's.
+
+Why not one kopf timer per Task: kopf runs an asyncio task per timer per object (about
+18 KiB each, and they stall the loop when they fire together), and a timer only looks at
+its object every `interval`, so a lease would expire up to one interval late. One heap of
+deadlines costs a few dozen bytes per Task and wakes exactly when the earliest deadline is
+due (client-go's delaying queue does the same).
+
+The work queue guarantees that a key is processed by one worker at a time and that a key
+marked dirty while being processed is processed again afterwards, so no observation is lost
+and no two workers ever write the same Task concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class WorkQueue(Generic[K]):
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[K] = asyncio.Queue()
+        self._dirty: set[K] = set()
+        self._processing: set[K] = set()
+
+    def __len__(self) -> int:
+        return self._queue.qsize()
+
+    def add(self, key: K) -> None:
+        """Mark `key` for processing; cheap and idempotent, callable from any coroutine."""
+        if key in self._dirty:
+            return
+        self._dirty.add(key)
+        if key not in self._processing:  # else `done` requeues it
+            self._queue.put_nowait(key)
+
+    async def get(self) -> K:
+        key = await self._queue.get()
+        self._processing.add(key)
+        self._dirty.discard(key)
+        return key
+
+    def done(self, key: K) -> None:
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._queue.put_nowait(key)
+
+
+class DeadlineQueue(Generic[K]):
+    """Calls `on_due(key)` when a key's deadline (monotonic seconds) is reached.
+
+    Each key has at most one live deadline; scheduling it again replaces the previous one
+    (old heap entries are skipped lazily when they surface).
+    """
+
+    def __init__(
+        self, on_due: Callable[[K], None], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._on_due = on_due
+        self._clock = clock
+        self._heap: list[tuple[float, int, K]] = []
+        self._deadline: dict[K, float] = {}
+        self._sequence = 0
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._deadline)
+
+    def schedule(self, key: K, at: float | None) -> None:
+        """Set (or with None, clear) the deadline of `key`."""
+        if at is None:
+            self._deadline.pop(key, None)
+            return
+        if self._deadline.get(key) == at:
+            return
+        self._deadline[key] = at
+        self._sequence += 1
+        heapq.heappush(self._heap, (at, self._sequence, key))
+        if self._heap[0][2] == key and self._heap[0][0] == at:
+            self._changed.set()  # a new earliest deadline: re-arm the sleep
+        if len(self._heap) > 4 * len(self._deadline) + 1024:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._heap = [(at, seq, k) for at, seq, k in self._heap if self._deadline.get(k) == at]
+        heapq.heapify(self._heap)
+
+    def next_deadline(self) -> float | None:
+        while self._heap:
+            at, _, key = self._heap[0]
+            if self._deadline.get(key) == at:
+                return at
+            heapq.heappop(self._heap)
+        return None
+
+    def fire_due(self) -> int:
+        """Hand every due key to `on_due`; returns how many fired."""
+        now = self._clock()
+        fired = 0
+        while self._heap and self._heap[0][0] <= now:
+            at, _, key = heapq.heappop(self._heap)
+            if self._deadline.get(key) == at:
+                del self._deadline[key]
+                self._on_due(key)
+                fired += 1
+        return fired
+
+    async def run(self) -> None:
+        """Sleep until the earliest deadline, fire, repeat; forever."""
+        while True:
+            self.fire_due()
+            upcoming = self.next_deadline()
+            self._changed.clear()
+            timeout = None if upcoming is None else max(upcoming - self._clock(), 0.0)
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+            except TimeoutError:
+                pass

@@ -1,0 +1,331 @@
+"""The reconciler: watch events in, the pure core's decisions out to the API server.
+
+kopf delivers watch events (`task_seen`, `pod_seen`); they only update an in-memory cache
+and mark the Task's key dirty, so kopf's handlers stay thin and never block. Workers take
+dirty keys one at a time per key (`WorkQueue`), ask the core what to do and perform the
+writes. The deadline queue marks a key dirty again when the core asked to be woken.
+
+A heartbeat therefore costs one cache update, one `observe` and one deadline move: no API
+write (design: "a heartbeat must not cost the operator a write").
+
+Nothing here is needed to continue after a restart: all state is on the Task, and the
+cache is rebuilt from kopf's initial listing (design invariant 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from tasklease.api.models import EPOCH_LABEL, KIND, Task
+from tasklease.kube.client import Conflict, Gone
+from tasklease.lease.core import (
+    CONDITION_INVALID,
+    Clock,
+    CreatePod,
+    Decision,
+    DeletePod,
+    PatchLease,
+    PatchStatus,
+    PodState,
+    RecordEvent,
+    Sighting,
+    decide,
+    observe,
+    stale_pod,
+)
+from tasklease.operator.queues import DeadlineQueue, WorkQueue
+
+logger = logging.getLogger(__name__)
+
+TaskKey = tuple[str, str]  # (namespace, name)
+
+# A decision loop that keeps producing writes is a bug, not a workload: stop and retry later.
+_MAX_STEPS_PER_RECONCILE = 8
+_RETRY_AFTER_ERROR_S = 5.0
+
+
+class Writer(Protocol):
+    async def get_task(self, namespace: str, name: str) -> dict[str, Any]: ...
+    async def patch_task_annotations(
+        self, namespace: str, name: str, *, resource_version: str,
+        annotations: dict[str, str | None],
+    ) -> dict[str, Any]: ...
+    async def patch_task_status(
+        self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
+    ) -> dict[str, Any]: ...
+    async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool: ...
+    async def delete_pod(self, namespace: str, name: str) -> bool: ...
+    async def record_event(
+        self, task: dict[str, Any], *, type_: str, reason: str, message: str
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    body: dict[str, Any]
+    task: Task | None = None
+    invalid: str | None = None
+    sighting: Sighting | None = None
+    pods: dict[str, PodState] = field(default_factory=dict)
+    deleting: set[str] = field(default_factory=set)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """'spec.template: restartPolicy is ...; spec.ackTimeout: ...' from pydantic's errors."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        text = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {text}" if where else text)
+    return "; ".join(parts)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        writer: Writer,
+        *,
+        workers: int = 8,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_decision: Callable[[TaskKey, Decision], None] | None = None,
+    ) -> None:
+        self._writer = writer
+        self._workers = workers
+        self._monotonic = monotonic
+        self._wall = wall
+        self._on_decision = on_decision
+        self._entries: dict[TaskKey, _Entry] = {}
+        self._orphan_pods: dict[TaskKey, dict[str, PodState]] = {}
+        self._queue: WorkQueue[TaskKey] = WorkQueue()
+        self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(
+            self._queue.add, clock=monotonic
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._deadlines.run(), name="deadlines"))
+        for index in range(self._workers):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"reconcile-{index}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        self._tasks.clear()
+
+    @property
+    def tracked(self) -> int:
+        return len(self._entries)
+
+    # --- events in (called from kopf handlers; must stay cheap) -----------------------------
+
+    def task_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
+        metadata = body.get("metadata", {})
+        key: TaskKey = (metadata.get("namespace", ""), metadata.get("name", ""))
+        if event_type == "DELETED":
+            self._entries.pop(key, None)
+            self._orphan_pods.pop(key, None)
+            self._deadlines.schedule(key, None)
+            return
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = _Entry(body=body, pods=self._orphan_pods.pop(key, {}))
+            self._entries[key] = entry
+        else:
+            entry.body = body
+        self._parse(entry)
+        self._queue.add(key)
+
+    def pod_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
+        metadata = body.get("metadata", {})
+        owner = next(
+            (
+                ref for ref in metadata.get("ownerReferences") or []
+                if ref.get("kind") == KIND and ref.get("controller")
+            ),
+            None,
+        )
+        epoch_text = (metadata.get("labels") or {}).get(EPOCH_LABEL, "")
+        if owner is None or not epoch_text.isdigit():
+            return
+        key: TaskKey = (metadata.get("namespace", ""), owner.get("name", ""))
+        status = body.get("status") or {}
+        state = PodState(
+            name=metadata.get("name", ""),
+            epoch=int(epoch_text),
+            phase=status.get("phase") or "Pending",
+            gone=event_type == "DELETED",
+            terminating=metadata.get("deletionTimestamp") is not None,
+            reason=status.get("reason"),
+            message=status.get("message"),
+        )
+        entry = self._entries.get(key)
+        pods = entry.pods if entry is not None else self._orphan_pods.setdefault(key, {})
+        pods[state.name] = state
+        if entry is not None:
+            self._queue.add(key)
+
+    # --- work -----------------------------------------------------------------------------
+
+    def _parse(self, entry: _Entry) -> None:
+        try:
+            task = Task.model_validate(entry.body)
+        except ValidationError as error:
+            entry.task = None
+            entry.invalid = describe_validation_error(error)
+            return
+        entry.task = task
+        entry.invalid = None
+        entry.sighting = observe(entry.sighting, task, now=self._monotonic())
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            try:
+                await self._reconcile(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("reconciling task %s/%s failed; retrying", *key)
+                self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
+            finally:
+                self._queue.done(key)
+
+    def _pod_for(self, entry: _Entry, epoch: int) -> PodState | None:
+        return next((p for p in entry.pods.values() if p.epoch == epoch), None)
+
+    async def _reconcile(self, key: TaskKey) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        namespace, name = key
+        for _ in range(_MAX_STEPS_PER_RECONCILE):
+            if entry.task is None:
+                await self._report_invalid(entry)
+                return
+            task = entry.task
+            assert entry.sighting is not None
+            await self._stop_stale_pods(entry, task)
+            decision = decide(
+                task,
+                sighting=entry.sighting,
+                pod=self._pod_for(entry, task.lease.epoch),
+                clock=Clock(monotonic=self._monotonic(), wall=self._wall()),
+            )
+            if self._on_decision is not None:
+                self._on_decision(key, decision)
+            if not decision.actions:
+                self._deadlines.schedule(key, decision.wake_at)
+                return
+            logger.info("task %s/%s: %s", namespace, name, decision.why)
+            try:
+                body = await self._execute(entry.body, decision)
+            except Conflict:
+                try:
+                    body = await self._writer.get_task(namespace, name)
+                except Gone:
+                    return
+            if self._entries.get(key) is not entry:
+                return  # deleted meanwhile
+            entry.body = body
+            self._parse(entry)
+        self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
+
+    async def _execute(self, body: dict[str, Any], decision: Decision) -> dict[str, Any]:
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        for action in decision.actions:
+            match action:
+                case PatchLease(annotations=annotations):
+                    body = await self._writer.patch_task_annotations(
+                        namespace, name,
+                        resource_version=body["metadata"]["resourceVersion"],
+                        annotations=annotations,
+                    )
+                case PatchStatus(status=status):
+                    body = await self._writer.patch_task_status(
+                        namespace, name,
+                        resource_version=body["metadata"]["resourceVersion"],
+                        status=status,
+                    )
+                case CreatePod(manifest=manifest):
+                    await self._writer.create_pod(namespace, manifest)
+                case DeletePod(name=pod_name):
+                    await self._writer.delete_pod(namespace, pod_name)
+                case RecordEvent(type=type_, reason=reason, message=message):
+                    self._in_background(
+                        self._writer.record_event(body, type_=type_, reason=reason, message=message)
+                    )
+        return body
+
+    async def _stop_stale_pods(self, entry: _Entry, task: Task) -> None:
+        for pod in list(entry.pods.values()):
+            if pod.gone:
+                if pod.epoch < task.lease.epoch:
+                    del entry.pods[pod.name]  # nothing more to learn from it
+                continue
+            if pod.name not in entry.deleting and stale_pod(task, pod):
+                entry.deleting.add(pod.name)
+                logger.info("deleting stale runner pod %s/%s", task.namespace, pod.name)
+                await self._writer.delete_pod(task.namespace, pod.name)
+
+    async def _report_invalid(self, entry: _Entry) -> None:
+        """Say on the object what is wrong, once per generation and message."""
+        body = entry.body
+        metadata = body.get("metadata", {})
+        message = entry.invalid or "invalid"
+        generation = metadata.get("generation")
+        conditions = list((body.get("status") or {}).get("conditions") or [])
+        if not isinstance(conditions, list):
+            conditions = []
+        current = next(
+            (c for c in conditions if isinstance(c, dict) and c.get("type") == CONDITION_INVALID),
+            None,
+        )
+        if (
+            current is not None
+            and current.get("status") == "True"
+            and current.get("message") == message
+            and current.get("observedGeneration") == generation
+        ):
+            return
+        now = self._wall().isoformat().replace("+00:00", "Z")
+        updated = {
+            "type": CONDITION_INVALID,
+            "status": "True",
+            "reason": "InvalidSpec",
+            "message": message[:32768],
+            "lastTransitionTime": now,
+            "observedGeneration": generation,
+        }
+        conditions = [
+            c for c in conditions if not (isinstance(c, dict) and c.get("type") == CONDITION_INVALID)
+        ] + [updated]
+        logger.warning("task %s/%s is invalid: %s", metadata.get("namespace"),
+                       metadata.get("name"), message)
+        try:
+            await self._writer.patch_task_status(
+                metadata["namespace"], metadata["name"],
+                resource_version=metadata["resourceVersion"],
+                status={"conditions": conditions, "observedGeneration": generation},
+            )
+        except (Conflict, Gone):
+            return  # a newer version is on its way through the watch
+        await self._writer.record_event(body, type_="Warning", reason="InvalidSpec", message=message)
+
+    def _in_background(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

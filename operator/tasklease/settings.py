@@ -1,0 +1,44 @@
+"""All operator settings in one place; each one overridable by a TASKLEASE_* variable.
+
+Defaults are right for a real cluster; tests and the demo override through the environment
+exactly as a Helm value would.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TASKLEASE_", frozen=True)
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Namespaces to watch (comma-separated in the environment); empty: all.",
+    )
+    workers: int = Field(
+        default=16, ge=1, le=256,
+        description="Tasks reconciled concurrently (each one waits on API round trips).",
+    )
+    metrics_port: int = Field(default=8080, ge=0, le=65535, description="0 disables metrics.")
+    health_port: int = Field(default=8081, ge=0, le=65535, description="0 disables probes.")
+    log_level: str = Field(default="INFO", description="Python logging level name.")
+    peering: str | None = Field(
+        default=None,
+        description="kopf peering name for an active/standby pair; unset: standalone.",
+    )
+    priority: int = Field(default=0, description="kopf peering priority of this replica.")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def from_env(cls) -> OperatorSettings:
+        return cls()

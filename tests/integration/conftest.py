@@ -1,0 +1,42 @@
+"""Fixtures for driving the operator: a real operator process per test, namespace-scoped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.support import Cluster, OperatorProcess
+
+
+@pytest.fixture
+def cluster(kube_config: Any, namespace: str) -> Cluster:
+    return Cluster(kube_config, namespace)
+
+
+@pytest.fixture
+def operator_process(
+    control_plane: Any, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
+    """An operator watching only this test's namespace, started before the test body."""
+    process = OperatorProcess(
+        kubeconfig=control_plane.kubeconfig,
+        namespace=namespace,
+        log_path=tmp_path / "operator.log",
+    ).start()
+    yield process
+    alive = process.alive
+    process.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed or not alive:
+        print(f"--- operator log ({'alive' if alive else 'DEAD'}) ---\n{process.log()[-6000:]}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # Keep each phase's report on the test item so fixtures can tell whether the test failed.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

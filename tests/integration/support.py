@@ -1,0 +1,260 @@
+"""Helpers for tests that drive the operator against the real API server.
+
+The operator runs as a real subprocess (`python -m tasklease operator`), so a test can kill
+it with SIGKILL and start it again exactly as a crash would. Runners are played from the
+test process with the SDK, using the identity the operator gave the runner pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.runner import Identity, TaskLease
+
+T = TypeVar("T")
+
+# Short lease timings so the suite stays fast; each test overrides what it exercises.
+FAST_SPEC: dict[str, Any] = {
+    "ackTimeout": "10s",
+    "reportProgressTimeout": "30s",
+    "heartbeatInterval": "1s",
+    "retry": {"maxAttempts": 3, "backoff": {"initial": "0s"}},
+}
+
+RUNNER_TEMPLATE: dict[str, Any] = {
+    "spec": {
+        "containers": [
+            {"name": "runner", "image": "busybox", "command": ["sh", "-c", "sleep 3600"]}
+        ]
+    }
+}
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], *, timeout: float = 30.0, interval: float = 0.1
+) -> T:
+    """Poll until `probe` returns something truthy; fail naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+class Cluster:
+    """Typed shortcuts over the admin client, for one test namespace."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
+        self.api_client = api_client
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    def create_task(self, name: str, **spec: Any) -> dict[str, Any]:
+        merged = {**FAST_SPEC, "template": RUNNER_TEMPLATE, **spec}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Task",
+            "metadata": {"name": name},
+            "spec": merged,
+        }
+        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, body
+        )
+        return created
+
+    def task(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return found
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.task(name).get("status") or {}
+
+    def annotations(self, name: str) -> dict[str, str]:
+        return self.task(name)["metadata"].get("annotations") or {}
+
+    def wait_phase(self, name: str, phase: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
+        def reached() -> dict[str, Any] | None:
+            last.update(status=self.status(name))
+            return last["status"] if last["status"].get("phase") == phase else None
+
+        try:
+            return wait_for(f"task {name} to reach phase {phase}", reached, timeout=timeout)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\nstatus: {dumps(last.get('status'))}") from None
+
+    def wait_epoch(self, name: str, epoch: int, *, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the hand-out of `epoch` is complete (status caught up, phase Assigned+)."""
+        return wait_for(
+            f"task {name} to be handed out with epoch {epoch}",
+            lambda: (s := self.status(name)).get("epoch") == epoch
+            and s.get("phase") in ("Assigned", "Running")
+            and s,
+            timeout=timeout,
+        )
+
+    def pods(self, task_name: str) -> list[Any]:
+        listed = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"tasklease.io/task={task_name}"
+        )
+        return list(listed.items)
+
+    def pod(self, name: str) -> Any | None:
+        try:
+            return self.core.read_namespaced_pod(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def live_pod(self, name: str) -> Any | None:
+        """The pod if it exists and is not being deleted."""
+        pod = self.pod(name)
+        return pod if pod is not None and pod.metadata.deletion_timestamp is None else None
+
+    def events(self, name: str) -> list[Any]:
+        listed = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return list(listed.items)
+
+    def event_reasons(self, name: str) -> list[str]:
+        return [e.reason for e in self.events(name)]
+
+    def set_pod_phase(self, pod_name: str, phase: str, *, reason: str | None = None) -> None:
+        """Play the kubelet: there is none here, so a test reports the pod's fate itself."""
+        status: dict[str, Any] = {"phase": phase}
+        if reason:
+            status["reason"] = reason
+            status["message"] = f"set by the test: {reason}"
+        self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
+
+    def runner(self, task_name: str, *, epoch: int, heartbeat_interval_s: float | None = None
+               ) -> TaskLease:
+        """A runner holding the identity the operator put into that epoch's pod."""
+        pod = wait_for(
+            f"runner pod of {task_name} epoch {epoch}",
+            lambda: next(
+                (p for p in self.pods(task_name)
+                 if p.metadata.labels.get("tasklease.io/epoch") == str(epoch)),
+                None,
+            ),
+        )
+        identity = identity_from_pod(pod)
+        return TaskLease(
+            identity, api_client=self.api_client, heartbeat_interval_s=heartbeat_interval_s
+        )
+
+
+def pod_env(pod: Any) -> dict[str, Any]:
+    """The first container's environment, downward-API references resolved like a kubelet."""
+    env: dict[str, Any] = {}
+    for item in pod.spec.containers[0].env or []:
+        if item.value_from is not None and item.value_from.field_ref is not None:
+            path = item.value_from.field_ref.field_path
+            assert path == "metadata.name", f"unexpected downward API field {path}"
+            env[item.name] = pod.metadata.name
+        else:
+            env[item.name] = item.value
+    return env
+
+
+def identity_from_pod(pod: Any) -> Identity:
+    return Identity.from_env(pod_env(pod))
+
+
+class OperatorProcess:
+    """The operator as a real process, watching one namespace, logging to a file."""
+
+    def __init__(self, *, kubeconfig: Path, namespace: str, log_path: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = dict(os.environ)
+        env.update(
+            KUBECONFIG=str(self.kubeconfig),
+            TASKLEASE_NAMESPACES=self.namespace,
+            TASKLEASE_METRICS_PORT="0",
+            TASKLEASE_HEALTH_PORT="0",
+            TASKLEASE_WORKERS="4",
+        )
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tasklease", "operator"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers run, exactly like a crash or an OOM kill."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def raw_fenced_patch(
+    cluster: Cluster, task_name: str, *, epoch: int, holder: str, operations: list[dict[str, Any]]
+) -> ApiException | None:
+    """A runner write as the SDK makes it; returns the refusal, or None when accepted."""
+    fence = [
+        {"op": "test", "path": "/metadata/annotations/tasklease.io~1epoch", "value": str(epoch)},
+        {"op": "test", "path": "/metadata/annotations/tasklease.io~1holder", "value": holder},
+    ]
+    try:
+        cluster.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, cluster.namespace, PLURAL, task_name, fence + operations,
+            _content_type="application/json-patch+json",
+        )
+    except ApiException as exc:
+        return exc
+    return None
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)

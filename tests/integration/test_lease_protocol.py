@@ -1,0 +1,480 @@
+"""The lease protocol end to end, on a real API server with the operator as a process.
+
+Each test plays the runner pod's part with the SDK from the test process, using the
+identity the operator put into that pod; there is no kubelet here, so a test that needs a
+pod to fail reports that through the pod's status itself.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from kubernetes import watch
+
+from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.runner import LeaseLost
+from tests.integration.support import Cluster, OperatorProcess, raw_fenced_patch, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def attempt_outcomes(status: dict[str, Any]) -> list[str | None]:
+    return [a.get("outcome") for a in status.get("attempts", [])]
+
+
+def test_handout_creates_runner_pod(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    created = cluster.create_task("hand", parameters={"table": "orders", "day": "2026-11-28"})
+    status = cluster.wait_epoch("hand", 1)
+
+    annotations = cluster.annotations("hand")
+    assert annotations["tasklease.io/epoch"] == "1"
+    assert annotations["tasklease.io/holder"] == "hand-1"
+    assert annotations["tasklease.io/acquire-time"]
+    assert status["phase"] == "Assigned"
+    assert status["holder"] == "hand-1"
+    assert status["attempt"] == 1
+
+    pod = wait_for("runner pod hand-1", lambda: cluster.pod("hand-1"))
+    owner = pod.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.uid) == ("Task", "hand", created["metadata"]["uid"])
+    assert owner.controller is True
+    assert pod.metadata.labels["tasklease.io/task"] == "hand"
+    assert pod.metadata.labels["tasklease.io/epoch"] == "1"
+    assert pod.spec.restart_policy == "Never"
+    env = {e.name: e for e in pod.spec.containers[0].env}
+    assert env["TASKLEASE_TASK"].value == "hand"
+    assert env["TASKLEASE_NAMESPACE"].value == cluster.namespace
+    assert env["TASKLEASE_EPOCH"].value == "1"
+    assert json.loads(env["TASKLEASE_PARAMETERS"].value) == {"table": "orders", "day": "2026-11-28"}
+    assert env["TASKLEASE_POD_NAME"].value_from.field_ref.field_path == "metadata.name"
+    assert "TASKLEASE_CHECKPOINT" not in env  # first attempt: nothing to resume from
+
+    wait_for("a HandedOut event", lambda: "HandedOut" in cluster.event_reasons("hand"))
+    assert len(cluster.pods("hand")) == 1
+
+
+def test_first_report_acknowledges(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("ack")
+    cluster.wait_epoch("ack", 1)
+    runner = cluster.runner("ack", epoch=1)
+    with runner:
+        status = cluster.wait_phase("ack", "Running")
+        assert status["progress"]["epoch"] == 1
+        leased = next(c for c in status["conditions"] if c["type"] == "Leased")
+        assert (leased["status"], leased["reason"]) == ("True", "Running")
+        wait_for("an Acknowledged event", lambda: "Acknowledged" in cluster.event_reasons("ack"))
+        runner.succeed()
+
+
+def test_ack_timeout_reassigns(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("silent", ackTimeout="2s", reportProgressTimeout="30s")
+    cluster.wait_epoch("silent", 1)
+    handed_out = time.monotonic()
+
+    status = cluster.wait_epoch("silent", 2, timeout=20)
+    waited = time.monotonic() - handed_out
+    assert waited >= 1.5, f"reassigned after {waited:.1f}s, before ackTimeout (2s)"
+    assert attempt_outcomes(status) == ["AckTimeout", None]
+    assert cluster.annotations("silent")["tasklease.io/holder"] == "silent-2"
+    wait_for("pod silent-1 to be deleted", lambda: cluster.live_pod("silent-1") is None)
+    assert cluster.pod("silent-2") is not None
+    assert "AckTimeout" in cluster.event_reasons("silent")
+
+
+def test_progress_timeout_reassigns_hung_runner(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    cluster.create_task("hung", ackTimeout="3s", reportProgressTimeout="3s", heartbeatInterval="1s")
+    cluster.wait_epoch("hung", 1)
+    # A runner that acknowledges and then hangs: no heartbeat thread worth the name.
+    runner = cluster.runner("hung", epoch=1, heartbeat_interval_s=3600)
+    runner.start()
+    cluster.wait_phase("hung", "Running")
+    last_report = time.monotonic()
+
+    status = cluster.wait_epoch("hung", 2, timeout=20)
+    silent_for = time.monotonic() - last_report
+    assert silent_for >= 2.5, f"reassigned {silent_for:.1f}s after the last report, before 3s"
+    assert attempt_outcomes(status) == ["ProgressTimeout", None]
+    # The hung pod was alive the whole time (phase Pending/Running): Kubernetes Jobs would
+    # never have replaced it. The operator stops it.
+    wait_for("hung pod to be deleted", lambda: cluster.live_pod("hung-1") is None)
+    runner.close()
+
+
+@pytest.mark.parametrize("fate", ["failed", "evicted", "deleted"])
+def test_dead_pod_reassigns_without_waiting(
+    cluster: Cluster, operator_process: OperatorProcess, fate: str
+) -> None:
+    # Timeouts far longer than the test: only the dead-pod path can end the attempt.
+    cluster.create_task("dies", ackTimeout="5m", reportProgressTimeout="10m", heartbeatInterval="1m")
+    cluster.wait_epoch("dies", 1)
+    runner = cluster.runner("dies", epoch=1, heartbeat_interval_s=3600)
+    runner.start()
+    cluster.wait_phase("dies", "Running")
+
+    started = time.monotonic()
+    if fate == "failed":
+        cluster.set_pod_phase("dies-1", "Failed", reason="Error")
+        expected = "PodFailed"
+    elif fate == "evicted":
+        cluster.set_pod_phase("dies-1", "Failed", reason="Evicted")
+        expected = "PodFailed"
+    else:
+        cluster.core.delete_namespaced_pod("dies-1", cluster.namespace, grace_period_seconds=0)
+        expected = "PodLost"
+
+    status = cluster.wait_epoch("dies", 2, timeout=15)
+    assert time.monotonic() - started < 10
+    assert attempt_outcomes(status) == [expected, None]
+    if fate == "evicted":
+        assert "Evicted" in status["attempts"][0]["message"]
+    # The dead runner's lease is gone: its writes are refused.
+    assert not runner.report()
+    assert runner.lost
+
+
+def test_result_finished_succeeds(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("fin")
+    cluster.wait_epoch("fin", 1)
+    with cluster.runner("fin", epoch=1) as runner:
+        runner.progress(percent=50, message="half way", fields={"rows": "500"})
+        runner.progress(percent=100, message="done")
+    status = cluster.wait_phase("fin", "Succeeded")
+    assert status["result"]["status"] == "FINISHED"
+    assert status["progress"]["percent"] == 100
+    assert attempt_outcomes(status) == ["Succeeded"]
+    assert status["completionTime"]
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert (complete["status"], complete["reason"]) == ("True", "Succeeded")
+    wait_for("lease released", lambda: "tasklease.io/holder" not in cluster.annotations("fin"))
+    assert "Succeeded" in cluster.event_reasons("fin")
+
+
+def test_result_false_skips(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("nothing-to-do")
+    cluster.wait_epoch("nothing-to-do", 1)
+    with cluster.runner("nothing-to-do", epoch=1) as runner:
+        runner.skip("input partition is empty")
+    status = cluster.wait_phase("nothing-to-do", "Skipped")
+    assert attempt_outcomes(status) == ["Skipped"]
+
+
+def test_non_retryable_error_fails_at_once(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    cluster.create_task(
+        "bad-input",
+        retry={"maxAttempts": 3, "nonRetryableErrors": ["BadInput"], "backoff": {"initial": "0s"}},
+    )
+    cluster.wait_epoch("bad-input", 1)
+    with cluster.runner("bad-input", epoch=1) as runner:
+        runner.fail("BadInput", "column 'day' is missing")
+    status = cluster.wait_phase("bad-input", "Failed")
+    assert status["attempt"] == 1
+    assert attempt_outcomes(status) == ["Failed"]
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert "BadInput" in complete["message"] and "nonRetryableErrors" in complete["message"]
+    time.sleep(1)
+    assert len(cluster.pods("bad-input")) == 1  # no second attempt
+
+
+def test_retries_exhausted_fails_task(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("flaky", retry={"maxAttempts": 2, "backoff": {"initial": "0s"}})
+    for epoch in (1, 2):
+        cluster.wait_epoch("flaky", epoch)
+        with cluster.runner("flaky", epoch=epoch) as runner:
+            runner.fail("Timeout", f"upstream timed out on attempt {epoch}")
+    status = cluster.wait_phase("flaky", "Failed")
+    assert status["attempt"] == 2
+    assert attempt_outcomes(status) == ["Failed", "Failed"]
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert "retries exhausted" in complete["message"]
+    assert "upstream timed out on attempt 2" in complete["message"]
+
+
+def test_exception_in_runner_block_becomes_failed_with_stack_trace(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    cluster.create_task("boom", retry={"maxAttempts": 1})
+    cluster.wait_epoch("boom", 1)
+    with pytest.raises(ZeroDivisionError), cluster.runner("boom", epoch=1):
+        _ = 1 / 0
+    status = cluster.wait_phase("boom", "Failed")
+    assert status["result"]["errorId"] == "ZeroDivisionError"
+    assert "Traceback" in status["result"]["errorStackTrace"]
+
+
+def test_retry_waits_for_backoff(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("patient", retry={"maxAttempts": 2, "backoff": {"initial": "3s",
+                                                                         "jitter": 0}})
+    cluster.wait_epoch("patient", 1)
+    with cluster.runner("patient", epoch=1) as runner:
+        runner.fail("Transient", "try again later")
+    failed_at = time.monotonic()
+    pending = cluster.wait_phase("patient", "Pending")
+    assert pending["nextAttemptTime"]
+    cluster.wait_epoch("patient", 2, timeout=15)
+    assert time.monotonic() - failed_at >= 2.5
+
+
+def test_cancel_reaches_runner(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("stopme", heartbeatInterval="1s")
+    cluster.wait_epoch("stopme", 1)
+    runner = cluster.runner("stopme", epoch=1, heartbeat_interval_s=0.3)
+    with runner:
+        cluster.wait_phase("stopme", "Running")
+        assert not runner.canceled
+        cluster.patch_spec("stopme", {"cancel": True})
+        wait_for("the runner to learn it was canceled", lambda: runner.canceled, timeout=10)
+        status = cluster.wait_phase("stopme", "Canceled")
+        assert attempt_outcomes(status) == ["Canceled"]
+        wait_for("the runner pod to be deleted", lambda: cluster.live_pod("stopme-1") is None)
+    assert "Canceled" in cluster.event_reasons("stopme")
+
+
+def test_zombie_runner_is_fenced(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task(
+        "contested", ackTimeout="3s", reportProgressTimeout="3s", heartbeatInterval="1s"
+    )
+    cluster.wait_epoch("contested", 1)
+    zombie = cluster.runner("contested", epoch=1, heartbeat_interval_s=3600)
+    zombie.start()
+    zombie.progress(percent=10, checkpoint={"row": 1})
+    cluster.wait_phase("contested", "Running")
+    cluster.wait_epoch("contested", 2, timeout=20)  # the zombie went silent: lease expired
+
+    successor = cluster.runner("contested", epoch=2)
+    successor.start()
+    successor.progress(percent=60, message="successor at work")
+    cluster.wait_phase("contested", "Running")
+
+    # The zombie wakes up and writes as if nothing happened.
+    assert zombie.progress(percent=99, message="zombie") is False
+    assert zombie.lost and zombie.canceled
+    with pytest.raises(LeaseLost):
+        zombie.succeed()
+    # The same write made by hand, to see the API server's own refusal.
+    refusal = raw_fenced_patch(
+        cluster, "contested", epoch=1, holder="contested-1",
+        operations=[{"op": "add", "path": "/status/result",
+                     "value": {"epoch": 1, "status": "FINISHED"}}],
+    )
+    assert refusal is not None and refusal.status == 422, refusal
+
+    status = cluster.status("contested")
+    assert status["progress"]["epoch"] == 2
+    assert status["progress"]["message"] == "successor at work"
+    assert "result" not in status
+    successor.succeed()
+    successor.close()
+    assert cluster.wait_phase("contested", "Succeeded")["result"]["epoch"] == 2
+
+
+def test_operator_restart_loses_nothing(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    timeout_s = 6.0
+    timings = {"reportProgressTimeout": "6s", "ackTimeout": "6s", "heartbeatInterval": "1s"}
+    cluster.create_task("steady", **timings)
+    cluster.create_task("quiet", **timings)
+    cluster.create_task("done", **timings)
+    for name in ("steady", "quiet", "done"):
+        cluster.wait_epoch(name, 1)
+    steady = cluster.runner("steady", epoch=1, heartbeat_interval_s=0.5)
+    steady.start()
+    quiet = cluster.runner("quiet", epoch=1, heartbeat_interval_s=3600)
+    quiet.start()
+    with cluster.runner("done", epoch=1) as done:
+        done.progress(percent=100)
+    for name, phase in (("steady", "Running"), ("quiet", "Running"), ("done", "Succeeded")):
+        cluster.wait_phase(name, phase)
+
+    operator_process.kill()
+    quiet_since = time.monotonic()
+    quiet.progress(percent=5)  # its last report, made while the operator is down
+    quiet_since = time.monotonic()
+    # Made while the operator is down: a new task, and a hand-out interrupted half way
+    # (lease written, status and pod not yet) as a crash between the two writes leaves it.
+    cluster.create_task("newborn", **timings)
+    cluster.create_task("halfway", **timings)
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "halfway",
+        {"metadata": {"annotations": {
+            "tasklease.io/epoch": "1", "tasklease.io/holder": "halfway-1",
+            "tasklease.io/acquire-time": "2026-01-01T00:00:00Z"}}},
+    )
+    time.sleep(4)  # down for most of the progress timeout
+    operator_process.start()
+    restarted = time.monotonic()
+
+    cluster.wait_epoch("newborn", 1)
+    halfway = cluster.wait_epoch("halfway", 1)
+    assert halfway["holder"] == "halfway-1"  # completed, not handed out again
+    assert cluster.annotations("halfway")["tasklease.io/epoch"] == "1"
+
+    # The silent runner gets a full window from the restart, not from its last report.
+    status = cluster.wait_epoch("quiet", 2, timeout=30)
+    reassigned = time.monotonic()
+    assert attempt_outcomes(status) == ["ProgressTimeout", None]
+    assert reassigned - restarted >= timeout_s - 0.5, (
+        f"reassigned {reassigned - restarted:.1f}s after the restart, "
+        f"{reassigned - quiet_since:.1f}s after its last report: window not renewed"
+    )
+    # The heartbeating runner was never disturbed.
+    steady_status = cluster.status("steady")
+    assert steady_status["phase"] == "Running" and steady_status["epoch"] == 1
+    assert cluster.status("done")["phase"] == "Succeeded"
+    # No epoch ever got a second pod.
+    for name in ("steady", "quiet", "done", "newborn", "halfway"):
+        epochs = [p.metadata.labels["tasklease.io/epoch"] for p in cluster.pods(name)]
+        assert len(epochs) == len(set(epochs)), f"{name} has two pods for one epoch: {epochs}"
+    steady.succeed()
+    steady.close()
+    quiet.close()
+    cluster.wait_phase("steady", "Succeeded")
+
+
+def test_checkpoint_reaches_next_attempt(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    cluster.create_task("resumable")
+    cluster.wait_epoch("resumable", 1)
+    with cluster.runner("resumable", epoch=1) as first:
+        assert first.checkpoint is None
+        first.progress(percent=42, checkpoint={"row": 42, "file": "part-0007"})
+        first.fail("Transient", "connection reset")
+    cluster.wait_epoch("resumable", 2)
+    second = cluster.runner("resumable", epoch=2)
+    assert second.checkpoint == {"row": 42, "file": "part-0007"}
+    with second:
+        second.progress(percent=100, checkpoint={"row": 100})
+    cluster.wait_phase("resumable", "Succeeded")
+
+
+def test_heartbeat_costs_operator_no_write(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    cluster.create_task("beat", heartbeatInterval="1s", reportProgressTimeout="30s")
+    cluster.wait_epoch("beat", 1)
+    runner = cluster.runner("beat", epoch=1, heartbeat_interval_s=3600)
+    runner.start()
+    cluster.wait_phase("beat", "Running")
+    time.sleep(1)  # let the acknowledgement's writes and Event settle
+    events_before = len(cluster.events("beat"))
+    start_rv = cluster.task("beat")["metadata"]["resourceVersion"]
+
+    seen: list[dict[str, Any]] = []
+
+    def collect() -> None:
+        stream = watch.Watch()
+        for event in stream.stream(
+            cluster.custom.list_namespaced_custom_object, GROUP, VERSION, cluster.namespace,
+            PLURAL, field_selector="metadata.name=beat", resource_version=start_rv,
+            timeout_seconds=8,
+        ):
+            seen.append(event["object"])
+
+    watcher = threading.Thread(target=collect)
+    watcher.start()
+    heartbeats = 10
+    for index in range(heartbeats):
+        assert runner.progress(percent=index * 10)
+        time.sleep(0.4)
+    watcher.join()
+
+    writers = []
+    for obj in seen:
+        managers = sorted(obj["metadata"].get("managedFields", []), key=lambda m: m["time"])
+        writers.append(managers[-1]["manager"] if managers else "?")
+    assert len(seen) == heartbeats, f"expected only the runner's {heartbeats} writes: {writers}"
+    assert all(obj["status"]["phase"] == "Running" for obj in seen)
+    assert len(cluster.events("beat")) == events_before, "the operator posted Events"
+    assert operator_process.alive
+    runner.succeed()
+    runner.close()
+
+
+def test_invalid_task_reported_not_crashed(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    # The schema leaves the pod template open; the models refuse a restarting runner pod.
+    template = {"spec": {"restartPolicy": "Always", "containers": [
+        {"name": "runner", "image": "busybox"}]}}
+    cluster.create_task("wrong", template=template)
+    invalid = wait_for(
+        "an Invalid condition",
+        lambda: next((c for c in cluster.status("wrong").get("conditions", [])
+                      if c["type"] == "Invalid" and c["status"] == "True"), None),
+    )
+    assert "spec.template" in invalid["message"] and "restartPolicy" in invalid["message"]
+    wait_for("an InvalidSpec event", lambda: "InvalidSpec" in cluster.event_reasons("wrong"))
+    assert cluster.pods("wrong") == []
+
+    # The operator lives on: a valid task is handed out, and fixing the spec heals the other.
+    cluster.create_task("right")
+    cluster.wait_epoch("right", 1)
+    template["spec"]["restartPolicy"] = "Never"
+    cluster.patch_spec("wrong", {"template": template})
+    status = cluster.wait_epoch("wrong", 1)
+    invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
+    assert invalid["status"] == "False"
+    assert operator_process.alive
+
+
+def test_attempt_timeout_reassigns(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("slow", attemptTimeout="3s")
+    cluster.wait_epoch("slow", 1)
+    runner = cluster.runner("slow", epoch=1, heartbeat_interval_s=0.5)
+    with runner:
+        status = cluster.wait_epoch("slow", 2, timeout=20)
+        assert attempt_outcomes(status) == ["AttemptTimeout", None]
+        wait_for("the slow runner to learn it lost the lease", lambda: runner.lost, timeout=5)
+
+
+def test_active_deadline_fails_task(cluster: Cluster, operator_process: OperatorProcess) -> None:
+    cluster.create_task("bounded", activeDeadline="3s")
+    cluster.wait_epoch("bounded", 1)
+    runner = cluster.runner("bounded", epoch=1, heartbeat_interval_s=0.5)
+    with runner:
+        status = cluster.wait_phase("bounded", "Failed", timeout=20)
+        assert attempt_outcomes(status) == ["DeadlineExceeded"]
+        wait_for("the runner to learn it lost the lease", lambda: runner.lost, timeout=5)
+
+
+def test_late_after_marks_late_and_goes_on(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    cluster.create_task("tardy", lateAfter="2s")
+    cluster.wait_epoch("tardy", 1)
+    runner = cluster.runner("tardy", epoch=1, heartbeat_interval_s=0.5)
+    with runner:
+        late = wait_for(
+            "a Late condition",
+            lambda: next((c for c in cluster.status("tardy").get("conditions", [])
+                          if c["type"] == "Late" and c["status"] == "True"), None),
+            timeout=15,
+        )
+        assert "lateAfter" in late["message"]
+        assert cluster.status("tardy")["phase"] == "Running"
+        assert not runner.canceled
+    cluster.wait_phase("tardy", "Succeeded")
+    assert cluster.event_reasons("tardy").count("Late") == 1
+
+
+def test_deleting_task_removes_its_pods(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    cluster.create_task("short-lived")
+    cluster.wait_epoch("short-lived", 1)
+    wait_for("its pod", lambda: cluster.pod("short-lived-1"))
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "short-lived"
+    )
+    # No finalizer of ours: the Task goes at once; the garbage collector takes its pods.
+    wait_for("the pod to be garbage-collected", lambda: cluster.pod("short-lived-1") is None,
+             timeout=30)

@@ -1,0 +1,385 @@
+"""The Task API models: durations, parsing real objects, lease annotations, phases."""
+
+from __future__ import annotations
+
+import random
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from tasklease.api.durations import (
+    GO_DURATION_PATTERN,
+    MAX_DURATION,
+    MAX_DURATION_LENGTH,
+    format_go_duration,
+    parse_go_duration,
+)
+from tasklease.api.models import (
+    FINAL_PHASES,
+    Lease,
+    Outcome,
+    Phase,
+    ResultStatus,
+    Task,
+    TaskSpec,
+)
+
+TEMPLATE: dict[str, Any] = {"spec": {"containers": [{"name": "runner", "image": "busybox"}]}}
+
+# Go's time.ParseDuration units, in nanoseconds: the reference the parser must agree with.
+GO_UNITS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
+GO_UNITS["h"] = 3600 * 10**9
+
+
+def random_timedelta(rng: random.Random) -> timedelta:
+    scale = rng.choice([10**3, 10**6, 10**9, 10**12, 10**15, MAX_DURATION // timedelta(0, 0, 1)])
+    return timedelta(microseconds=rng.randrange(0, scale))
+
+
+def random_go_duration(rng: random.Random) -> tuple[str, int]:
+    """A random Go duration string and its exact value in nanoseconds."""
+    text, nanoseconds = "", 0
+    for _ in range(rng.randint(1, 4)):
+        unit = rng.choice(list(GO_UNITS))
+        whole = rng.randrange(0, 1000)
+        if rng.random() < 0.3:
+            digits = rng.randint(1, 6)
+            fraction = rng.randrange(0, 10**digits)
+            text += f"{whole}.{fraction:0{digits}d}{unit}"
+            # Go truncates each part's fraction to the nanosecond.
+            nanoseconds += whole * GO_UNITS[unit] + fraction * GO_UNITS[unit] // 10**digits
+        else:
+            text += f"{whole}{unit}"
+            nanoseconds += whole * GO_UNITS[unit]
+    return text, nanoseconds
+
+
+# --- durations -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0s", timedelta(0)),
+        ("90s", timedelta(seconds=90)),
+        ("2m", timedelta(minutes=2)),
+        ("15m", timedelta(minutes=15)),
+        ("1h30m", timedelta(hours=1, minutes=30)),
+        ("1h0m30s", timedelta(hours=1, seconds=30)),
+        ("1.5h", timedelta(minutes=90)),
+        ("500ms", timedelta(milliseconds=500)),
+        ("250us", timedelta(microseconds=250)),
+        ("250µs", timedelta(microseconds=250)),
+        ("250μs", timedelta(microseconds=250)),
+        ("2h45m30.5s", timedelta(hours=2, minutes=45, seconds=30.5)),
+        ("1000000ns", timedelta(milliseconds=1)),
+        ("2562047h", timedelta(hours=2562047)),
+    ],
+)
+def test_go_durations_parse(text: str, expected: timedelta) -> None:
+    assert parse_go_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (timedelta(0), "0s"),
+        (timedelta(minutes=2), "2m"),
+        (timedelta(seconds=60), "1m"),
+        (timedelta(seconds=90), "1m30s"),
+        (timedelta(hours=1, seconds=30), "1h30s"),
+        (timedelta(days=1), "24h"),
+        (timedelta(seconds=1.5), "1.5s"),
+        (timedelta(minutes=1, milliseconds=250), "1m0.25s"),
+        (timedelta(milliseconds=500), "500ms"),
+        (timedelta(microseconds=1500), "1.5ms"),
+        (timedelta(microseconds=7), "7us"),
+    ],
+)
+def test_durations_format_as_the_shortest_go_string(value: timedelta, expected: str) -> None:
+    assert format_go_duration(value) == expected
+
+
+def test_format_then_parse_gives_the_same_duration() -> None:
+    rng = random.Random(20240611)
+    for _ in range(5000):
+        value = random_timedelta(rng)
+        text = format_go_duration(value)
+        assert re.fullmatch(GO_DURATION_PATTERN, text), text
+        assert parse_go_duration(text) == value, text
+
+
+def test_parse_agrees_with_go_and_formatting_is_canonical() -> None:
+    rng = random.Random(7)
+    for _ in range(5000):
+        text, nanoseconds = random_go_duration(rng)
+        parsed = parse_go_duration(text)
+        # Exact to the microsecond, finer values rounded up so positive stays positive.
+        assert parsed == timedelta(microseconds=-(-nanoseconds // 1000)), text
+        canonical = format_go_duration(parsed)
+        assert parse_go_duration(canonical) == parsed, (text, canonical)
+        assert format_go_duration(parse_go_duration(canonical)) == canonical
+
+
+def test_a_positive_duration_never_parses_to_zero() -> None:
+    assert parse_go_duration("1ns") == timedelta(microseconds=1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ten minutes",
+        "",
+        "1",
+        "-1s",
+        "+1s",
+        "1d",
+        "1w",
+        "1H",
+        "1h 30m",
+        " 1h",
+        ".5s",
+        "1.s",
+        "PT2M",
+        "2562048h",
+        "0" * MAX_DURATION_LENGTH + "1s",  # a valid 1s, but too long a string
+        90,
+        1.5,
+        None,
+        True,
+        timedelta(seconds=-1),
+        MAX_DURATION + timedelta(microseconds=1),
+    ],
+)
+def test_bad_durations_are_refused(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"duration|negative"):
+        parse_go_duration(value)
+
+
+def test_timedeltas_pass_through() -> None:
+    assert parse_go_duration(timedelta(seconds=5)) == timedelta(seconds=5)
+
+
+def test_a_bad_duration_in_a_spec_names_the_field() -> None:
+    with pytest.raises(ValidationError) as error:
+        TaskSpec.model_validate({"template": TEMPLATE, "ackTimeout": "ten minutes"})
+    [problem] = error.value.errors()
+    assert problem["loc"] == ("ackTimeout",)
+    assert "'ten minutes' is not a duration" in problem["msg"]
+
+
+# --- a whole Task --------------------------------------------------------------------------
+
+
+def realistic_task() -> dict[str, Any]:
+    return {
+        "apiVersion": "tasklease.io/v1alpha1",
+        "kind": "Task",
+        "metadata": {
+            "name": "nightly-export",
+            "namespace": "data",
+            "uid": "6f1c2a0e-0000-4000-8000-000000000001",
+            "generation": 2,
+            "resourceVersion": "4711",
+            "creationTimestamp": "2024-06-11T02:00:00Z",
+            "annotations": {
+                "tasklease.io/holder": "nightly-export-3",
+                "tasklease.io/epoch": "3",
+                "tasklease.io/acquire-time": "2024-06-11T02:05:00.123456Z",
+            },
+        },
+        "spec": {
+            "template": {
+                "metadata": {"labels": {"team": "data"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "runner", "image": "export:1.4", "args": ["--all"]}],
+                },
+            },
+            "parameters": {"bucket": "s3://exports", "date": "2024-06-10"},
+            "priority": 10,
+            "ackTimeout": "2m",
+            "reportProgressTimeout": "15m",
+            "heartbeatInterval": "60s",
+            "retry": {
+                "maxAttempts": 5,
+                "backoff": {"initial": "30s", "factor": 3, "max": "10m", "jitter": 0.1},
+                "nonRetryableErrors": ["BadInput"],
+            },
+            "attemptTimeout": "1h30m",
+            "lateAfter": "4h",
+            "someFutureField": "ignored by this version",
+        },
+        "status": {
+            "phase": "Running",
+            "attempt": 3,
+            "epoch": 3,
+            "holder": "nightly-export-3",
+            "progress": {
+                "epoch": 3,
+                "percent": 42.5,
+                "message": "exporting table orders",
+                "fields": {"rows": "120000"},
+                "checkpoint": {"table": "orders", "offset": 120000, "done": ["users"]},
+                "reportTime": "2024-06-11T02:20:00Z",
+            },
+            "attempts": [
+                {
+                    "attempt": 1,
+                    "epoch": 1,
+                    "holder": "nightly-export-1",
+                    "startTime": "2024-06-11T02:00:01Z",
+                    "endTime": "2024-06-11T02:02:01Z",
+                    "outcome": "AckTimeout",
+                },
+                {
+                    "attempt": 2,
+                    "epoch": 2,
+                    "holder": "nightly-export-2",
+                    "startTime": "2024-06-11T02:02:02Z",
+                    "endTime": "2024-06-11T02:04:00Z",
+                    "outcome": "PodFailed",
+                    "message": "OOMKilled",
+                },
+            ],
+            "startTime": "2024-06-11T02:00:01Z",
+            "conditions": [
+                {
+                    "type": "Leased",
+                    "status": "True",
+                    "reason": "HandedOut",
+                    "lastTransitionTime": "2024-06-11T02:05:00Z",
+                    "observedGeneration": 2,
+                }
+            ],
+            "observedGeneration": 2,
+        },
+    }
+
+
+def test_task_parses_a_realistic_object() -> None:
+    task = Task.model_validate(realistic_task())
+
+    assert (task.name, task.namespace, task.generation) == ("nightly-export", "data", 2)
+    assert task.uid.startswith("6f1c2a0e")
+    assert task.creation_time == datetime(2024, 6, 11, 2, 0, tzinfo=UTC)
+    spec = task.spec
+    assert spec.ack_timeout == timedelta(minutes=2)
+    assert spec.heartbeat_interval == timedelta(seconds=60)
+    assert spec.attempt_timeout == timedelta(hours=1, minutes=30)
+    assert spec.active_deadline is None
+    assert spec.late_after == timedelta(hours=4)
+    assert spec.retry.max_attempts == 5
+    assert spec.retry.backoff.initial == timedelta(seconds=30)
+    assert spec.retry.backoff.factor == 3.0
+    assert spec.retry.non_retryable_errors == ["BadInput"]
+    assert spec.parameters["bucket"] == "s3://exports"
+    assert spec.template is not None
+    assert spec.template["metadata"]["labels"] == {"team": "data"}
+
+    status = task.status
+    assert status.phase is Phase.RUNNING
+    assert status.progress is not None
+    assert status.progress.percent == 42.5
+    assert status.progress.checkpoint == {"table": "orders", "offset": 120000, "done": ["users"]}
+    assert status.progress.report_time == datetime(2024, 6, 11, 2, 20, tzinfo=UTC)
+    assert [record.outcome for record in status.attempts] == [
+        Outcome.ACK_TIMEOUT,
+        Outcome.POD_FAILED,
+    ]
+    assert status.conditions[0].status == "True"
+    assert status.result is None
+
+
+def test_task_serialises_back_to_the_wire_form() -> None:
+    wire = Task.model_validate(realistic_task()).model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
+    spec = wire["spec"]
+    assert spec["ackTimeout"] == "2m"
+    assert spec["heartbeatInterval"] == "1m"
+    assert spec["attemptTimeout"] == "1h30m"
+    assert spec["retry"]["backoff"] == {
+        "initial": "30s",
+        "factor": 3.0,
+        "max": "10m",
+        "jitter": 0.1,
+    }
+    assert "someFutureField" not in spec
+    assert wire["status"]["progress"]["reportTime"] == "2024-06-11T02:20:00Z"
+    assert Task.model_validate(wire) == Task.model_validate(realistic_task())
+
+
+def test_a_minimal_spec_gets_the_aws_defaults() -> None:
+    spec = TaskSpec.model_validate({"workerGroup": "pool-a"})
+    assert spec.ack_timeout == timedelta(minutes=2)
+    assert spec.report_progress_timeout == timedelta(minutes=15)
+    assert spec.heartbeat_interval == timedelta(seconds=60)
+    assert spec.retry.max_attempts == 3
+    assert spec.retry.backoff.initial == timedelta(seconds=10)
+    assert spec.cancel is False
+    assert spec.template is None
+
+
+def test_a_task_without_status_is_pending() -> None:
+    task = Task.model_validate({"metadata": {"name": "t"}, "spec": {"template": TEMPLATE}})
+    assert task.status.phase is Phase.PENDING
+    assert task.status.attempt == 0
+    assert task.lease == Lease(holder=None, epoch=0, acquire_time=None)
+
+
+def test_lease_annotations_parse() -> None:
+    lease = Task.model_validate(realistic_task()).lease
+    assert lease.holder == "nightly-export-3"
+    assert lease.epoch == 3
+    assert lease.acquire_time == datetime(2024, 6, 11, 2, 5, 0, 123456, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("epoch", ["", "x", "-1", "1.5"])
+def test_a_malformed_epoch_annotation_reads_as_never_handed_out(epoch: str) -> None:
+    raw = realistic_task()
+    raw["metadata"]["annotations"]["tasklease.io/epoch"] = epoch
+    assert Task.model_validate(raw).lease.epoch == 0
+
+
+@pytest.mark.parametrize("policy", ["Always", "OnFailure"])
+def test_restarting_runner_pods_are_refused(policy: str) -> None:
+    template = {"spec": {"restartPolicy": policy, "containers": [{"name": "r", "image": "x"}]}}
+    with pytest.raises(ValidationError, match=r"spec\.template\.spec\.restartPolicy") as error:
+        TaskSpec.model_validate({"template": template})
+    assert policy in str(error.value)
+
+
+def test_runner_pods_that_are_never_restarted_are_accepted() -> None:
+    never = {"spec": {"restartPolicy": "Never", "containers": [{"name": "r", "image": "x"}]}}
+    assert TaskSpec.model_validate({"template": never}).template == never
+    assert TaskSpec.model_validate({"template": TEMPLATE}).template == TEMPLATE
+
+
+def test_a_template_without_a_pod_spec_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"spec\.template\.spec must be a pod spec"):
+        TaskSpec.model_validate({"template": {"metadata": {}}})
+
+
+def test_a_progress_report_needs_a_current_looking_epoch() -> None:
+    raw = realistic_task()
+    raw["status"]["progress"]["epoch"] = 0
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        Task.model_validate(raw)
+
+
+# --- phases and results --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_phase_is_final(phase: Phase) -> None:
+    expected = phase in {Phase.SUCCEEDED, Phase.FAILED, Phase.SKIPPED, Phase.CANCELED}
+    assert phase.is_final is expected
+    assert (phase in FINAL_PHASES) is expected
+
+
+def test_result_statuses_are_the_aws_ones() -> None:
+    assert {status.value for status in ResultStatus} == {"FINISHED", "FAILED", "FALSE"}
