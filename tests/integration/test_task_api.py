@@ -113,11 +113,6 @@ REFUSALS = [
         "spec.template.spec.containers",
         id="no-containers",
     ),
-    pytest.param(
-        {"template": {"spec": {"restartPolicy": "Always", "containers": [{"name": "r"}]}}},
-        "spec.template.spec.restartPolicy",
-        id="restart-always",
-    ),
     pytest.param({"retry": {"maxAttempts": 0}}, "spec.retry.maxAttempts", id="no-attempts"),
     pytest.param(
         {"retry": {"backoff": {"jitter": 2}}}, "spec.retry.backoff.jitter", id="jitter-over-1"

@@ -266,7 +266,7 @@ class Harness:
         stopped = [
             p.name
             for p in self.pods.values()
-            if not p.gone and not p.terminating and stale_pod(task, p)
+            if not p.gone and not p.terminating and stale_pod(task, p, now=self.clock.wall)
         ]
         for name in stopped:
             self._delete_pod(name)

@@ -46,14 +46,14 @@ def test_attempt_zero_is_treated_like_the_first_failed_attempt() -> None:
 
 
 def test_initial_delay_above_the_cap_is_capped() -> None:
-    policy = Backoff(initial=timedelta(minutes=10), max=timedelta(minutes=1), jitter=0.5)
+    policy = Backoff(initial=timedelta(minutes=10), max=timedelta(minutes=1), jitter=0)
     assert retry_delay(policy, failed_attempt=1, task_uid=UID) == timedelta(minutes=1)
 
 
 @pytest.mark.parametrize("attempt", [50, 100, 309, 1000, 10**6])
 def test_huge_attempt_numbers_stay_at_the_cap_without_overflow(attempt: int) -> None:
     # factor**exponent overflows a float from 10**309 on; the delay must still be the cap.
-    policy = Backoff(initial=timedelta(hours=1), factor=10, max=timedelta(hours=2), jitter=1)
+    policy = Backoff(initial=timedelta(hours=1), factor=10, max=timedelta(hours=2), jitter=0)
     assert retry_delay(policy, failed_attempt=attempt, task_uid=UID) == timedelta(hours=2)
 
 
@@ -69,10 +69,12 @@ def test_jitter_only_lengthens_the_delay_and_by_at_most_its_fraction(
         assert base_s <= delay_s <= base_s * (1 + jitter)
 
 
-def test_jitter_never_pushes_the_delay_past_the_cap() -> None:
-    policy = Backoff(initial=timedelta(seconds=50), factor=2, max=timedelta(seconds=60), jitter=1)
-    for uid in UIDS:
-        assert retry_delay(policy, failed_attempt=1, task_uid=uid) <= timedelta(seconds=60)
+def test_jitter_spreads_tasks_that_reached_the_cap() -> None:
+    # Jitter applies after the cap: tasks backing off at the cap must not retry in lockstep.
+    policy = Backoff(initial=timedelta(seconds=50), factor=2, max=timedelta(seconds=60), jitter=0.5)
+    delays = {retry_delay(policy, failed_attempt=5, task_uid=uid) for uid in UIDS}
+    assert len(delays) == len(UIDS)
+    assert all(timedelta(seconds=60) <= d <= timedelta(seconds=90) for d in delays)
 
 
 def test_jitter_is_deterministic_per_task_and_attempt() -> None:

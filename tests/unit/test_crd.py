@@ -240,7 +240,6 @@ def test_value_shapes(schema: dict[str, Any]) -> None:
     template = spec["template"]
     assert template["x-kubernetes-preserve-unknown-fields"] is True
     assert template["properties"]["spec"]["properties"]["containers"]["minItems"] == 1
-    assert template["properties"]["spec"]["properties"]["restartPolicy"]["enum"] == ["Never"]
 
 
 def test_optional_objects_are_not_defaulted_into_existence(schema: dict[str, Any]) -> None:

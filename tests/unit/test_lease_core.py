@@ -43,7 +43,9 @@ from tasklease.lease.core import (
     decide,
     observe,
     set_condition,
+    RUNNER_EXIT_GRACE,
     stale_pod,
+    when_to_stop_pod,
 )
 from tasklease.lease.pods import ENV_ATTEMPT, ENV_CHECKPOINT, ENV_EPOCH, runner_pod_name
 from tests.unit.builders import (
@@ -1001,7 +1003,8 @@ STALE_CASES = [
     pytest.param({}, old_pod(terminating=True), False, id="old-epoch-terminating"),
     pytest.param({}, old_pod(gone=True), False, id="old-epoch-gone"),
     pytest.param({}, PodState(name="demo-3", epoch=3), False, id="epoch-ahead-of-our-view"),
-    pytest.param({"first_outcome": Outcome.FAILED}, old_pod(), False, id="old-runner-failed"),
+    # It reported FAILED minutes ago and still runs: past RUNNER_EXIT_GRACE, it is stopped.
+    pytest.param({"first_outcome": Outcome.FAILED}, old_pod(), True, id="old-runner-hung-after-failing"),
     pytest.param({"first_outcome": None}, old_pod(), True, id="old-epoch-without-record"),
     pytest.param({}, PodState(name="impostor", epoch=2), True, id="current-epoch-not-holder"),
     pytest.param(
@@ -1039,7 +1042,18 @@ STALE_CASES = [
 
 @pytest.mark.parametrize(("task_state", "pod", "stale"), STALE_CASES)
 def test_stale_pod(task_state: dict[str, Any], pod: PodState, stale: bool) -> None:
-    assert stale_pod(task_at_epoch_2(**task_state), pod) is stale
+    # A moment after the second attempt ended, well within RUNNER_EXIT_GRACE.
+    assert stale_pod(task_at_epoch_2(**task_state), pod, now=at(505)) is stale
+
+
+@pytest.mark.parametrize("outcome", [Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.FAILED])
+def test_runner_that_reported_but_never_exits_is_stopped_after_the_grace(
+    outcome: Outcome,
+) -> None:
+    task = task_at_epoch_2(phase=Phase.SUCCEEDED, second_outcome=outcome)
+    assert when_to_stop_pod(task, holder_pod()) == at(500) + RUNNER_EXIT_GRACE
+    assert not stale_pod(task, holder_pod(), now=at(500) + RUNNER_EXIT_GRACE - timedelta(seconds=1))
+    assert stale_pod(task, holder_pod(), now=at(500) + RUNNER_EXIT_GRACE)
 
 
 # --- conditions ---------------------------------------------------------------------------

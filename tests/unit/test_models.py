@@ -18,7 +18,9 @@ from tasklease.api.durations import (
     parse_go_duration,
 )
 from tasklease.api.models import (
+    API_VERSION,
     FINAL_PHASES,
+    KIND,
     Lease,
     Outcome,
     Phase,
@@ -326,6 +328,7 @@ def test_a_minimal_spec_gets_the_aws_defaults() -> None:
 
 def test_a_task_without_status_is_pending() -> None:
     task = Task.model_validate({"metadata": {"name": "t"}, "spec": {"template": TEMPLATE}})
+    assert (task.api_version, task.kind) == (API_VERSION, KIND)
     assert task.status.phase is Phase.PENDING
     assert task.status.attempt == 0
     assert task.lease == Lease(holder=None, epoch=0, acquire_time=None)

@@ -175,17 +175,7 @@ class TaskSpec(_Model):
                                 "type": "object",
                                 "x-kubernetes-preserve-unknown-fields": True,
                             },
-                        },
-                        # Declared so the API server enforces what the validator below
-                        # enforces in Python; the rest of the pod spec stays open.
-                        "restartPolicy": {
-                            "type": "string",
-                            "enum": ["Never"],
-                            "description": (
-                                "Must be Never or unset: every attempt is a new pod with a new "
-                                "lease epoch, so a container is never restarted in place."
-                            ),
-                        },
+                        }
                     },
                 },
             },

@@ -20,19 +20,12 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tasklease.api.models import GROUP, KIND, PLURAL, VERSION
+from tasklease.kube.errors import ApiError, Conflict, Gone
 
 logger = logging.getLogger(__name__)
 
 FIELD_MANAGER = "tasklease-operator"
 MERGE_PATCH = "application/merge-patch+json"
-
-
-class Conflict(Exception):
-    """The Task changed since the decision was made (HTTP 409): decide again."""
-
-
-class Gone(Exception):
-    """The object no longer exists (HTTP 404)."""
 
 
 async def api_client(*, qps_hint: int | None = None) -> k8s.ApiClient:
@@ -45,15 +38,6 @@ async def api_client(*, qps_hint: int | None = None) -> k8s.ApiClient:
     if qps_hint:
         configuration.connection_pool_maxsize = qps_hint
     return k8s.ApiClient(configuration)
-
-
-class ApiError(Exception):
-    """The API server refused a request; `status` is the HTTP status, `message` its reason."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
 
 
 async def _checked(response: Any) -> bytes:

@@ -23,7 +23,8 @@ def retry_delay(policy: Backoff, *, failed_attempt: int, task_uid: str) -> timed
     """Delay before the attempt that follows `failed_attempt` (1-based).
 
     The first retry waits `initial`, each further one `factor` times longer, never more than
-    `max`; jitter then adds up to `jitter` of the delay, still capped at `max`.
+    `max`; jitter then adds up to `jitter` of that. Jitter comes after the cap on purpose:
+    capped first, every task at the cap would retry at the same instant.
     """
     exponent = max(failed_attempt - 1, 0)
     cap_s = policy.max.total_seconds()
@@ -35,4 +36,4 @@ def retry_delay(policy: Backoff, *, failed_attempt: int, task_uid: str) -> timed
         base_s = cap_s if policy.initial > timedelta(0) else 0.0
     base_s = min(base_s, cap_s)
     spread = policy.jitter * jitter_fraction(task_uid=task_uid, attempt=failed_attempt)
-    return timedelta(seconds=min(base_s * (1 + spread), cap_s))
+    return timedelta(seconds=base_s * (1 + spread))

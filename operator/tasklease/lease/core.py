@@ -16,7 +16,7 @@ window again because the sightings start anew (design invariant 3).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from tasklease.api.durations import format_go_duration
@@ -95,6 +95,10 @@ class Sighting:
     epoch_seen_at: float
     last_report: Progress | None = None
     report_seen_at: float | None = None
+    # This process created (or found) the epoch's runner pod. After a restart nobody knows
+    # whether the crash came between the status write and the pod's creation, so the pod
+    # is created again once (AlreadyExists is harmless) instead of losing the attempt.
+    pod_ensured: bool = False
 
 
 def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
@@ -120,6 +124,7 @@ def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
             epoch_seen_at=previous.epoch_seen_at,
             last_report=current_report,
             report_seen_at=now,
+            pod_ensured=previous.pod_ensured,
         )
     return previous
 
@@ -438,7 +443,10 @@ def _end_attempt(
 
     holder = task.lease.holder
     runner_may_still_run = outcome not in RUNNER_REPORTED
-    if holder and runner_may_still_run and not (pod is not None and (pod.gone or pod.terminated)):
+    # Only pods made for this attempt are ours to stop; a pool runner serves other tasks.
+    pod_per_attempt = task.spec.template is not None
+    pod_done = pod is not None and (pod.gone or pod.terminated)
+    if holder and pod_per_attempt and runner_may_still_run and not pod_done:
         plan.actions.append(DeletePod(holder))
     plan.actions.append(RecordEvent(event_type, event_reason, message))
 
@@ -660,6 +668,16 @@ def _decide_active(
         if acknowledged:
             _acknowledge(task, plan)
             return
+        if pod is None and not sighting.pod_ensured and spec.template is not None:
+            checkpoint = status.progress.checkpoint if status.progress else None
+            plan.actions.append(
+                CreatePod(
+                    runner_pod(task, epoch=lease.epoch, attempt=status.attempt,
+                               checkpoint=checkpoint)
+                )
+            )
+            plan.why = "ensure the runner pod exists"
+            return
         ack_deadline = sighting.epoch_seen_at + spec.ack_timeout.total_seconds()
         if clock.monotonic >= ack_deadline:
             _end_attempt(
@@ -728,19 +746,36 @@ def _decide_result(task: Task, plan: _Plan) -> None:
     _end_attempt(task, plan, outcome=Outcome.FAILED, message=text)
 
 
-def stale_pod(task: Task, pod: PodState) -> bool:
-    """Whether `pod` is a runner the operator must stop: it no longer holds the lease.
+# A runner that reported its result normally exits within seconds; one that has not after
+# this long is hung in its shutdown and is stopped like any other stale runner.
+RUNNER_EXIT_GRACE = timedelta(seconds=60)
+_NOW = datetime.min.replace(tzinfo=UTC)
 
-    Pods that ended, are already being deleted, or whose attempt ended with a result the
-    runner reported (they exit by themselves and keep their logs) are left alone.
+
+def when_to_stop_pod(task: Task, pod: PodState) -> datetime | None:
+    """When the operator must stop `pod` because it no longer holds the lease, or None.
+
+    Pods that ended or are already being deleted are left alone, and so is the current
+    holder. A pod whose attempt ended with a result it reported gets RUNNER_EXIT_GRACE to
+    exit by itself (and keeps its logs); any other stale pod is stopped at once.
     """
     if pod.gone or pod.terminating or pod.terminated:
-        return False
+        return None
     lease = task.lease
     if pod.epoch == lease.epoch and lease.holder == pod.name and task.status.phase in ACTIVE_PHASES:
-        return False
+        return None
     if pod.epoch > lease.epoch:
         # A pod from an epoch we have not seen yet: our view of the Task is behind.
-        return False
+        return None
     record = next((a for a in task.status.attempts if a.epoch == pod.epoch), None)
-    return not (record is not None and record.outcome in RUNNER_REPORTED)
+    if record is not None and record.outcome in RUNNER_REPORTED:
+        return (record.end_time or _NOW) + RUNNER_EXIT_GRACE
+    return _NOW
+
+
+def stale_pod(task: Task, pod: PodState, *, now: datetime | None = None) -> bool:
+    """Whether `pod` must be stopped now (see `when_to_stop_pod`)."""
+    when = when_to_stop_pod(task, pod)
+    if when is None:
+        return False
+    return when <= (now if now is not None else datetime.now(UTC))

@@ -15,6 +15,7 @@ cache is rebuilt from kopf's initial listing (design invariant 4).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from tasklease.api.models import EPOCH_LABEL, KIND, Task
-from tasklease.kube.client import Conflict, Gone
+from tasklease.kube.errors import Conflict, Gone
 from tasklease.lease.core import (
     CONDITION_INVALID,
     Clock,
@@ -39,7 +40,7 @@ from tasklease.lease.core import (
     Sighting,
     decide,
     observe,
-    stale_pod,
+    when_to_stop_pod,
 )
 from tasklease.operator.queues import DeadlineQueue, WorkQueue
 
@@ -76,6 +77,7 @@ class _Entry:
     sighting: Sighting | None = None
     pods: dict[str, PodState] = field(default_factory=dict)
     deleting: set[str] = field(default_factory=set)
+    pod_created_for_epoch: int = 0
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -188,7 +190,10 @@ class Reconciler:
             return
         entry.task = task
         entry.invalid = None
-        entry.sighting = observe(entry.sighting, task, now=self._monotonic())
+        sighting = observe(entry.sighting, task, now=self._monotonic())
+        if sighting.epoch == entry.pod_created_for_epoch and not sighting.pod_ensured:
+            sighting = dataclasses.replace(sighting, pod_ensured=True)
+        entry.sighting = sighting
 
     async def _work(self) -> None:
         while True:
@@ -217,17 +222,22 @@ class Reconciler:
                 return
             task = entry.task
             assert entry.sighting is not None
-            await self._stop_stale_pods(entry, task)
+            clock = Clock(monotonic=self._monotonic(), wall=self._wall())
+            next_pod_check = await self._stop_stale_pods(entry, task, clock)
             decision = decide(
                 task,
                 sighting=entry.sighting,
                 pod=self._pod_for(entry, task.lease.epoch),
-                clock=Clock(monotonic=self._monotonic(), wall=self._wall()),
+                clock=clock,
             )
             if self._on_decision is not None:
                 self._on_decision(key, decision)
             if not decision.actions:
-                self._deadlines.schedule(key, decision.wake_at)
+                wake_at = min(
+                    (t for t in (decision.wake_at, next_pod_check) if t is not None),
+                    default=None,
+                )
+                self._deadlines.schedule(key, wake_at)
                 return
             logger.info("task %s/%s: %s", namespace, name, decision.why)
             try:
@@ -239,6 +249,10 @@ class Reconciler:
                     return
             if self._entries.get(key) is not entry:
                 return  # deleted meanwhile
+            for action in decision.actions:
+                if isinstance(action, CreatePod):
+                    labels = action.manifest["metadata"]["labels"]
+                    entry.pod_created_for_epoch = int(labels[EPOCH_LABEL])
             entry.body = body
             self._parse(entry)
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
@@ -270,16 +284,27 @@ class Reconciler:
                     )
         return body
 
-    async def _stop_stale_pods(self, entry: _Entry, task: Task) -> None:
+    async def _stop_stale_pods(self, entry: _Entry, task: Task, clock: Clock) -> float | None:
+        """Delete runner pods that lost the lease; return when to look again (monotonic)."""
+        next_check: float | None = None
         for pod in list(entry.pods.values()):
             if pod.gone:
                 if pod.epoch < task.lease.epoch:
                     del entry.pods[pod.name]  # nothing more to learn from it
                 continue
-            if pod.name not in entry.deleting and stale_pod(task, pod):
-                entry.deleting.add(pod.name)
-                logger.info("deleting stale runner pod %s/%s", task.namespace, pod.name)
-                await self._writer.delete_pod(task.namespace, pod.name)
+            if pod.name in entry.deleting:
+                continue
+            when = when_to_stop_pod(task, pod)
+            if when is None:
+                continue
+            if when > clock.wall:
+                at = clock.monotonic_at(when)
+                next_check = at if next_check is None else min(next_check, at)
+                continue
+            entry.deleting.add(pod.name)
+            logger.info("deleting stale runner pod %s/%s", task.namespace, pod.name)
+            await self._writer.delete_pod(task.namespace, pod.name)
+        return next_check
 
     async def _report_invalid(self, entry: _Entry) -> None:
         """Say on the object what is wrong, once per generation and message."""

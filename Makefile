@@ -1,0 +1,50 @@
+# tasklease developer commands. `make help` lists them.
+# Everything runs from the repository's own virtualenv (.venv), made by `make venv`.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k lease -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: help venv binaries manifests check-manifests lint test test-unit demo bench cluster clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed  ## Create .venv with the package and test tools (pinned by constraints.txt)
+
+binaries: venv  ## Obtain etcd, kube-apiserver, kube-controller-manager, kubectl (cached; built once from the Go module proxy)
+	$(PY) -m tasklease.controlplane binaries
+
+manifests: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the pydantic models
+	$(PY) -m tasklease.api.crd
+
+check-manifests: venv  ## Fail when the CRD manifests drifted from the models
+	$(PY) -m tasklease.api.crd --check
+
+lint: venv  ## ruff, mypy --strict, import layering, manifest drift
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(PY) -m tasklease.api.crd --check
+
+test: lint binaries  ## The whole suite: lint, unit tests, integration tests on a real API server
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv  ## Unit tests only (no control plane)
+	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
+
+cluster: binaries  ## Run a local control plane in the foreground (prints the KUBECONFIG line)
+	$(PY) -m tasklease.controlplane up
+
+clean:  ## Remove the virtualenv and caches (the binaries cache outside the repository stays)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .tasklease
