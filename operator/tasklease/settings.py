@@ -20,7 +20,9 @@ class OperatorSettings(BaseSettings):
         description="Namespaces to watch (comma-separated in the environment); empty: all.",
     )
     workers: int = Field(
-        default=16, ge=1, le=256,
+        default=16,
+        ge=1,
+        le=256,
         description="Tasks reconciled concurrently (each one waits on API round trips).",
     )
     metrics_port: int = Field(default=8080, ge=0, le=65535, description="0 disables metrics.")

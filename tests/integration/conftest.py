@@ -30,7 +30,7 @@ def operator_process(
     alive = process.alive
     process.stop()
     report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed or not alive:
+    if (report is not None and report.failed) or not alive:
         print(f"--- operator log ({'alive' if alive else 'DEAD'}) ---\n{process.log()[-6000:]}")
 
 

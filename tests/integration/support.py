@@ -111,9 +111,11 @@ class Cluster:
         """Wait until the hand-out of `epoch` is complete (status caught up, phase Assigned+)."""
         return wait_for(
             f"task {name} to be handed out with epoch {epoch}",
-            lambda: (s := self.status(name)).get("epoch") == epoch
-            and s.get("phase") in ("Assigned", "Running")
-            and s,
+            lambda: (
+                (s := self.status(name)).get("epoch") == epoch
+                and s.get("phase") in ("Assigned", "Running")
+                and s
+            ),
             timeout=timeout,
         )
 
@@ -153,14 +155,18 @@ class Cluster:
             status["message"] = f"set by the test: {reason}"
         self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
 
-    def runner(self, task_name: str, *, epoch: int, heartbeat_interval_s: float | None = None
-               ) -> TaskLease:
+    def runner(
+        self, task_name: str, *, epoch: int, heartbeat_interval_s: float | None = None
+    ) -> TaskLease:
         """A runner holding the identity the operator put into that epoch's pod."""
         pod = wait_for(
             f"runner pod of {task_name} epoch {epoch}",
             lambda: next(
-                (p for p in self.pods(task_name)
-                 if p.metadata.labels.get("tasklease.io/epoch") == str(epoch)),
+                (
+                    p
+                    for p in self.pods(task_name)
+                    if p.metadata.labels.get("tasklease.io/epoch") == str(epoch)
+                ),
                 None,
             ),
         )
@@ -208,7 +214,9 @@ class OperatorProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tasklease", "operator"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         return self
@@ -248,7 +256,12 @@ def raw_fenced_patch(
     ]
     try:
         cluster.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, cluster.namespace, PLURAL, task_name, fence + operations,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            PLURAL,
+            task_name,
+            fence + operations,
             _content_type="application/json-patch+json",
         )
     except ApiException as exc:

@@ -111,7 +111,9 @@ def test_dead_pod_reassigns_without_waiting(
     cluster: Cluster, operator_process: OperatorProcess, fate: str
 ) -> None:
     # Timeouts far longer than the test: only the dead-pod path can end the attempt.
-    cluster.create_task("dies", ackTimeout="5m", reportProgressTimeout="10m", heartbeatInterval="1m")
+    cluster.create_task(
+        "dies", ackTimeout="5m", reportProgressTimeout="10m", heartbeatInterval="1m"
+    )
     cluster.wait_epoch("dies", 1)
     runner = cluster.runner("dies", epoch=1, heartbeat_interval_s=3600)
     runner.start()
@@ -210,8 +212,9 @@ def test_exception_in_runner_block_becomes_failed_with_stack_trace(
 
 
 def test_retry_waits_for_backoff(cluster: Cluster, operator_process: OperatorProcess) -> None:
-    cluster.create_task("patient", retry={"maxAttempts": 2, "backoff": {"initial": "3s",
-                                                                         "jitter": 0}})
+    cluster.create_task(
+        "patient", retry={"maxAttempts": 2, "backoff": {"initial": "3s", "jitter": 0}}
+    )
     cluster.wait_epoch("patient", 1)
     with cluster.runner("patient", epoch=1) as runner:
         runner.fail("Transient", "try again later")
@@ -260,9 +263,13 @@ def test_zombie_runner_is_fenced(cluster: Cluster, operator_process: OperatorPro
         zombie.succeed()
     # The same write made by hand, to see the API server's own refusal.
     refusal = raw_fenced_patch(
-        cluster, "contested", epoch=1, holder="contested-1",
-        operations=[{"op": "add", "path": "/status/result",
-                     "value": {"epoch": 1, "status": "FINISHED"}}],
+        cluster,
+        "contested",
+        epoch=1,
+        holder="contested-1",
+        operations=[
+            {"op": "add", "path": "/status/result", "value": {"epoch": 1, "status": "FINISHED"}}
+        ],
     )
     assert refusal is not None and refusal.status == 422, refusal
 
@@ -303,10 +310,20 @@ def test_operator_restart_loses_nothing(
     cluster.create_task("newborn", **timings)
     cluster.create_task("halfway", **timings)
     cluster.custom.patch_namespaced_custom_object(
-        GROUP, VERSION, cluster.namespace, PLURAL, "halfway",
-        {"metadata": {"annotations": {
-            "tasklease.io/epoch": "1", "tasklease.io/holder": "halfway-1",
-            "tasklease.io/acquire-time": "2026-01-01T00:00:00Z"}}},
+        GROUP,
+        VERSION,
+        cluster.namespace,
+        PLURAL,
+        "halfway",
+        {
+            "metadata": {
+                "annotations": {
+                    "tasklease.io/epoch": "1",
+                    "tasklease.io/holder": "halfway-1",
+                    "tasklease.io/acquire-time": "2026-01-01T00:00:00Z",
+                }
+            }
+        },
     )
     time.sleep(4)  # down for most of the progress timeout
     operator_process.start()
@@ -373,8 +390,13 @@ def test_heartbeat_costs_operator_no_write(
     def collect() -> None:
         stream = watch.Watch()
         for event in stream.stream(
-            cluster.custom.list_namespaced_custom_object, GROUP, VERSION, cluster.namespace,
-            PLURAL, field_selector="metadata.name=beat", resource_version=start_rv,
+            cluster.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            PLURAL,
+            field_selector="metadata.name=beat",
+            resource_version=start_rv,
             timeout_seconds=8,
         ):
             seen.append(event["object"])
@@ -402,23 +424,35 @@ def test_heartbeat_costs_operator_no_write(
 def test_invalid_task_reported_not_crashed(
     cluster: Cluster, operator_process: OperatorProcess
 ) -> None:
-    # The schema leaves the pod template open; the models refuse a restarting runner pod.
-    template = {"spec": {"restartPolicy": "Always", "containers": [
-        {"name": "runner", "image": "busybox"}]}}
+    # The schema keeps the pod template open; the models refuse a template that would
+    # spoof the lease identity the operator hands each runner.
+    container = {
+        "name": "runner",
+        "image": "busybox",
+        "env": [{"name": "TASKLEASE_EPOCH", "value": "7"}],
+    }
+    template = {"spec": {"containers": [container]}}
     cluster.create_task("wrong", template=template)
     invalid = wait_for(
         "an Invalid condition",
-        lambda: next((c for c in cluster.status("wrong").get("conditions", [])
-                      if c["type"] == "Invalid" and c["status"] == "True"), None),
+        lambda: next(
+            (
+                c
+                for c in cluster.status("wrong").get("conditions", [])
+                if c["type"] == "Invalid" and c["status"] == "True"
+            ),
+            None,
+        ),
     )
-    assert "spec.template" in invalid["message"] and "restartPolicy" in invalid["message"]
+    assert "spec.template.spec.containers[0].env[0].name" in invalid["message"]
+    assert "TASKLEASE_EPOCH" in invalid["message"]
     wait_for("an InvalidSpec event", lambda: "InvalidSpec" in cluster.event_reasons("wrong"))
     assert cluster.pods("wrong") == []
 
     # The operator lives on: a valid task is handed out, and fixing the spec heals the other.
     cluster.create_task("right")
     cluster.wait_epoch("right", 1)
-    template["spec"]["restartPolicy"] = "Never"
+    container["env"] = [{"name": "MY_SETTING", "value": "7"}]
     cluster.patch_spec("wrong", {"template": template})
     status = cluster.wait_epoch("wrong", 1)
     invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
@@ -455,8 +489,14 @@ def test_late_after_marks_late_and_goes_on(
     with runner:
         late = wait_for(
             "a Late condition",
-            lambda: next((c for c in cluster.status("tardy").get("conditions", [])
-                          if c["type"] == "Late" and c["status"] == "True"), None),
+            lambda: next(
+                (
+                    c
+                    for c in cluster.status("tardy").get("conditions", [])
+                    if c["type"] == "Late" and c["status"] == "True"
+                ),
+                None,
+            ),
             timeout=15,
         )
         assert "lateAfter" in late["message"]
@@ -476,5 +516,6 @@ def test_deleting_task_removes_its_pods(
         GROUP, VERSION, cluster.namespace, PLURAL, "short-lived"
     )
     # No finalizer of ours: the Task goes at once; the garbage collector takes its pods.
-    wait_for("the pod to be garbage-collected", lambda: cluster.pod("short-lived-1") is None,
-             timeout=30)
+    wait_for(
+        "the pod to be garbage-collected", lambda: cluster.pod("short-lived-1") is None, timeout=30
+    )

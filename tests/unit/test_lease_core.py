@@ -31,6 +31,7 @@ from tasklease.lease.core import (
     CONDITION_COMPLETE,
     CONDITION_LATE,
     CONDITION_LEASED,
+    RUNNER_EXIT_GRACE,
     RUNNER_REPORTED,
     Clock,
     CreatePod,
@@ -43,7 +44,6 @@ from tasklease.lease.core import (
     decide,
     observe,
     set_condition,
-    RUNNER_EXIT_GRACE,
     stale_pod,
     when_to_stop_pod,
 )
@@ -1004,7 +1004,9 @@ STALE_CASES = [
     pytest.param({}, old_pod(gone=True), False, id="old-epoch-gone"),
     pytest.param({}, PodState(name="demo-3", epoch=3), False, id="epoch-ahead-of-our-view"),
     # It reported FAILED minutes ago and still runs: past RUNNER_EXIT_GRACE, it is stopped.
-    pytest.param({"first_outcome": Outcome.FAILED}, old_pod(), True, id="old-runner-hung-after-failing"),
+    pytest.param(
+        {"first_outcome": Outcome.FAILED}, old_pod(), True, id="old-runner-hung-after-failing"
+    ),
     pytest.param({"first_outcome": None}, old_pod(), True, id="old-epoch-without-record"),
     pytest.param({}, PodState(name="impostor", epoch=2), True, id="current-epoch-not-holder"),
     pytest.param(

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from tasklease.api.models import API_VERSION, EPOCH_LABEL, KIND, TASK_LABEL
 from tasklease.lease.pods import (
@@ -183,20 +184,16 @@ def test_checkpoint_is_handed_over_as_json_even_when_falsy(checkpoint: Any) -> N
     assert json.loads(env[ENV_CHECKPOINT]["value"]) == checkpoint
 
 
-def test_template_env_named_like_ours_is_replaced_by_ours() -> None:
+@pytest.mark.parametrize("name", RESERVED_ENV)
+def test_template_env_named_like_ours_is_refused(name: str) -> None:
+    # A template must not spoof the lease identity; the Task is reported Invalid instead.
     template = copy.deepcopy(TEMPLATE)
-    spoofed: list[dict[str, Any]] = [{"name": n, "value": "spoofed"} for n in RESERVED_ENV]
-    spoofed.append({"name": ENV_EPOCH, "valueFrom": {"fieldRef": {"fieldPath": "x"}}})
-    template["spec"]["containers"][0]["env"] = [{"name": "KEEP", "value": "1"}, *spoofed]
-    task = make_task(spec={"template": template})
-    container = runner_pod(task, epoch=5, attempt=1, checkpoint={"a": 1})["spec"]["containers"][0]
-    names = [e["name"] for e in container["env"]]
-    assert names[0] == "KEEP"
-    for name in RESERVED_ENV:
-        assert names.count(name) == 1, name
-    env = env_of(container)
-    assert env[ENV_EPOCH]["value"] == "5"
-    assert "spoofed" not in json.dumps(container["env"])
+    template["spec"]["containers"][0]["env"] = [
+        {"name": "KEEP", "value": "1"},
+        {"name": name, "value": "spoofed"},
+    ]
+    with pytest.raises(ValidationError, match=r"containers\[0\]\.env\[1\]\.name"):
+        make_task(spec={"template": template})
 
 
 def test_every_container_gets_the_identity() -> None:

@@ -10,7 +10,8 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, field_validator
@@ -38,6 +39,8 @@ TASK_LABEL = f"{GROUP}/task"
 EPOCH_LABEL = f"{GROUP}/epoch"
 
 MAX_ATTEMPT_HISTORY = 20
+# Environment variables of runner containers the operator owns (tasklease.lease.pods).
+RESERVED_ENV_PREFIX = "TASKLEASE_"
 POSITIVE_DURATION_RULE = {"rule": "duration(self) > duration('0s')", "message": "must be > 0"}
 _MUST_BE_POSITIVE: dict[str, Any] = {"x-kubernetes-validations": [POSITIVE_DURATION_RULE]}
 
@@ -167,6 +170,15 @@ class TaskSpec(_Model):
                     "x-kubernetes-preserve-unknown-fields": True,
                     "required": ["containers"],
                     "properties": {
+                        "restartPolicy": {
+                            "type": "string",
+                            "enum": ["Never"],
+                            "description": (
+                                "Must be Never (or unset): each attempt is a new pod with a "
+                                "new epoch, and a restarted container would rerun the work "
+                                "under the old one."
+                            ),
+                        },
                         "containers": {
                             "type": "array",
                             "minItems": 1,
@@ -269,12 +281,12 @@ class TaskSpec(_Model):
 
     @field_validator("template")
     @classmethod
-    def _runner_pods_are_not_restarted(
+    def _template_leaves_the_lease_identity_to_the_operator(
         cls, template: dict[str, Any] | None
     ) -> dict[str, Any] | None:
-        # The schema leaves the pod template open (it is a whole PodTemplateSpec), so this
-        # rule lives here: a kubelet restart would rerun the work under the same epoch,
-        # which breaks "one attempt, one epoch".
+        # The schema keeps the pod template open (a whole PodTemplateSpec would be most of
+        # the CRD), so the rules that look inside it live here. The operator refuses such a
+        # Task with an Invalid condition instead of starting a runner that would misbehave.
         if template is None:
             return None
         pod_spec = template.get("spec")
@@ -286,6 +298,15 @@ class TaskSpec(_Model):
                 f"spec.template.spec.restartPolicy is {policy!r}; runner pods must use "
                 "'Never' (each attempt is a new pod with a new epoch)"
             )
+        for c_index, container in enumerate(pod_spec.get("containers") or []):
+            for e_index, env in enumerate((container or {}).get("env") or []):
+                name = str((env or {}).get("name", ""))
+                if name.startswith(RESERVED_ENV_PREFIX):
+                    raise ValueError(
+                        f"spec.template.spec.containers[{c_index}].env[{e_index}].name is "
+                        f"{name!r}: {RESERVED_ENV_PREFIX}* variables are reserved for the "
+                        "lease identity the operator gives each runner pod"
+                    )
         return template
 
 
@@ -495,11 +516,28 @@ class Task(_Model):
 
     @property
     def lease(self) -> Lease:
+        """The lease annotations, read leniently.
+
+        Anyone with patch rights can edit annotations; a garbled one must not make every
+        decision about this Task raise. An unreadable epoch reads as 0 and an unreadable
+        acquire time as unknown; the operator's next hand-out writes both anew.
+        """
         annotations = self.metadata.get("annotations") or {}
-        epoch_text = annotations.get(EPOCH_ANNOTATION, "0")
-        acquire_text = annotations.get(ACQUIRE_TIME_ANNOTATION)
+        epoch_text = str(annotations.get(EPOCH_ANNOTATION, "0"))
         return Lease(
             holder=annotations.get(HOLDER_ANNOTATION) or None,
-            epoch=int(epoch_text) if str(epoch_text).isdigit() else 0,
-            acquire_time=datetime.fromisoformat(acquire_text) if acquire_text else None,
+            epoch=int(epoch_text) if re.fullmatch(r"[0-9]{1,18}", epoch_text) else 0,
+            acquire_time=_parse_time(annotations.get(ACQUIRE_TIME_ANNOTATION)),
         )
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    # Kubernetes timestamps are UTC; one written without a zone is read as UTC too, so it
+    # can be compared with the operator's aware clock.
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)

@@ -96,13 +96,25 @@ class KubeWriter:
         return await _json(response)
 
     async def patch_task_annotations(
-        self, namespace: str, name: str, *, resource_version: str, annotations: dict[str, str | None]
+        self,
+        namespace: str,
+        name: str,
+        *,
+        resource_version: str,
+        annotations: dict[str, str | None],
     ) -> dict[str, Any]:
         body = {"metadata": {"resourceVersion": resource_version, "annotations": annotations}}
         try:
             response = await self._custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, body,
-                field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                body,
+                field_manager=FIELD_MANAGER,
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
             )
         except ApiException as exc:
             _raise_for(exc)
@@ -115,8 +127,15 @@ class KubeWriter:
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
         try:
             response = await self._custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, body,
-                field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _preload_content=False,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                body,
+                field_manager=FIELD_MANAGER,
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
             )
         except ApiException as exc:
             _raise_for(exc)
@@ -157,9 +176,7 @@ class KubeWriter:
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            response = await self._core.read_namespaced_pod(
-                name, namespace, _preload_content=False
-            )
+            response = await self._core.read_namespaced_pod(name, namespace, _preload_content=False)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -184,7 +201,10 @@ class KubeWriter:
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{metadata.get('name', 'task')}.", "namespace": namespace},
+            "metadata": {
+                "generateName": f"{metadata.get('name', 'task')}.",
+                "namespace": namespace,
+            },
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": KIND,

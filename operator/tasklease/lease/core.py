@@ -217,9 +217,7 @@ def set_condition(
     """Conditions with one replaced; lastTransitionTime moves only when status changes."""
     previous = next((c for c in conditions if c.type == type_), None)
     transition = (
-        previous.last_transition_time
-        if previous is not None and previous.status == status
-        else now
+        previous.last_transition_time if previous is not None and previous.status == status else now
     )
     updated = Condition(
         type=type_,
@@ -422,9 +420,7 @@ def _end_attempt(
     else:
         patch["phase"] = Phase.PENDING.value
         patch["nextAttemptTime"] = _iso(next_attempt_time) if next_attempt_time else None
-        wait = (
-            f"; next attempt at {_iso(next_attempt_time)}" if next_attempt_time else ""
-        )
+        wait = f"; next attempt at {_iso(next_attempt_time)}" if next_attempt_time else ""
         conditions = set_condition(
             conditions,
             type_=CONDITION_LEASED,
@@ -475,9 +471,7 @@ def _release_lease(plan: _Plan) -> None:
 # --- the decision -------------------------------------------------------------------------
 
 
-def decide(
-    task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
-) -> Decision:
+def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock) -> Decision:
     """The next writes for `task`; `pod` is the current epoch's runner pod, if seen."""
     plan = _Plan(clock)
     status = task.status
@@ -609,7 +603,10 @@ def _decide_pending(task: Task, plan: _Plan) -> None:
         return
     if status.attempt >= task.spec.retry.max_attempts:
         _finish_without_attempt(
-            task, plan, Phase.FAILED, "RetriesExhausted",
+            task,
+            plan,
+            Phase.FAILED,
+            "RetriesExhausted",
             f"{status.attempt} attempt(s) used of spec.retry.maxAttempts",
         )
         return
@@ -622,9 +619,7 @@ def _decide_pending(task: Task, plan: _Plan) -> None:
     _hand_out(task, plan, lease_written=False)
 
 
-def _decide_active(
-    task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState | None
-) -> None:
+def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState | None) -> None:
     status = task.status
     spec = task.spec
     lease = task.lease
@@ -638,14 +633,14 @@ def _decide_active(
     if pod is not None and pod.epoch == lease.epoch:
         if pod.gone or pod.terminating:
             what = "was deleted" if pod.gone else "is being deleted"
-            _end_attempt(task, plan, outcome=Outcome.POD_LOST, message=f"pod {pod.name} {what}",
-                         pod=pod)
+            _end_attempt(
+                task, plan, outcome=Outcome.POD_LOST, message=f"pod {pod.name} {what}", pod=pod
+            )
             return
         if pod.terminated:
             detail = ": ".join(p for p in (pod.reason, pod.message) if p)
-            text = (
-                f"pod {pod.name} ended ({pod.phase}) without reporting a result"
-                + (f" ({detail})" if detail else "")
+            text = f"pod {pod.name} ended ({pod.phase}) without reporting a result" + (
+                f" ({detail})" if detail else ""
             )
             _end_attempt(task, plan, outcome=Outcome.POD_FAILED, message=text, pod=pod)
             return
@@ -672,8 +667,9 @@ def _decide_active(
             checkpoint = status.progress.checkpoint if status.progress else None
             plan.actions.append(
                 CreatePod(
-                    runner_pod(task, epoch=lease.epoch, attempt=status.attempt,
-                               checkpoint=checkpoint)
+                    runner_pod(
+                        task, epoch=lease.epoch, attempt=status.attempt, checkpoint=checkpoint
+                    )
                 )
             )
             plan.why = "ensure the runner pod exists"
@@ -696,8 +692,8 @@ def _decide_active(
         return
 
     # Running: the lease lives while reports keep coming.
-    last_seen = sighting.report_seen_at if sighting.report_seen_at is not None else (
-        sighting.epoch_seen_at
+    last_seen = (
+        sighting.report_seen_at if sighting.report_seen_at is not None else (sighting.epoch_seen_at)
     )
     progress_deadline = last_seen + spec.report_progress_timeout.total_seconds()
     if clock.monotonic >= progress_deadline:
@@ -721,13 +717,18 @@ def _decide_result(task: Task, plan: _Plan) -> None:
     assert result is not None
     if result.status == ResultStatus.FINISHED:
         _end_attempt(
-            task, plan, outcome=Outcome.SUCCEEDED, message="the runner reported FINISHED",
+            task,
+            plan,
+            outcome=Outcome.SUCCEEDED,
+            message="the runner reported FINISHED",
             final_phase=Phase.SUCCEEDED,
         )
         return
     if result.status == ResultStatus.FALSE:
         _end_attempt(
-            task, plan, outcome=Outcome.SKIPPED,
+            task,
+            plan,
+            outcome=Outcome.SKIPPED,
             message="the runner reported FALSE (a precondition was not met)",
             final_phase=Phase.SKIPPED,
         )
@@ -738,7 +739,9 @@ def _decide_result(task: Task, plan: _Plan) -> None:
         text += f": {result.error_message}"
     if result.error_id is not None and result.error_id in task.spec.retry.non_retryable_errors:
         _end_attempt(
-            task, plan, outcome=Outcome.FAILED,
+            task,
+            plan,
+            outcome=Outcome.FAILED,
             message=f"{text}; {error} is in spec.retry.nonRetryableErrors",
             final_phase=Phase.FAILED,
         )

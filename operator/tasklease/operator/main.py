@@ -18,9 +18,7 @@ def run(operator: OperatorSettings | None = None) -> None:
     )
     settings = kopf.OperatorSettings()
     handlers.configure(settings, operator)
-    health = (
-        f"http://0.0.0.0:{operator.health_port}/healthz" if operator.health_port else None
-    )
+    health = f"http://0.0.0.0:{operator.health_port}/healthz" if operator.health_port else None
     kopf.run(
         settings=settings,
         standalone=settings.peering.standalone,

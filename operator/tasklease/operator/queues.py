@@ -14,6 +14,7 @@ and no two workers ever write the same Task concurrently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import time
 from collections.abc import Callable, Hashable
@@ -117,7 +118,5 @@ class DeadlineQueue(Generic[K]):
             upcoming = self.next_deadline()
             self._changed.clear()
             timeout = None if upcoming is None else max(upcoming - self._clock(), 0.0)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=timeout)
-            except TimeoutError:
-                pass

@@ -56,7 +56,11 @@ _RETRY_AFTER_ERROR_S = 5.0
 class Writer(Protocol):
     async def get_task(self, namespace: str, name: str) -> dict[str, Any]: ...
     async def patch_task_annotations(
-        self, namespace: str, name: str, *, resource_version: str,
+        self,
+        namespace: str,
+        name: str,
+        *,
+        resource_version: str,
         annotations: dict[str, str | None],
     ) -> dict[str, Any]: ...
     async def patch_task_status(
@@ -108,9 +112,7 @@ class Reconciler:
         self._entries: dict[TaskKey, _Entry] = {}
         self._orphan_pods: dict[TaskKey, dict[str, PodState]] = {}
         self._queue: WorkQueue[TaskKey] = WorkQueue()
-        self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(
-            self._queue.add, clock=monotonic
-        )
+        self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(self._queue.add, clock=monotonic)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
 
@@ -154,7 +156,8 @@ class Reconciler:
         metadata = body.get("metadata", {})
         owner = next(
             (
-                ref for ref in metadata.get("ownerReferences") or []
+                ref
+                for ref in metadata.get("ownerReferences") or []
                 if ref.get("kind") == KIND and ref.get("controller")
             ),
             None,
@@ -264,13 +267,15 @@ class Reconciler:
             match action:
                 case PatchLease(annotations=annotations):
                     body = await self._writer.patch_task_annotations(
-                        namespace, name,
+                        namespace,
+                        name,
                         resource_version=body["metadata"]["resourceVersion"],
                         annotations=annotations,
                     )
                 case PatchStatus(status=status):
                     body = await self._writer.patch_task_status(
-                        namespace, name,
+                        namespace,
+                        name,
                         resource_version=body["metadata"]["resourceVersion"],
                         status=status,
                     )
@@ -336,19 +341,25 @@ class Reconciler:
             "observedGeneration": generation,
         }
         conditions = [
-            c for c in conditions if not (isinstance(c, dict) and c.get("type") == CONDITION_INVALID)
+            c
+            for c in conditions
+            if not (isinstance(c, dict) and c.get("type") == CONDITION_INVALID)
         ] + [updated]
-        logger.warning("task %s/%s is invalid: %s", metadata.get("namespace"),
-                       metadata.get("name"), message)
+        logger.warning(
+            "task %s/%s is invalid: %s", metadata.get("namespace"), metadata.get("name"), message
+        )
         try:
             await self._writer.patch_task_status(
-                metadata["namespace"], metadata["name"],
+                metadata["namespace"],
+                metadata["name"],
                 resource_version=metadata["resourceVersion"],
                 status={"conditions": conditions, "observedGeneration": generation},
             )
         except (Conflict, Gone):
             return  # a newer version is on its way through the watch
-        await self._writer.record_event(body, type_="Warning", reason="InvalidSpec", message=message)
+        await self._writer.record_event(
+            body, type_="Warning", reason="InvalidSpec", message=message
+        )
 
     def _in_background(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -84,7 +84,9 @@ class Identity:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Identity:
-        missing = [n for n in (ENV_TASK, ENV_NAMESPACE, ENV_EPOCH, ENV_POD_NAME) if not environ.get(n)]
+        missing = [
+            n for n in (ENV_TASK, ENV_NAMESPACE, ENV_EPOCH, ENV_POD_NAME) if not environ.get(n)
+        ]
         if missing:
             raise RuntimeError(
                 f"not running as a tasklease runner: {', '.join(missing)} not set "
@@ -175,7 +177,8 @@ class TaskLease:
         self._note_cancel(task)
         self.report()
         self._thread = threading.Thread(
-            target=self._heartbeat_loop, name=f"tasklease-heartbeat-{self.identity.task}",
+            target=self._heartbeat_loop,
+            name=f"tasklease-heartbeat-{self.identity.task}",
             daemon=True,
         )
         self._thread.start()
@@ -240,7 +243,9 @@ class TaskLease:
                 return False
             body = dict(self._progress, reportTime=_now())
             try:
-                task = self._fenced_patch([{"op": "add", "path": "/status/progress", "value": body}])
+                task = self._fenced_patch(
+                    [{"op": "add", "path": "/status/progress", "value": body}]
+                )
             except LeaseLost:
                 return False
             except Exception as error:  # network trouble: the next heartbeat tries again
@@ -268,8 +273,11 @@ class TaskLease:
         )
 
     def _set_result(self, status: ResultStatus, **details: str | None) -> None:
-        result: dict[str, Any] = {"epoch": self.identity.epoch, "status": status.value,
-                                  "reportTime": _now()}
+        result: dict[str, Any] = {
+            "epoch": self.identity.epoch,
+            "status": status.value,
+            "reportTime": _now(),
+        }
         result.update({_camel(k): v for k, v in details.items() if v is not None})
         with self._lock:
             if self._result_sent:
@@ -298,17 +306,29 @@ class TaskLease:
     def _fenced_patch(self, operations: list[dict[str, Any]]) -> dict[str, Any]:
         identity = self.identity
         fence = [
-            {"op": "test", "path": f"/metadata/annotations/{_json_pointer(EPOCH_ANNOTATION)}",
-             "value": str(identity.epoch)},
-            {"op": "test", "path": f"/metadata/annotations/{_json_pointer(HOLDER_ANNOTATION)}",
-             "value": identity.pod_name},
+            {
+                "op": "test",
+                "path": f"/metadata/annotations/{_json_pointer(EPOCH_ANNOTATION)}",
+                "value": str(identity.epoch),
+            },
+            {
+                "op": "test",
+                "path": f"/metadata/annotations/{_json_pointer(HOLDER_ANNOTATION)}",
+                "value": identity.pod_name,
+            },
         ]
         from kubernetes.client.exceptions import ApiException
 
         try:
             response = self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, identity.namespace, PLURAL, identity.task, fence + operations,
-                field_manager="tasklease-runner", _preload_content=False,
+                GROUP,
+                VERSION,
+                identity.namespace,
+                PLURAL,
+                identity.task,
+                fence + operations,
+                field_manager="tasklease-runner",
+                _preload_content=False,
                 _content_type="application/json-patch+json",
             )
         except ApiException as exc:
