@@ -1,4 +1,4 @@
-"""The `tasklease` command: operator, local control plane, and (later) the runner wrapper."""
+"""The `tasklease` command: operator, local control plane, and the runner wrapper."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ def main(argv: list[str] | None = None) -> int:
         help="local etcd + kube-apiserver + kube-controller-manager (see `controlplane -h`)",
         add_help=False,
     )
+    sub.add_parser(
+        "run",
+        help="run a program as a Task's runner: tasklease run [OPTIONS] -- PROGRAM [ARGS...]",
+        add_help=False,
+    )
+    if args and args[0] == "run":
+        from tasklease.runner.wrapper import main as run_main
+
+        return run_main(args[1:])
     if args and args[0] == "controlplane":
         from tasklease.controlplane.cli import main as controlplane_main
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -196,10 +198,20 @@ def identity_from_pod(pod: Any) -> Identity:
 class OperatorProcess:
     """The operator as a real process, watching one namespace, logging to a file."""
 
-    def __init__(self, *, kubeconfig: Path, namespace: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        *,
+        kubeconfig: Path,
+        namespace: str,
+        log_path: Path,
+        metrics_port: int = 0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_path = log_path
+        self.metrics_port = metrics_port
+        self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -207,10 +219,11 @@ class OperatorProcess:
         env.update(
             KUBECONFIG=str(self.kubeconfig),
             TASKLEASE_NAMESPACES=self.namespace,
-            TASKLEASE_METRICS_PORT="0",
+            TASKLEASE_METRICS_PORT=str(self.metrics_port),
             TASKLEASE_HEALTH_PORT="0",
             TASKLEASE_WORKERS="4",
         )
+        env.update(self.extra_env)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tasklease", "operator"],
@@ -267,6 +280,25 @@ def raw_fenced_patch(
     except ApiException as exc:
         return exc
     return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text exposition as {'name{labels}': value}, comments dropped."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def dumps(value: Any) -> str:

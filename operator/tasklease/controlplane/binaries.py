@@ -18,12 +18,18 @@ The build is serialised with `flock` on a lock file next to the cache entry, so 
 started together build once: the second waits, then finds the entry filled. It builds into a
 temporary folder beside the entry and renames it into place, so an interrupted build never
 leaves a half-filled entry that would later be taken for a complete one.
+
+`helm` (for the chart's tests) comes the same way, from its own cache entry
+`<cache root>/helm-<version>/helm`, or the file named by `TASKLEASE_HELM`; it is built with
+`go install helm.sh/helm/v3/cmd/helm@<version>` (GOBIN pointed at a temporary folder beside
+the entry), with the version ldflags Helm's own Makefile sets. About two minutes cold.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shlex
@@ -35,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,8 +50,10 @@ from typing import Final, TextIO
 from tasklease.controlplane.process import die_with_parent
 from tasklease.controlplane.versions import (
     ETCD_VERSION,
+    HELM_VERSION,
     KUBERNETES_VERSION,
     cache_key,
+    helm_cache_key,
     kubernetes_minor,
 )
 
@@ -56,6 +64,9 @@ KUBERNETES_COMMANDS: Final = tuple(
     f"k8s.io/kubernetes/cmd/{name}" for name in BINARY_NAMES if name != "etcd"
 )
 ETCD_COMMAND: Final = "go.etcd.io/etcd/server/v3"
+HELM_ENV: Final = "TASKLEASE_HELM"
+HELM_MODULE: Final = "helm.sh/helm/v3"
+HELM_COMMAND: Final = f"{HELM_MODULE}/cmd/helm"
 PROGRESS_INTERVAL: Final = 5.0
 _TAIL_LINES: Final = 40
 
@@ -278,9 +289,9 @@ def _elapsed(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def _go_env() -> dict[str, str]:
+def _go_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # Static binaries: no libc coupling, and no C toolchain needed on the machine.
-    return {**os.environ, "CGO_ENABLED": "0"}
+    return {**os.environ, "CGO_ENABLED": "0", **(extra or {})}
 
 
 def run_go(
@@ -291,6 +302,8 @@ def run_go(
     label: str,
     say: Callable[[str], None],
     interval: float = PROGRESS_INTERVAL,
+    env: Mapping[str, str] | None = None,
+    fallback: str | None = None,
 ) -> None:
     """Run a go command, printing a progress line every `interval` seconds.
 
@@ -305,7 +318,7 @@ def run_go(
     process = subprocess.Popen(
         [go, *args],
         cwd=cwd,
-        env=_go_env(),
+        env=_go_env(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -346,11 +359,15 @@ def run_go(
         reader.join(timeout=5)
     if returncode != 0:
         output = "\n".join(tail)
+        if fallback is None:
+            fallback = (
+                f"set {ASSETS_ENV} to a folder holding {', '.join(BINARY_NAMES)} "
+                f"(Kubernetes 1.{kubernetes_minor()})"
+            )
         raise BinariesError(
             f"`{shlex.join(['go', *args])}` ({label}) failed with exit code {returncode} after "
             f"{_elapsed(time.monotonic() - started)}. Last lines of its output:\n{output}\n"
-            f"If the Go module proxy is unreachable, set {ASSETS_ENV} to a folder holding "
-            f"{', '.join(BINARY_NAMES)} (Kubernetes 1.{kubernetes_minor()}) instead."
+            f"If the Go module proxy is unreachable, {fallback} instead."
         )
     compiled = f", {counts['packages']} packages compiled" if counts["packages"] else ""
     say(f"{label}: done in {_elapsed(time.monotonic() - started)}{compiled}")
@@ -360,3 +377,133 @@ def _go_build(
     go: str, args: Sequence[str], *, cwd: Path, label: str, say: Callable[[str], None]
 ) -> None:
     run_go(go, ["build", "-v", "-trimpath", *args], cwd=cwd, label=label, say=say)
+
+
+# --- helm ---------------------------------------------------------------------------------
+
+
+def helm_cache_dir() -> Path:
+    """The cache entry holding the pinned `helm` binary."""
+    return cache_root() / helm_cache_key()
+
+
+def find_helm(*, progress: TextIO | None = None) -> Path | None:
+    """`helm` from `TASKLEASE_HELM` or the cache, without building; None if absent."""
+    if explicit := os.environ.get(HELM_ENV):
+        path = Path(explicit).expanduser().resolve()
+        if os.access(path, os.X_OK) and path.is_file():
+            return path
+        _stderr_printer(progress)(
+            f"{HELM_ENV}={path} is not an executable file; using the tasklease cache"
+        )
+    cached = helm_cache_dir() / "helm"
+    return cached if os.access(cached, os.X_OK) else None
+
+
+def obtain_helm(*, build: bool = True, progress: TextIO | None = None) -> Path:
+    """The pinned `helm` binary, `go install`ed into the cache when nowhere to be found."""
+    if found := find_helm(progress=progress):
+        return found
+    target = helm_cache_dir()
+    if not build:
+        raise BinariesError(
+            f"no helm {HELM_VERSION} in {target}; build it with `python -c 'from "
+            f"tasklease.controlplane.binaries import obtain_helm; print(obtain_helm())'`, "
+            f"or set {HELM_ENV} to a helm {HELM_VERSION} binary"
+        )
+    _install_helm_into_cache(target, progress=progress)
+    return target / "helm"
+
+
+def _helm_kubernetes_minor(go: str, *, cwd: Path, say: Callable[[str], None]) -> str:
+    """The Kubernetes minor of the client-go this helm release is built with; Helm's own
+    Makefile bakes it in as the default `.Capabilities.KubeVersion` and as the version
+    `helm lint` checks deprecated APIs against (else both say 1.20)."""
+    module = f"{HELM_MODULE}@{HELM_VERSION}"
+    result = subprocess.run(
+        [go, "mod", "download", "-json", module],
+        cwd=cwd,
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    go_mod_path = ""
+    if result.returncode == 0:
+        with contextlib.suppress(ValueError):
+            go_mod_path = str(json.loads(result.stdout).get("GoMod", ""))
+    if not go_mod_path:
+        raise BinariesError(
+            f"`go mod download {module}` failed with exit code {result.returncode}:\n"
+            f"{(result.stdout + result.stderr)[-4000:]}\nIf the Go module proxy is "
+            f"unreachable, set {HELM_ENV} to a helm {HELM_VERSION} binary instead."
+        )
+    match = re.search(r"^\s*k8s\.io/client-go v0\.(\d+)\.", Path(go_mod_path).read_text(), re.M)
+    if match is None:
+        say(f"{module}'s go.mod names no k8s.io/client-go; helm will assume Kubernetes 1.20")
+        return "20"
+    return match.group(1)
+
+
+def _helm_ldflags(kubernetes_minor_of_helm: str) -> str:
+    flags = ["-s", "-w", f"-X {HELM_MODULE}/internal/version.version={HELM_VERSION}"]
+    for package in (f"{HELM_MODULE}/pkg/lint/rules", f"{HELM_MODULE}/pkg/chartutil"):
+        flags += [
+            f"-X {package}.k8sVersionMajor=1",
+            f"-X {package}.k8sVersionMinor={kubernetes_minor_of_helm}",
+        ]
+    return " ".join(flags)
+
+
+def _install_helm_into_cache(target: Path, *, progress: TextIO | None) -> bool:
+    """`go install` helm into `target`; False if another process did while we waited."""
+    say = _stderr_printer(progress)
+    go = shutil.which("go")
+    if go is None:
+        raise BinariesError(
+            f"helm {HELM_VERSION} is not in {target} and {HELM_ENV} is not set, and "
+            f"building it needs the Go toolchain, but `go` is not on PATH. Install Go (1.26 "
+            f"or newer), or set {HELM_ENV} to a helm {HELM_VERSION} binary."
+        )
+    with _locked(target.parent / f"{target.name}.lock", say):
+        if os.access(target / "helm", os.X_OK):
+            say(f"another process installed helm into {target}")
+            return False
+        for stale in target.parent.glob(f".{target.name}.build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+        try:
+            output = work / "bin"
+            output.mkdir()
+            started = time.monotonic()
+            say(
+                f"building helm {HELM_VERSION} into {target} with `go install`; a cold build "
+                f"takes a few minutes, once: later runs reuse the cache"
+            )
+            minor = _helm_kubernetes_minor(go, cwd=work, say=say)
+            run_go(
+                go,
+                [
+                    "install",
+                    "-v",
+                    "-trimpath",
+                    "-ldflags",
+                    _helm_ldflags(minor),
+                    f"{HELM_COMMAND}@{HELM_VERSION}",
+                ],
+                cwd=work,
+                label=f"helm {HELM_VERSION}",
+                say=say,
+                env={"GOBIN": str(output)},
+                fallback=f"set {HELM_ENV} to a helm {HELM_VERSION} binary",
+            )
+            if not os.access(output / "helm", os.X_OK):
+                raise BinariesError(f"go install finished but {output} holds no helm")
+            if target.exists():
+                shutil.rmtree(target)
+            output.rename(target)
+            say(f"built helm in {_elapsed(time.monotonic() - started)}: {target / 'helm'}")
+            return True
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

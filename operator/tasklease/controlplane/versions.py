@@ -1,7 +1,7 @@
 """The one place that names the control-plane versions.
 
 Everything else (the binary cache key, the build's version ldflags, the `gomod` generator,
-the check that `gobuild/go.mod` matches) derives from these two strings. Bumping Kubernetes
+the check that `gobuild/go.mod` matches) derives from these strings. Bumping Kubernetes
 means: change `KUBERNETES_VERSION`, run `python -m tasklease.controlplane gomod`, commit the
 new `gobuild/go.mod` and `go.sum`.
 """
@@ -12,6 +12,8 @@ from typing import Final
 
 KUBERNETES_VERSION: Final = "v1.37.2"
 ETCD_VERSION: Final = "v3.7.0"
+# Helm, for the chart's tests; `go install`ed as is (no wrapper module needed).
+HELM_VERSION: Final = "v3.22.0"
 
 
 def kubernetes_minor() -> int:
@@ -28,3 +30,8 @@ def staging_version() -> str:
 def cache_key() -> str:
     """Folder name of the binary cache entry for these versions."""
     return f"kube-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
+
+
+def helm_cache_key() -> str:
+    """Folder name of the cache entry holding the `helm` binary."""
+    return f"helm-{HELM_VERSION}"

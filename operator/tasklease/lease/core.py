@@ -175,6 +175,12 @@ class Decision:
     actions: tuple[Action, ...] = ()
     wake_at: float | None = None  # monotonic; ask again then even if nothing changes
     why: str = ""
+    # For metrics: the attempt this decision ends, whether the task goes on to another
+    # attempt, and for a timeout the monotonic time its deadline passed.
+    ended: Outcome | None = None
+    retrying: bool = False
+    expired_at: float | None = None
+    handed_out: int | None = None  # the epoch this decision hands out
 
     @property
     def writes(self) -> bool:
@@ -189,12 +195,24 @@ class _Plan:
     actions: list[Action] = field(default_factory=list)
     wake_at: float | None = None
     why: str = ""
+    ended: Outcome | None = None
+    retrying: bool = False
+    expired_at: float | None = None
+    handed_out: int | None = None  # the epoch this decision hands out
 
     def wake(self, at: float) -> None:
         self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
 
     def decision(self) -> Decision:
-        return Decision(actions=tuple(self.actions), wake_at=self.wake_at, why=self.why)
+        return Decision(
+            actions=tuple(self.actions),
+            wake_at=self.wake_at,
+            why=self.why,
+            ended=self.ended,
+            retrying=self.retrying,
+            expired_at=self.expired_at,
+            handed_out=self.handed_out,
+        )
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -319,6 +337,7 @@ def _hand_out(task: Task, plan: _Plan, *, lease_written: bool) -> None:
         )
     )
     plan.why = f"hand out epoch {epoch}"
+    plan.handed_out = epoch
 
 
 def _acknowledge(task: Task, plan: _Plan) -> None:
@@ -435,6 +454,8 @@ def _end_attempt(
         message = f"attempt {status.attempt} ended: {message}{wait}"
         plan.why = f"{outcome.value} -> retry"
     patch["conditions"] = _dump_conditions(conditions)
+    plan.ended = outcome
+    plan.retrying = final_phase is None
     plan.actions.append(PatchStatus(patch))
 
     holder = task.lease.holder
@@ -648,6 +669,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
     if spec.attempt_timeout is not None and lease.acquire_time is not None:
         attempt_deadline = lease.acquire_time + spec.attempt_timeout
         if clock.wall >= attempt_deadline:
+            plan.expired_at = clock.monotonic_at(attempt_deadline)
             _end_attempt(
                 task,
                 plan,
@@ -676,6 +698,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
             return
         ack_deadline = sighting.epoch_seen_at + spec.ack_timeout.total_seconds()
         if clock.monotonic >= ack_deadline:
+            plan.expired_at = ack_deadline
             _end_attempt(
                 task,
                 plan,
@@ -697,6 +720,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
     )
     progress_deadline = last_seen + spec.report_progress_timeout.total_seconds()
     if clock.monotonic >= progress_deadline:
+        plan.expired_at = progress_deadline
         _end_attempt(
             task,
             plan,

@@ -15,6 +15,7 @@ import kopf
 
 from tasklease.api.models import GROUP, PLURAL, TASK_LABEL, VERSION
 from tasklease.kube.client import KubeWriter, api_client
+from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.reconciler import Reconciler
 from tasklease.settings import OperatorSettings
 
@@ -40,7 +41,11 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
 async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
     operator = OperatorSettings.from_env()
     writer = KubeWriter(await api_client(qps_hint=operator.workers))
-    reconciler = Reconciler(writer, workers=operator.workers)
+    metrics = OperatorMetrics()
+    reconciler = Reconciler(writer, workers=operator.workers, metrics=metrics)
+    metrics.attach(reconciler)
+    if operator.metrics_port:
+        metrics.serve(operator.metrics_port)
     reconciler.start()
     memo[MEMO_RECONCILER] = reconciler
     memo["writer"] = writer

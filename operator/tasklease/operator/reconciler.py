@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from tasklease.api.models import EPOCH_LABEL, KIND, Task
+from tasklease.api.models import EPOCH_LABEL, KIND, Phase, Task
 from tasklease.kube.errors import Conflict, Gone
 from tasklease.lease.core import (
     CONDITION_INVALID,
@@ -42,6 +42,7 @@ from tasklease.lease.core import (
     observe,
     when_to_stop_pod,
 )
+from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.queues import DeadlineQueue, WorkQueue
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class _Entry:
     pods: dict[str, PodState] = field(default_factory=dict)
     deleting: set[str] = field(default_factory=set)
     pod_created_for_epoch: int = 0
+    expired_at: float | None = None  # a lease deadline passed; the replacement is pending
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -103,12 +105,14 @@ class Reconciler:
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_decision: Callable[[TaskKey, Decision], None] | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self._writer = writer
         self._workers = workers
         self._monotonic = monotonic
         self._wall = wall
         self._on_decision = on_decision
+        self._metrics = metrics
         self._entries: dict[TaskKey, _Entry] = {}
         self._orphan_pods: dict[TaskKey, dict[str, PodState]] = {}
         self._queue: WorkQueue[TaskKey] = WorkQueue()
@@ -252,6 +256,7 @@ class Reconciler:
                     return
             if self._entries.get(key) is not entry:
                 return  # deleted meanwhile
+            self._account(entry, task, decision)
             for action in decision.actions:
                 if isinstance(action, CreatePod):
                     labels = action.manifest["metadata"]["labels"]
@@ -259,6 +264,39 @@ class Reconciler:
             entry.body = body
             self._parse(entry)
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
+
+    def _account(self, entry: _Entry, task: Task, decision: Decision) -> None:
+        """Metrics of an executed decision (a refused CAS never gets here)."""
+        if decision.expired_at is not None and decision.retrying:
+            entry.expired_at = decision.expired_at
+        if self._metrics is None:
+            entry.expired_at = None
+            return
+        self._metrics.decision_executed(task, decision, now=self._wall())
+        if decision.handed_out is not None and entry.expired_at is not None:
+            self._metrics.replacement_created(late_by_s=self._monotonic() - entry.expired_at)
+            entry.expired_at = None
+
+    # --- figures for metrics, computed on demand --------------------------------------------
+
+    def phase_counts(self) -> dict[Phase, int]:
+        counts: dict[Phase, int] = {}
+        for entry in self._entries.values():
+            if entry.task is not None:
+                phase = entry.task.status.phase
+                counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+    def report_ages(self) -> list[float]:
+        now = self._monotonic()
+        ages = []
+        for entry in self._entries.values():
+            task, sighting = entry.task, entry.sighting
+            if task is None or sighting is None or task.status.phase != Phase.RUNNING:
+                continue
+            seen = sighting.report_seen_at or sighting.epoch_seen_at
+            ages.append(now - seen)
+        return ages
 
     async def _execute(self, body: dict[str, Any], decision: Decision) -> dict[str, Any]:
         metadata = body["metadata"]

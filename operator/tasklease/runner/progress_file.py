@@ -129,8 +129,9 @@ def parse_progress(text: str) -> ProgressUpdate:
             try:
                 checkpoint = json.loads(value)
             except ValueError as error:
-                warnings.append(f"progress file line {number} ignored: checkpoint is not JSON "
-                                f"({error})")
+                warnings.append(
+                    f"progress file line {number} ignored: checkpoint is not JSON ({error})"
+                )
                 continue
             has_checkpoint = True
             continue

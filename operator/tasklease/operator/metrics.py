@@ -1,0 +1,126 @@
+"""Prometheus metrics of the operator.
+
+Counters and histograms move when the reconciler has *executed* a decision (so a refused
+compare-and-swap is not counted). Per-Task gauges (Tasks by phase, the age of each lease's
+last report) are computed from the reconciler's cache at scrape time instead of being kept
+up to date on every watch event: a heartbeat must stay as cheap as possible, and a scrape
+every 15 seconds is not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tasklease.api.models import Phase, Task
+from tasklease.lease.core import Decision
+
+# Report ages are judged against timeouts of seconds (tests) to 15 minutes (default).
+REPORT_AGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0)
+# Detection latency: the goal is well under a second.
+DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+
+class TaskCache(Protocol):
+    def phase_counts(self) -> dict[Phase, int]: ...
+    def report_ages(self) -> Iterable[float]: ...
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.handouts = Counter(
+            "tasklease_handouts",
+            "Leases handed out to a runner pod (first attempts and retries).",
+            registry=self.registry,
+        )
+        self.attempts_ended = Counter(
+            "tasklease_attempts_ended",
+            "Attempts that ended, by outcome (Succeeded, Failed, AckTimeout, ...).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.reassignments = Counter(
+            "tasklease_reassignments",
+            "Attempts that ended without success and whose task goes on to another attempt.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.attempt_duration = Histogram(
+            "tasklease_attempt_duration_seconds",
+            "From hand-out to the end of the attempt, by outcome.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.reassignment_delay = Histogram(
+            "tasklease_reassignment_delay_seconds",
+            "From a lease deadline passing (last observed report + timeout) to the creation "
+            "of the replacement runner pod.",
+            buckets=DELAY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def attach(self, cache: TaskCache) -> None:
+        """Export per-Task figures computed from `cache` at scrape time."""
+        self.registry.register(_CacheCollector(cache))
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def decision_executed(self, task: Task, decision: Decision, *, now: datetime) -> None:
+        if decision.handed_out is not None:
+            self.handouts.inc()
+        if decision.ended is not None:
+            outcome = decision.ended.value
+            self.attempts_ended.labels(outcome).inc()
+            if decision.retrying:
+                self.reassignments.labels(outcome).inc()
+            attempts = task.status.attempts
+            if attempts and attempts[-1].end_time is None:
+                elapsed = (now - attempts[-1].start_time).total_seconds()
+                self.attempt_duration.labels(outcome).observe(max(elapsed, 0.0))
+
+    def replacement_created(self, *, late_by_s: float) -> None:
+        self.reassignment_delay.observe(max(late_by_s, 0.0))
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: TaskCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        phases = GaugeMetricFamily(
+            "tasklease_tasks", "Tasks the operator watches, by phase.", labels=["phase"]
+        )
+        counts = self._cache.phase_counts()
+        for phase in Phase:
+            phases.add_metric([phase.value], counts.get(phase, 0))
+        yield phases
+
+        tally: Tally[float] = Tally()
+        total = 0.0
+        count = 0
+        for age in self._cache.report_ages():
+            count += 1
+            total += age
+            bucket = next((b for b in REPORT_AGE_BUCKETS if age <= b), float("inf"))
+            tally[bucket] += 1
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound in (*REPORT_AGE_BUCKETS, float("inf")):
+            cumulative += tally[bound]
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+        ages = HistogramMetricFamily(
+            "tasklease_report_age_seconds",
+            "Per held lease: seconds since the operator last observed a progress report.",
+        )
+        ages.add_metric([], buckets, total)
+        yield ages

@@ -1,0 +1,66 @@
+"""The operator's Prometheus endpoint, scraped while it hands out and reassigns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.support import Cluster, OperatorProcess, free_port, scrape, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -> None:
+    port = free_port()
+    operator = OperatorProcess(
+        kubeconfig=control_plane.kubeconfig,
+        namespace=cluster.namespace,
+        log_path=tmp_path / "operator.log",
+        metrics_port=port,
+    ).start()
+    try:
+        wait_for("the metrics endpoint", lambda: _try_scrape(port), timeout=30)
+        before = scrape(port)
+        assert before["tasklease_handouts_total"] == 0
+
+        cluster.create_task("counted", ackTimeout="2s", reportProgressTimeout="30s")
+        cluster.wait_epoch("counted", 1)
+        assert scrape(port)["tasklease_handouts_total"] == 1
+        assert scrape(port)['tasklease_tasks{phase="Assigned"}'] == 1
+
+        cluster.wait_epoch("counted", 2, timeout=20)  # nobody acknowledged: reassigned
+        after = wait_for(
+            "the reassignment to be counted",
+            lambda: (
+                (s := scrape(port)).get('tasklease_reassignments_total{reason="AckTimeout"}') and s
+            ),
+        )
+        assert after["tasklease_handouts_total"] == 2
+        assert after['tasklease_attempts_ended_total{outcome="AckTimeout"}'] == 1
+        assert after["tasklease_reassignment_delay_seconds_count"] == 1
+        assert after["tasklease_reassignment_delay_seconds_sum"] < 5
+        assert after['tasklease_attempt_duration_seconds_count{outcome="AckTimeout"}'] == 1
+
+        with cluster.runner("counted", epoch=2) as runner:
+            cluster.wait_phase("counted", "Running")
+            running = scrape(port)
+            assert running['tasklease_tasks{phase="Running"}'] == 1
+            assert running["tasklease_report_age_seconds_count"] == 1
+            runner.progress(percent=100)
+        cluster.wait_phase("counted", "Succeeded")
+        done = wait_for(
+            "the success to be counted",
+            lambda: (s := scrape(port)).get('tasklease_tasks{phase="Succeeded"}') and s,
+        )
+        assert done['tasklease_attempts_ended_total{outcome="Succeeded"}'] == 1
+    finally:
+        operator.stop()
+
+
+def _try_scrape(port: int) -> dict[str, float] | None:
+    try:
+        return scrape(port)
+    except OSError:
+        return None
