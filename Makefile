@@ -43,6 +43,9 @@ test: lint binaries  ## The whole suite: lint, unit tests, integration tests on 
 test-unit: venv  ## Unit tests only (no control plane)
 	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
 
+demo: binaries  ## The main job on a local control plane (KEEP=1 keeps the cluster up afterwards)
+	$(PY) -m tasklease.demo $(if $(KEEP),--keep,)
+
 cluster: binaries  ## Run a local control plane in the foreground (prints the KUBECONFIG line)
 	$(PY) -m tasklease.controlplane up
 

@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("operator", help="run the operator (settings from TASKLEASE_* variables)")
+    sub.add_parser("demo", help="the main job on a local control plane", add_help=False)
     sub.add_parser(
         "controlplane",
         help="local etcd + kube-apiserver + kube-controller-manager (see `controlplane -h`)",
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from tasklease.runner.wrapper import main as run_main
 
         return run_main(args[1:])
+    if args and args[0] == "demo":
+        from tasklease.demo import main as demo_main
+
+        return demo_main(args[1:])
     if args and args[0] == "controlplane":
         from tasklease.controlplane.cli import main as controlplane_main
 

@@ -25,6 +25,16 @@ class OperatorSettings(BaseSettings):
         le=256,
         description="Tasks reconciled concurrently (each one waits on API round trips).",
     )
+    api_qps: float = Field(
+        default=50.0,
+        gt=0,
+        description="Sustained API requests per second of the reconciler (client-go's QPS).",
+    )
+    api_burst: int = Field(
+        default=100,
+        ge=1,
+        description="Requests the reconciler may make at once (client-go's burst).",
+    )
     metrics_port: int = Field(default=8080, ge=0, le=65535, description="0 disables metrics.")
     health_port: int = Field(default=8081, ge=0, le=65535, description="0 disables probes.")
     log_level: str = Field(default="INFO", description="Python logging level name.")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -232,6 +232,3 @@ def process_env(
     (KUBECONFIG and the marker that finds the process again), later ones winning."""
     return {**inherited, "HOSTNAME": pod_name, **container, **executor}
 
-
-def expand_all(parts: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    return [expand(part, env.get) for part in parts]

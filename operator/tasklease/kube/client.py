@@ -10,8 +10,11 @@ deserialisation costs more CPU than the request itself and we only need a few fi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,11 +76,39 @@ def _raise_for(exc: ApiException) -> None:
         raise Gone(exc.reason) from exc
 
 
+class TokenBucket:
+    """Client-side rate limit (client-go's QPS and burst), so a burst of hand-outs after a
+    restart or a bulk create cannot flood the API server; the API server's priority and
+    fairness would otherwise throttle every client of it, runners' heartbeats included."""
+
+    def __init__(
+        self, *, qps: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._qps = qps
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._stamp = clock()
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        async with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._qps)
+            self._stamp = now
+            if self._tokens < 1.0:
+                await asyncio.sleep((1.0 - self._tokens) / self._qps)
+                self._tokens = 1.0
+                self._stamp = self._clock()
+            self._tokens -= 1.0
+
+
 class KubeWriter:
     """Typed, CAS-minded wrappers around the few calls the operator makes."""
 
-    def __init__(self, api: k8s.ApiClient) -> None:
+    def __init__(self, api: k8s.ApiClient, *, limiter: TokenBucket | None = None) -> None:
         self._api = api
+        self._limiter = limiter or TokenBucket(qps=1e9, burst=1 << 30)
         self._custom = k8s.CustomObjectsApi(api)
         self._core = k8s.CoreV1Api(api)
         self._events = k8s.CoreV1Api(api)
@@ -86,6 +117,7 @@ class KubeWriter:
         await self._api.close()
 
     async def get_task(self, namespace: str, name: str) -> dict[str, Any]:
+        await self._limiter.take()
         try:
             response = await self._custom.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
@@ -103,6 +135,7 @@ class KubeWriter:
         resource_version: str,
         annotations: dict[str, str | None],
     ) -> dict[str, Any]:
+        await self._limiter.take()
         body = {"metadata": {"resourceVersion": resource_version, "annotations": annotations}}
         try:
             response = await self._custom.patch_namespaced_custom_object(
@@ -124,6 +157,7 @@ class KubeWriter:
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
     ) -> dict[str, Any]:
+        await self._limiter.take()
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
         try:
             response = await self._custom.patch_namespaced_custom_object_status(
@@ -144,6 +178,7 @@ class KubeWriter:
 
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool:
         """Create the pod; False when it already exists (an earlier try made it)."""
+        await self._limiter.take()
         try:
             response = await self._core.create_namespaced_pod(
                 namespace, manifest, field_manager=FIELD_MANAGER, _preload_content=False
@@ -160,6 +195,7 @@ class KubeWriter:
 
     async def delete_pod(self, namespace: str, name: str) -> bool:
         """Delete the pod with its own grace period; False when it was already gone."""
+        await self._limiter.take()
         try:
             response = await self._core.delete_namespaced_pod(
                 name, namespace, _preload_content=False
@@ -175,6 +211,7 @@ class KubeWriter:
         return True
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        await self._limiter.take()
         try:
             response = await self._core.read_namespaced_pod(name, namespace, _preload_content=False)
         except ApiException as exc:
@@ -195,6 +232,7 @@ class KubeWriter:
         message: str,
     ) -> None:
         """A core/v1 Event on the Task; failures are logged, never raised (best effort)."""
+        await self._limiter.take()
         metadata = task.get("metadata", {})
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         namespace = metadata.get("namespace", "default")

@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 
 from tasklease.api.models import GROUP, PLURAL, TASK_LABEL, VERSION
-from tasklease.kube.client import KubeWriter, api_client
+from tasklease.kube.client import KubeWriter, TokenBucket, api_client
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.reconciler import Reconciler
 from tasklease.settings import OperatorSettings
@@ -40,7 +40,10 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
 @kopf.on.startup()
 async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
     operator = OperatorSettings.from_env()
-    writer = KubeWriter(await api_client(qps_hint=operator.workers))
+    writer = KubeWriter(
+        await api_client(qps_hint=operator.workers),
+        limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
+    )
     metrics = OperatorMetrics()
     reconciler = Reconciler(writer, workers=operator.workers, metrics=metrics)
     metrics.attach(reconciler)

@@ -107,9 +107,7 @@ class _CacheCollector(Collector):
 
         tally: Tally[float] = Tally()
         total = 0.0
-        count = 0
         for age in self._cache.report_ages():
-            count += 1
             total += age
             bucket = next((b for b in REPORT_AGE_BUCKETS if age <= b), float("inf"))
             tally[bucket] += 1
