@@ -17,6 +17,7 @@ for exploring with kubectl (Ctrl-C stops it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -192,9 +193,8 @@ def _watch(custom: Any, executor: Any, out: Callable[[str], None]) -> int:
             break
         time.sleep(0.5)
     else:
-        out(
-            f"demo: not all tasks were final after {DEADLINE_S:.0f} s: {_table(list(tasks.values()))}"
-        )
+        table = _table(list(tasks.values()))
+        out(f"demo: not all tasks were final after {DEADLINE_S:.0f} s:\n{table}")
         return 1
     if story.frozen_pid is not None:
         # The pod was deleted and its process killed by the executor; nothing to resume.
@@ -256,10 +256,8 @@ def _wait(probe: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
 
 
 def _wait_for_interrupt() -> None:
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         signal.pause()
-    except KeyboardInterrupt:
-        pass
 
 
 def _interrupt(signum: int, frame: Any) -> None:
