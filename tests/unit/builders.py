@@ -136,7 +136,10 @@ def apply(body: dict[str, Any], actions: Decision | Iterable[Action]) -> dict[st
     updated = copy.deepcopy(body)
     for action in steps:
         if isinstance(action, PatchLease):
-            updated = merge_patch(updated, {"metadata": {"annotations": action.annotations}})
+            metadata_patch: dict[str, Any] = {"annotations": action.annotations}
+            if action.labels:
+                metadata_patch["labels"] = action.labels
+            updated = merge_patch(updated, {"metadata": metadata_patch})
         elif isinstance(action, PatchStatus):
             updated = merge_patch(updated, {"status": action.status})
         else:

@@ -17,6 +17,8 @@ import pytest
 
 from tasklease.api.models import (
     ACQUIRE_TIME_ANNOTATION,
+    CLAIMABLE_LABEL,
+    WORKER_GROUP_LABEL,
     EPOCH_ANNOTATION,
     HOLDER_ANNOTATION,
     MAX_ATTEMPT_HISTORY,
@@ -918,10 +920,13 @@ def test_final_task_without_a_holder_needs_nothing(phase: Phase, cancel: bool) -
 # --- pool tasks ---------------------------------------------------------------------------
 
 
-def test_pool_task_waits_for_a_runner_and_says_so_once() -> None:
+def test_pool_task_is_offered_to_its_worker_group_and_says_so_once() -> None:
     harness = Harness.new(spec={"template": None, "workerGroup": "etl"})
     steps = harness.settle()
-    assert kinds(steps[0]) == ["PatchStatus"]
+    assert kinds(steps[0]) == ["PatchLease", "PatchStatus"]
+    offer = only(steps[0], PatchLease)
+    assert offer.labels == {WORKER_GROUP_LABEL: "etl", CLAIMABLE_LABEL: "true"}
+    assert offer.annotations[EPOCH_ANNOTATION] == "0"  # a claim can `test` it
     leased = condition(harness.task, CONDITION_LEASED)
     assert (leased.status, leased.reason) == ("False", "WaitingForRunner")
     assert "etl" in leased.message

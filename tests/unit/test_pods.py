@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tasklease.api.models import API_VERSION, EPOCH_LABEL, KIND, TASK_LABEL
+from tasklease.api.models import (
+    API_VERSION,
+    EPOCH_LABEL,
+    KIND,
+    ROLE_LABEL,
+    RUNNER_ROLE,
+    TASK_LABEL,
+)
 from tasklease.lease.pods import (
     ENV_ATTEMPT,
     ENV_CHECKPOINT,
@@ -138,7 +145,12 @@ def test_pod_metadata_names_the_epoch_and_keeps_template_labels_and_annotations(
     assert pod["kind"] == "Pod"
     assert metadata["name"] == "demo-3"
     assert metadata["namespace"] == NAMESPACE
-    assert metadata["labels"] == {"app": "demo", TASK_LABEL: "demo", EPOCH_LABEL: "3"}
+    assert metadata["labels"] == {
+        "app": "demo",
+        TASK_LABEL: "demo",
+        EPOCH_LABEL: "3",
+        ROLE_LABEL: RUNNER_ROLE,
+    }
     assert metadata["annotations"] == {"team": "data"}
 
 

@@ -34,9 +34,20 @@ HOLDER_ANNOTATION = f"{GROUP}/holder"
 EPOCH_ANNOTATION = f"{GROUP}/epoch"
 ACQUIRE_TIME_ANNOTATION = f"{GROUP}/acquire-time"
 
-# Labels the operator puts on runner pods, so it can watch exactly its own pods.
+# Labels the operator puts on runner pods, so it can watch exactly its own pods. ROLE_LABEL
+# is on every pod the operator watches (one server-side selector for both kinds), and on
+# pool runners' coordination Leases.
 TASK_LABEL = f"{GROUP}/task"
 EPOCH_LABEL = f"{GROUP}/epoch"
+ROLE_LABEL = f"{GROUP}/role"
+RUNNER_ROLE = "runner"  # a pod made for one attempt
+POOL_RUNNER_ROLE = "pool-runner"  # a long-lived runner of a worker group
+
+# Worker pools: the operator labels a pool Task with its group, and as claimable while no
+# runner holds it, so that pool runners select exactly the Tasks they may claim on the
+# server side. Pool runner pods and their coordination Leases carry ROLE_LABEL=pool-runner.
+WORKER_GROUP_LABEL = f"{GROUP}/worker-group"
+CLAIMABLE_LABEL = f"{GROUP}/claimable"
 
 MAX_ATTEMPT_HISTORY = 20
 # Environment variables of runner containers the operator owns (tasklease.lease.pods).
@@ -187,7 +198,7 @@ class TaskSpec(_Model):
                                 "type": "object",
                                 "x-kubernetes-preserve-unknown-fields": True,
                             },
-                        }
+                        },
                     },
                 },
             },
@@ -347,6 +358,8 @@ class Outcome(enum.StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     POD_FAILED = "PodFailed"
     POD_LOST = "PodLost"
+    RUNNER_LOST = "RunnerLost"  # a pool runner's own Lease expired or its pod died
+    RELEASED = "Released"  # a pool runner gave the task back (it was told to stop)
     CANCELED = "Canceled"
 
 
@@ -513,6 +526,15 @@ class Task(_Model):
     def creation_time(self) -> datetime | None:
         stamp = self.metadata.get("creationTimestamp")
         return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.metadata.get("labels") or {})
+
+    @property
+    def is_pool_task(self) -> bool:
+        """Claimed by a pool runner (PollForTask) instead of getting a pod per attempt."""
+        return self.spec.template is None
 
     @property
     def lease(self) -> Lease:

@@ -134,9 +134,13 @@ class KubeWriter:
         *,
         resource_version: str,
         annotations: dict[str, str | None],
+        labels: dict[str, str | None] | None = None,
     ) -> dict[str, Any]:
         await self._limiter.take()
-        body = {"metadata": {"resourceVersion": resource_version, "annotations": annotations}}
+        metadata: dict[str, Any] = {"resourceVersion": resource_version, "annotations": annotations}
+        if labels:
+            metadata["labels"] = labels
+        body = {"metadata": metadata}
         try:
             response = await self._custom.patch_namespaced_custom_object(
                 GROUP,

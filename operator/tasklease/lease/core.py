@@ -22,9 +22,11 @@ from typing import Any, Literal
 from tasklease.api.durations import format_go_duration
 from tasklease.api.models import (
     ACQUIRE_TIME_ANNOTATION,
+    CLAIMABLE_LABEL,
     EPOCH_ANNOTATION,
     HOLDER_ANNOTATION,
     MAX_ATTEMPT_HISTORY,
+    WORKER_GROUP_LABEL,
     AttemptRecord,
     Condition,
     Outcome,
@@ -134,9 +136,10 @@ def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
 
 @dataclass(frozen=True, slots=True)
 class PatchLease:
-    """Merge these lease annotations (None removes one). Compare-and-swap."""
+    """Merge these lease annotations and labels (None removes one). Compare-and-swap."""
 
     annotations: dict[str, str | None]
+    labels: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,11 +332,13 @@ def _hand_out(task: Task, plan: _Plan, *, lease_written: bool) -> None:
         plan.actions.append(
             CreatePod(runner_pod(task, epoch=epoch, attempt=attempt, checkpoint=checkpoint))
         )
+    claimed = task.is_pool_task
     plan.actions.append(
         RecordEvent(
             "Normal",
-            "HandedOut",
-            f"attempt {attempt}/{max_attempts}: lease epoch {epoch} handed to pod {holder}",
+            "Claimed" if claimed else "HandedOut",
+            f"attempt {attempt}/{max_attempts}: lease epoch {epoch} "
+            + (f"claimed by pool runner {holder}" if claimed else f"handed to pod {holder}"),
         )
     )
     plan.why = f"hand out epoch {epoch}"
@@ -483,10 +488,16 @@ def _mark_late(task: Task, plan: _Plan, *, late_after: timedelta) -> None:
     plan.actions.append(RecordEvent("Warning", "Late", text))
 
 
-def _release_lease(plan: _Plan) -> None:
-    # The epoch stays: it is the fencing token, and the next hand-out increments it.
-    plan.actions.append(PatchLease({HOLDER_ANNOTATION: None}))
-    plan.why = "release lease"
+def _release_lease(plan: _Plan, *, claimable: bool | None = None) -> None:
+    """Remove the holder; for pool tasks also set or clear the claimable label.
+
+    The epoch stays: it is the fencing token, and the next hand-out increments it.
+    """
+    labels: dict[str, str | None] = {}
+    if claimable is not None:
+        labels[CLAIMABLE_LABEL] = "true" if claimable else None
+    plan.actions.append(PatchLease({HOLDER_ANNOTATION: None}, labels))
+    plan.why = "release lease" if not claimable else "back to the pool"
 
 
 # --- the decision -------------------------------------------------------------------------
@@ -516,8 +527,8 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
         return plan.decision()
 
     if status.phase.is_final:
-        if lease.holder:
-            _release_lease(plan)
+        if lease.holder or CLAIMABLE_LABEL in task.labels:
+            _release_lease(plan, claimable=False if task.is_pool_task else None)
         return plan.decision()
 
     if spec.cancel:
@@ -608,20 +619,6 @@ def _finish_without_attempt(
 
 def _decide_pending(task: Task, plan: _Plan) -> None:
     status = task.status
-    if task.spec.template is None:
-        # Pool tasks wait for a runner to claim them (worker pools, a later feature).
-        if not _condition_is(task, CONDITION_LEASED, "False"):
-            conditions = set_condition(
-                status.conditions,
-                type_=CONDITION_LEASED,
-                status="False",
-                reason="WaitingForRunner",
-                message=f"waiting for a runner of worker group {task.spec.worker_group}",
-                now=plan.clock.wall,
-                generation=task.generation,
-            )
-            plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
-        return
     if status.attempt >= task.spec.retry.max_attempts:
         _finish_without_attempt(
             task,
@@ -632,12 +629,52 @@ def _decide_pending(task: Task, plan: _Plan) -> None:
         )
         return
     if status.next_attempt_time is not None and plan.clock.wall < status.next_attempt_time:
-        if task.lease.holder:
-            _release_lease(plan)
+        if task.lease.holder or CLAIMABLE_LABEL in task.labels:
+            _release_lease(plan, claimable=False if task.is_pool_task else None)
         plan.wake(plan.clock.monotonic_at(status.next_attempt_time))
         plan.why = plan.why or "backing off"
         return
+    if task.is_pool_task:
+        _offer_to_pool(task, plan)
+        return
     _hand_out(task, plan, lease_written=False)
+
+
+def _offer_to_pool(task: Task, plan: _Plan) -> None:
+    """Make a pool task claimable by runners of its worker group (PollForTask's queue).
+
+    The epoch annotation is written too, so a claim can always be a `test` of its current
+    value: exactly one of two racing runners wins.
+    """
+    group = task.spec.worker_group or ""
+    labels = task.labels
+    lease = task.lease
+    if (
+        lease.holder is not None
+        or labels.get(CLAIMABLE_LABEL) != "true"
+        or labels.get(WORKER_GROUP_LABEL) != group
+        or task.metadata.get("annotations", {}).get(EPOCH_ANNOTATION) != str(lease.epoch)
+    ):
+        plan.actions.append(
+            PatchLease(
+                {HOLDER_ANNOTATION: None, EPOCH_ANNOTATION: str(lease.epoch)},
+                {WORKER_GROUP_LABEL: group, CLAIMABLE_LABEL: "true"},
+            )
+        )
+        plan.why = "offer to the pool"
+    leased = next((c for c in task.status.conditions if c.type == CONDITION_LEASED), None)
+    if leased is None or leased.reason != "WaitingForRunner":
+        conditions = set_condition(
+            task.status.conditions,
+            type_=CONDITION_LEASED,
+            status="False",
+            reason="WaitingForRunner",
+            message=f"waiting for a runner of worker group {group} to claim it",
+            now=plan.clock.wall,
+            generation=task.generation,
+        )
+        plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
+        plan.why = plan.why or "waiting for a runner"
 
 
 def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState | None) -> None:
@@ -651,7 +688,25 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
         _decide_result(task, plan)
         return
 
-    if pod is not None and pod.epoch == lease.epoch:
+    if lease.holder is None:
+        # Only a pool runner can remove the holder of an active attempt: it gave the task
+        # back because it was told to stop.
+        _end_attempt(
+            task, plan, outcome=Outcome.RELEASED, message="the runner released the task", pod=pod
+        )
+        return
+
+    if pod is not None and pod.epoch == lease.epoch and task.is_pool_task:
+        if pod.gone or pod.terminating or pod.terminated:
+            _end_attempt(
+                task,
+                plan,
+                outcome=Outcome.RUNNER_LOST,
+                message=pod.message or f"pool runner {pod.name} is gone",
+                pod=pod,
+            )
+            return
+    elif pod is not None and pod.epoch == lease.epoch:
         if pod.gone or pod.terminating:
             what = "was deleted" if pod.gone else "is being deleted"
             _end_attempt(

@@ -16,6 +16,8 @@ from tasklease.api.models import (
     API_VERSION,
     EPOCH_LABEL,
     KIND,
+    ROLE_LABEL,
+    RUNNER_ROLE,
     TASK_LABEL,
     Task,
 )
@@ -74,6 +76,7 @@ def runner_pod(task: Task, *, epoch: int, attempt: int, checkpoint: Any) -> dict
     labels = dict(metadata.get("labels") or {})
     labels[TASK_LABEL] = label_safe_task_name(task.name)
     labels[EPOCH_LABEL] = str(epoch)
+    labels[ROLE_LABEL] = RUNNER_ROLE
 
     identity_env: list[dict[str, Any]] = [
         {"name": ENV_TASK, "value": task.name},

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from tasklease.api.models import GROUP, PLURAL, TASK_LABEL, VERSION
+from tasklease.api.models import GROUP, PLURAL, POOL_RUNNER_ROLE, ROLE_LABEL, VERSION
 from tasklease.kube.client import KubeWriter, TokenBucket, api_client
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.reconciler import Reconciler
@@ -26,8 +26,12 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
     """kopf settings for an operator that only watches."""
     # We post our own Events with reasons users can filter on; kopf's would echo logs.
     settings.posting.enabled = False
-    # Only our runner pods, filtered by the API server rather than after the fact.
-    settings.watching.label_selectors["v1", "pods"] = TASK_LABEL
+    # Only our runner pods and pool runners (and their Leases), filtered by the API server
+    # rather than after the fact.
+    settings.watching.label_selectors["v1", "pods"] = ROLE_LABEL
+    settings.watching.label_selectors["coordination.k8s.io", "v1", "leases"] = (
+        f"{ROLE_LABEL}={POOL_RUNNER_ROLE}"
+    )
     settings.watching.server_timeout = 300
     if operator.peering:
         settings.peering.name = operator.peering
@@ -69,6 +73,11 @@ async def task_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo[MEMO_RECONCILER].task_seen(event["type"], event["object"])
 
 
-@kopf.on.event("v1", "pods", labels={TASK_LABEL: kopf.PRESENT})
+@kopf.on.event("v1", "pods", labels={ROLE_LABEL: kopf.PRESENT})
 async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo[MEMO_RECONCILER].pod_seen(event["type"], event["object"])
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={ROLE_LABEL: POOL_RUNNER_ROLE})
+async def runner_lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo[MEMO_RECONCILER].runner_lease_seen(event["type"], event["object"])

@@ -25,7 +25,14 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from tasklease.api.models import EPOCH_LABEL, KIND, Phase, Task
+from tasklease.api.models import (
+    EPOCH_LABEL,
+    KIND,
+    POOL_RUNNER_ROLE,
+    ROLE_LABEL,
+    Phase,
+    Task,
+)
 from tasklease.kube.errors import Conflict, Gone
 from tasklease.lease.core import (
     CONDITION_INVALID,
@@ -63,6 +70,7 @@ class Writer(Protocol):
         *,
         resource_version: str,
         annotations: dict[str, str | None],
+        labels: dict[str, str | None] | None = None,
     ) -> dict[str, Any]: ...
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
@@ -84,6 +92,20 @@ class _Entry:
     deleting: set[str] = field(default_factory=set)
     pod_created_for_epoch: int = 0
     expired_at: float | None = None  # a lease deadline passed; the replacement is pending
+    indexed_holder: str | None = None  # the pool runner `held_by` lists this task under
+
+
+@dataclass(slots=True)
+class _PoolRunner:
+    """A pool runner as the operator saw it: its Lease renewals on our monotonic clock."""
+
+    renew_seen_at: float
+    duration_s: float
+    renew_time: str | None = None
+    gone: str | None = None  # why it is gone, once its Lease or pod is
+
+    def expires_at(self) -> float:
+        return self.renew_seen_at + self.duration_s
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -114,6 +136,8 @@ class Reconciler:
         self._on_decision = on_decision
         self._metrics = metrics
         self._entries: dict[TaskKey, _Entry] = {}
+        self._runners: dict[tuple[str, str], _PoolRunner] = {}
+        self._held_by: dict[tuple[str, str], set[TaskKey]] = {}
         self._orphan_pods: dict[TaskKey, dict[str, PodState]] = {}
         self._queue: WorkQueue[TaskKey] = WorkQueue()
         self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(self._queue.add, clock=monotonic)
@@ -143,7 +167,10 @@ class Reconciler:
         metadata = body.get("metadata", {})
         key: TaskKey = (metadata.get("namespace", ""), metadata.get("name", ""))
         if event_type == "DELETED":
-            self._entries.pop(key, None)
+            gone = self._entries.pop(key, None)
+            if gone is not None:
+                gone.task = None
+                self._index_holder(key, gone)
             self._orphan_pods.pop(key, None)
             self._deadlines.schedule(key, None)
             return
@@ -154,10 +181,14 @@ class Reconciler:
         else:
             entry.body = body
         self._parse(entry)
+        self._index_holder(key, entry)
         self._queue.add(key)
 
     def pod_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
         metadata = body.get("metadata", {})
+        if (metadata.get("labels") or {}).get(ROLE_LABEL) == POOL_RUNNER_ROLE:
+            self._pool_pod_seen(event_type, body)
+            return
         owner = next(
             (
                 ref
@@ -185,6 +216,83 @@ class Reconciler:
         pods[state.name] = state
         if entry is not None:
             self._queue.add(key)
+
+    def runner_lease_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """A pool runner's own Lease (ReportTaskRunnerHeartbeat) was written or deleted."""
+        metadata = body.get("metadata", {})
+        key = (metadata.get("namespace", ""), metadata.get("name", ""))
+        spec = body.get("spec") or {}
+        now = self._monotonic()
+        runner = self._runners.get(key)
+        if event_type == "DELETED":
+            if runner is not None:
+                runner.gone = f"pool runner {key[1]}'s Lease was deleted"
+        else:
+            renew_time = spec.get("renewTime")
+            duration_s = float(spec.get("leaseDurationSeconds") or 15)
+            if runner is None:
+                # First sight (or after a restart): a full lease duration from now.
+                self._runners[key] = _PoolRunner(now, duration_s, renew_time)
+            elif renew_time != runner.renew_time:
+                runner.renew_seen_at, runner.duration_s = now, duration_s
+                runner.renew_time = renew_time
+                runner.gone = None if runner.gone and "Lease" in runner.gone else runner.gone
+        for task_key in self._held_by.get(key, ()):
+            self._queue.add(task_key)
+
+    def _pool_pod_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
+        metadata = body.get("metadata", {})
+        key = (metadata.get("namespace", ""), metadata.get("name", ""))
+        phase = (body.get("status") or {}).get("phase")
+        why = None
+        if event_type == "DELETED":
+            why = f"pool runner pod {key[1]} was deleted"
+        elif phase in ("Succeeded", "Failed"):
+            why = f"pool runner pod {key[1]} ended ({phase})"
+        if why is None:
+            return
+        runner = self._runners.setdefault(key, _PoolRunner(self._monotonic(), 0.0))
+        runner.gone = why
+        for task_key in self._held_by.get(key, ()):
+            self._queue.add(task_key)
+
+    def _pool_runner_state(self, task: Task) -> tuple[PodState | None, float | None]:
+        """The holder of a pool task as a PodState the core understands, and when to look
+        again (its Lease's expiry on our clock). Unknown runners are given the benefit of the
+        doubt: the task's own ack and progress timeouts still apply."""
+        holder = task.lease.holder
+        if holder is None:
+            return None, None
+        runner = self._runners.get((task.namespace, holder))
+        if runner is None:
+            return None, None
+        now = self._monotonic()
+        if runner.gone is None and now < runner.expires_at():
+            return PodState(
+                name=holder, epoch=task.lease.epoch, phase="Running"
+            ), runner.expires_at()
+        message = runner.gone or (
+            f"pool runner {holder}'s Lease expired (not renewed for {runner.duration_s:.0f}s)"
+        )
+        return PodState(name=holder, epoch=task.lease.epoch, gone=True, message=message), None
+
+    def _index_holder(self, key: TaskKey, entry: _Entry) -> None:
+        """Keep `held_by` (pool runner -> its tasks) in step with the lease annotations."""
+        previous = entry.indexed_holder
+        current = (
+            entry.task.lease.holder if entry.task is not None and entry.task.is_pool_task else None
+        )
+        if previous == current:
+            return
+        if previous is not None:
+            held = self._held_by.get((key[0], previous))
+            if held is not None:
+                held.discard(key)
+                if not held:
+                    del self._held_by[(key[0], previous)]
+        if current is not None:
+            self._held_by.setdefault((key[0], current), set()).add(key)
+        entry.indexed_holder = current
 
     # --- work -----------------------------------------------------------------------------
 
@@ -230,13 +338,12 @@ class Reconciler:
             task = entry.task
             assert entry.sighting is not None
             clock = Clock(monotonic=self._monotonic(), wall=self._wall())
-            next_pod_check = await self._stop_stale_pods(entry, task, clock)
-            decision = decide(
-                task,
-                sighting=entry.sighting,
-                pod=self._pod_for(entry, task.lease.epoch),
-                clock=clock,
-            )
+            if task.is_pool_task:
+                pod, next_pod_check = self._pool_runner_state(task)
+            else:
+                next_pod_check = await self._stop_stale_pods(entry, task, clock)
+                pod = self._pod_for(entry, task.lease.epoch)
+            decision = decide(task, sighting=entry.sighting, pod=pod, clock=clock)
             if self._on_decision is not None:
                 self._on_decision(key, decision)
             if not decision.actions:
@@ -263,6 +370,7 @@ class Reconciler:
                     entry.pod_created_for_epoch = int(labels[EPOCH_LABEL])
             entry.body = body
             self._parse(entry)
+            self._index_holder(key, entry)
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
 
     def _account(self, entry: _Entry, task: Task, decision: Decision) -> None:
@@ -303,12 +411,13 @@ class Reconciler:
         namespace, name = metadata["namespace"], metadata["name"]
         for action in decision.actions:
             match action:
-                case PatchLease(annotations=annotations):
+                case PatchLease(annotations=annotations, labels=labels):
                     body = await self._writer.patch_task_annotations(
                         namespace,
                         name,
                         resource_version=body["metadata"]["resourceVersion"],
                         annotations=annotations,
+                        labels=labels,
                     )
                 case PatchStatus(status=status):
                     body = await self._writer.patch_task_status(
