@@ -18,10 +18,10 @@ import pytest
 from tasklease.api.models import (
     ACQUIRE_TIME_ANNOTATION,
     CLAIMABLE_LABEL,
-    WORKER_GROUP_LABEL,
     EPOCH_ANNOTATION,
     HOLDER_ANNOTATION,
     MAX_ATTEMPT_HISTORY,
+    WORKER_GROUP_LABEL,
     Backoff,
     Outcome,
     Phase,

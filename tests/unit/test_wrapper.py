@@ -353,3 +353,24 @@ def test_outside_a_runner_pod_refuses_to_run(tmp_path: Path) -> None:
     assert done.returncode == EXIT_USAGE, done.stderr
     assert "TASKLEASE_TASK" in done.stderr
     assert not marker.exists()
+
+
+def test_command_line_options_reach_run_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[list[str], dict[str, Any]]] = []
+
+    def fake_run_wrapped(argv: list[str], **options: Any) -> int:
+        calls.append((list(argv), options))
+        return 7
+
+    monkeypatch.setattr("tasklease.runner.wrapper.run_wrapped", fake_run_wrapped)
+    monkeypatch.delenv(ENV_PROGRESS_FILE, raising=False)
+    argv = ["--grace-period", "3", "--progress-file", "/p", "--", "sh", "-c", "exit 1", "--x"]
+    assert main(argv) == 7
+    assert main(["--", "prog", "--progress-file", "not-ours"]) == 7
+    monkeypatch.setenv(ENV_PROGRESS_FILE, "/an/outer/wrapper's")  # not inherited as ours
+    assert main(["prog", "arg"]) == 7
+    assert calls == [
+        (["sh", "-c", "exit 1", "--x"], {"progress_file": "/p", "grace_period_s": 3.0}),
+        (["prog", "--progress-file", "not-ours"], {"progress_file": None, "grace_period_s": 10.0}),
+        (["prog", "arg"], {"progress_file": None, "grace_period_s": 10.0}),
+    ]

@@ -231,4 +231,3 @@ def process_env(
     """The final environment: inherited < HOSTNAME < the container's < the executor's own
     (KUBECONFIG and the marker that finds the process again), later ones winning."""
     return {**inherited, "HOSTNAME": pod_name, **container, **executor}
-

@@ -8,7 +8,8 @@ both; this control plane runs none, but other tooling (`kubectl get nodes`, a re
 controller elsewhere) sees a healthy node. On stop, the Ready condition turns False, so a
 node with nobody behind it does not look healthy.
 
-The Node has no taints and advertises the host's CPUs, memory and the state dir's disk.
+The Node has no taints (see `NodeAgent._untaint`) and advertises the host's CPUs, memory
+and the state dir's disk.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ NODE_LEASE_NAMESPACE: Final = "kube-node-lease"
 LEASE_DURATION_S: Final = 40
 MAX_PODS: Final = 110
 RUNTIME_VERSION: Final = "tasklease-local://0.1.0"
+CONDITION_TAINTS: Final = frozenset(
+    {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+)
 _REQUEST_TIMEOUT: Final = (10.0, 30.0)
 _ARCHITECTURES: Final = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -194,18 +198,34 @@ class NodeAgent:
     def register(self) -> None:
         """Create the Node (or take over an existing one of that name), mark it Ready and
         renew its Lease. Raises on failure: an executor without a node is of no use."""
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name,
-                                                                 "labels": self.labels}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.name, "labels": self.labels},
+        }
         try:
             node = self._call(self._core.create_node, body)
         except ApiException as error:
             if error.status != 409:
                 raise
-            node = self._call(self._core.patch_node, self.name, {"metadata": {"labels": self.labels}})
+            node = self._call(
+                self._core.patch_node, self.name, {"metadata": {"labels": self.labels}}
+            )
         self._node_uid = node["metadata"]["uid"]
         self._ready_since = datetime.now(UTC)
         self._post_status(ready=True, reregister=False)
         self._renew_lease()
+        self._untaint(node)
+
+    def _untaint(self, node: dict[str, Any]) -> None:
+        """Remove the not-ready/unreachable taints. The API server's TaintNodesByCondition
+        admission puts `node.kubernetes.io/not-ready` on every new Node, and the
+        node-lifecycle controller, which would lift it once the node is Ready, does not
+        run in the local control plane."""
+        taints = (node.get("spec") or {}).get("taints") or []
+        kept = [taint for taint in taints if taint.get("key") not in CONDITION_TAINTS]
+        if len(kept) != len(taints):
+            self._call(self._core.patch_node, self.name, {"spec": {"taints": kept or None}})
 
     def start(self) -> None:
         self._thread.start()

@@ -29,8 +29,6 @@ TERMINAL_PHASES: Final = frozenset({SUCCEEDED, FAILED})
 START_ERROR: Final = "StartError"
 CONFIG_ERROR: Final = "CreateContainerConfigError"
 START_FAILURE_EXIT_CODE: Final = 128  # what containerd reports for a StartError
-_RUNNING_CONDITIONS: Final = ("PodReadyToStartContainers", "Initialized", "ContainersReady",
-                              "Ready", "PodScheduled")
 
 
 def rfc3339(at: datetime) -> str:
@@ -71,15 +69,27 @@ class Exit:
         return f"exited with code {self.code}"
 
 
-def _condition(type_: str, status: bool, at: str, reason: str | None = None) -> dict[str, Any]:
-    condition: dict[str, Any] = {
-        "type": type_,
-        "status": "True" if status else "False",
-        "lastTransitionTime": at,
+def conditions(
+    pod: Mapping[str, Any], wanted: Mapping[str, tuple[bool, str | None]], at: str
+) -> list[dict[str, Any]]:
+    """The pod conditions to patch so that each type in `wanted` has its (status, reason):
+    only those that change, stamped `at`. An unchanged condition keeps its transition time
+    (PodScheduled, written by the binding, in particular)."""
+    current = {
+        condition.get("type"): condition
+        for condition in (pod.get("status") or {}).get("conditions") or []
     }
-    if reason is not None:
+    changed: list[dict[str, Any]] = []
+    for type_, (status, reason) in wanted.items():
+        text = "True" if status else "False"
+        existing = current.get(type_) or {}
+        if existing.get("status") == text and existing.get("reason") == reason:
+            continue
+        condition: dict[str, Any] = {"type": type_, "status": text, "lastTransitionTime": at}
+        # null removes a reason the condition had before (strategic merge)
         condition["reason"] = reason
-    return condition
+        changed.append(condition)
+    return changed
 
 
 def _first_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -125,7 +135,17 @@ def running_status(
         "status": {
             "phase": RUNNING,
             **_addresses(started_at),
-            "conditions": [_condition(type_, True, at) for type_ in _RUNNING_CONDITIONS],
+            "conditions": conditions(
+                pod,
+                {
+                    "PodScheduled": (True, None),
+                    "PodReadyToStartContainers": (True, None),
+                    "Initialized": (True, None),
+                    "ContainersReady": (True, None),
+                    "Ready": (True, None),
+                },
+                at,
+            ),
             "containerStatuses": [
                 _container_status(
                     pod,
@@ -174,13 +194,17 @@ def terminated_status(
     status: dict[str, Any] = {
         "phase": SUCCEEDED if exit.code == 0 and not force_failed else FAILED,
         **_addresses(started_at or finished_at),
-        "conditions": [
-            _condition("PodReadyToStartContainers", False, at),
-            _condition("Initialized", True, at),
-            _condition("ContainersReady", False, at, "PodCompleted"),
-            _condition("Ready", False, at, "PodCompleted"),
-            _condition("PodScheduled", True, at),
-        ],
+        "conditions": conditions(
+            pod,
+            {
+                "PodScheduled": (True, None),
+                "PodReadyToStartContainers": (False, None),
+                "Initialized": (True, None),
+                "ContainersReady": (False, "PodCompleted"),
+                "Ready": (False, "PodCompleted"),
+            },
+            at,
+        ),
         "containerStatuses": [
             _container_status(
                 pod,

@@ -20,8 +20,6 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from kubernetes import client
-
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE: Final = 500
@@ -51,11 +49,12 @@ def _lines(response: Any) -> Iterator[bytes]:
 
 
 class PodWatch:
-    """Pods matching a field and label selector across all namespaces."""
+    """Pods matching a field and label selector across all namespaces; the callbacks run on
+    the watch's own thread."""
 
     def __init__(
         self,
-        api_client: Any,
+        core: Any,
         *,
         name: str,
         field_selector: str,
@@ -63,7 +62,7 @@ class PodWatch:
         on_sync: SyncHandler,
         on_event: EventHandler,
     ) -> None:
-        self._core = client.CoreV1Api(api_client)
+        self._core = core  # a kubernetes.client.CoreV1Api, used from this watch's thread only
         self._name = name
         self._selectors: dict[str, str] = {"field_selector": field_selector}
         if label_selector:

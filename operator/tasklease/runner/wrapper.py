@@ -9,7 +9,8 @@ own to take part in the protocol:
    `TASKLEASE_PROGRESS_FILE`, the file the program may write its progress into
    (format: `tasklease.runner.progress_file`); each change is reported at once;
 3. it forwards SIGTERM and SIGINT to the program's process group (SIGKILL after the grace
-   period if the program is still there);
+   period if the program is still there); a program stopped that way never counts as
+   FINISHED: the result is FAILED with errorId `Interrupted` (exit code 128+N if it exited 0);
 4. when the task is cancelled or the lease is lost (a fenced write was refused), it stops
    the program (SIGTERM, the grace period, SIGKILL), reports nothing and exits 143;
 5. when the program ends, its exit status becomes the result: 0 is FINISHED; anything else
@@ -319,14 +320,15 @@ def run_wrapped(
     if not argv:
         raise ValueError("no program to run")
     try:
-        task = TaskLease(
-            identity or Identity.from_env(),
-            api_client=api_client,
-            heartbeat_interval_s=heartbeat_interval_s,
-        )
-    except RuntimeError as error:
+        identity = identity or Identity.from_env()
+    except (RuntimeError, ValueError) as error:  # not set, or not parseable
         logger.error("%s", error)
         return EXIT_USAGE
+    try:
+        task = TaskLease(identity, api_client=api_client, heartbeat_interval_s=heartbeat_interval_s)
+    except Exception as error:  # no in-cluster config and no usable KUBECONFIG
+        logger.error("no API client for task %s: %s", identity.task, error)
+        return EXIT_LEASE_ERROR
     try:
         task.start()
     except Exception as error:
@@ -443,6 +445,8 @@ def _supervise(
         outcome = outcome_of(returncode, interrupted_by=received[0] if received else None)
         return _report_outcome(task, outcome, tail.text())
     finally:
+        if child is not None and child.process.poll() is None:  # only on an error of ours
+            child.signal(signal.SIGKILL)
         for forwarded, handler in previous.items():
             signal.signal(forwarded, handler)
 
@@ -505,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress-file",
         metavar="PATH",
         help="file the program writes its progress to (default: a new file in a temp dir); "
-        "its path is passed in TASKLEASE_PROGRESS_FILE",
+        "the program finds its path in TASKLEASE_PROGRESS_FILE",
     )
     parser.add_argument(
         "--grace-period",
