@@ -6,7 +6,11 @@ Pool runners are played from the test process with `tasklease.runner.pool.PoolRu
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -310,3 +314,70 @@ def test_pool_soak(cluster: Cluster, operator_process: OperatorProcess) -> None:
         t for t in listed if any(a.get("outcome") == "RunnerLost" for a in t["status"]["attempts"])
     ]
     assert lost, "killing the victim should have sent its task back to the pool"
+
+
+def pool_wrapper(
+    control_plane: Any, cluster: Cluster, name: str, script: str, *extra: str
+) -> subprocess.Popen[str]:
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(control_plane.kubeconfig),
+        TASKLEASE_NAMESPACE=cluster.namespace,
+        TASKLEASE_POD_NAME=name,
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tasklease",
+            "run",
+            "--worker-group",
+            "etl",
+            "--poll-timeout",
+            "5",
+            "--grace-period",
+            "2",
+            *extra,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_wrapper_pool_mode_runs_claimed_tasks(
+    control_plane: Any, cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    for name in ("pooled-1", "pooled-2"):
+        create_pool_task(cluster, name, parameters={"n": name[-1]})
+    script = 'printf "1/1\\ndone with %s\\n" "$TASKLEASE_TASK" > "$TASKLEASE_PROGRESS_FILE"'
+    wrapper = pool_wrapper(control_plane, cluster, "wrapper-pool", script, "--max-tasks", "2")
+    output, _ = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 0, output
+    for name in ("pooled-1", "pooled-2"):
+        status = cluster.wait_phase(name, "Succeeded")
+        assert status["attempts"][-1]["holder"] == "wrapper-pool"
+        assert status["progress"]["message"] == f"done with {name}"
+
+
+def test_wrapper_pool_mode_releases_its_task_on_sigterm(
+    control_plane: Any, cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    create_pool_task(cluster, "interrupted", ackTimeout="5m", reportProgressTimeout="10m")
+    wait_claimable(cluster, "interrupted")
+    wrapper = pool_wrapper(control_plane, cluster, "going-away", "sleep 300")
+    try:
+        cluster.wait_phase("interrupted", "Running")
+        wrapper.send_signal(signal.SIGTERM)  # the pool pod is being deleted
+        output, _ = wrapper.communicate(timeout=30)
+        assert wrapper.returncode == 0, output
+        back = wait_claimable(cluster, "interrupted", timeout=15)
+        assert back["status"]["attempts"][0]["outcome"] == "Released"
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()

@@ -138,6 +138,7 @@ class TaskLease:
         self._result_sent = False
         self.cancel_reason: str | None = None
         self.last_report_error: str | None = None
+        self.release_requested = False
 
     # --- what the runner reads ------------------------------------------------------------
 
@@ -158,6 +159,16 @@ class TaskLease:
     def canceled(self) -> bool:
         """True once the task was cancelled or the lease was lost: stop working."""
         return self._canceled
+
+    def request_release(self, reason: str) -> None:
+        """Ask the work to stop so the task can be given back (pool runners).
+
+        Safe from a signal handler: it only sets flags; `canceled` becomes true, and the
+        pool runner releases the task once the work has stopped.
+        """
+        self.release_requested = True
+        self._canceled = True
+        self.cancel_reason = reason
 
     @property
     def lost(self) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Final, Protocol
 
+from tasklease.lease.pods import (
+    ENV_ATTEMPT,
+    ENV_CHECKPOINT,
+    ENV_EPOCH,
+    ENV_NAMESPACE,
+    ENV_PARAMETERS,
+    ENV_POD_NAME,
+    ENV_TASK,
+)
 from tasklease.runner.progress_file import MAX_FILE_BYTES, ProgressUpdate, parse_progress_bytes
 from tasklease.runner.sdk import Identity, LeaseLost, TaskLease
 
@@ -357,8 +367,14 @@ def run_program(
     progress_file: str | os.PathLike[str] | None = None,
     grace_period_s: float = 10.0,
     poll_interval_s: float = 1.0,
+    extra_env: dict[str, str] | None = None,
+    forward_signals: bool = True,
 ) -> int:
-    """Run `argv` under a lease already taken up; the part of `run_wrapped` after start()."""
+    """Run `argv` under a lease already taken up; the part of `run_wrapped` after start().
+
+    `extra_env` is added to the program's environment (pool mode: the claimed task's
+    identity); with `forward_signals` False the caller keeps its own signal handlers.
+    """
     temp_dir: str | None = None
     if progress_file is None:
         temp_dir = tempfile.mkdtemp(prefix="tasklease-run-")
@@ -366,17 +382,32 @@ def run_program(
     else:
         path = Path(progress_file).absolute()
     try:
-        return _supervise(task, list(argv), path, grace_period_s, poll_interval_s)
+        return _supervise(
+            task,
+            list(argv),
+            path,
+            grace_period_s,
+            poll_interval_s,
+            extra_env=extra_env or {},
+            forward_signals=forward_signals,
+        )
     finally:
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _supervise(
-    task: RunnerLease, argv: list[str], path: Path, grace_period_s: float, poll_interval_s: float
+    task: RunnerLease,
+    argv: list[str],
+    path: Path,
+    grace_period_s: float,
+    poll_interval_s: float,
+    *,
+    extra_env: dict[str, str],
+    forward_signals: bool,
 ) -> int:
     watcher = ProgressFileWatcher(path)
-    env = dict(os.environ, **{ENV_PROGRESS_FILE: str(path)})
+    env = dict(os.environ, **extra_env, **{ENV_PROGRESS_FILE: str(path)})
     received: list[int] = []
     child: _Child | None = None
 
@@ -387,7 +418,7 @@ def _supervise(
             child.stop(number, grace_period_s)
 
     previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
+    if forward_signals and threading.current_thread() is threading.main_thread():
         for number in FORWARDED_SIGNALS:
             previous[number] = signal.signal(number, forward)
     try:
@@ -491,6 +522,82 @@ def _cannot_start(task: RunnerLease, argv: list[str], error: OSError) -> int:
 # --- command line -------------------------------------------------------------------------
 
 
+def identity_env(identity: Identity) -> dict[str, str]:
+    """The TASKLEASE_* variables a runner pod of this identity would have."""
+    env = {
+        ENV_TASK: identity.task,
+        ENV_NAMESPACE: identity.namespace,
+        ENV_EPOCH: str(identity.epoch),
+        ENV_ATTEMPT: str(identity.attempt),
+        ENV_POD_NAME: identity.pod_name,
+        ENV_PARAMETERS: json.dumps(identity.parameters, sort_keys=True),
+    }
+    if identity.checkpoint is not None:
+        env[ENV_CHECKPOINT] = json.dumps(identity.checkpoint)
+    return env
+
+
+def run_pool(
+    argv: Sequence[str],
+    *,
+    worker_group: str,
+    api_client: Any = None,
+    namespace: str | None = None,
+    pod_name: str | None = None,
+    poll_timeout_s: float = 90.0,
+    grace_period_s: float = 10.0,
+    poll_interval_s: float = 1.0,
+    max_tasks: int | None = None,
+) -> int:
+    """Pool mode: claim Tasks of `worker_group` one after another and run `argv` for each.
+
+    SIGTERM or SIGINT (the pod is being deleted) stops claiming; a program still running is
+    stopped and its task released back to the pool, so another runner takes it at once.
+    """
+    from tasklease.runner.pool import PoolRunner
+
+    runner = PoolRunner(worker_group, namespace=namespace, pod_name=pod_name, api_client=api_client)
+    current: list[TaskLease] = []
+
+    def stop(number: int, _frame: FrameType | None) -> None:
+        logger.warning("received %s: releasing held tasks and stopping", signal_name(number))
+        runner.stopping = True
+        for task in current:
+            task.request_release("the pool runner is stopping")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {number: signal.signal(number, stop) for number in FORWARDED_SIGNALS}
+    done = 0
+    try:
+        with runner:
+            while not runner.stopping and (max_tasks is None or done < max_tasks):
+                task = runner.poll_for_task(timeout_s=poll_timeout_s)
+                if task is None:
+                    continue
+                current.append(task)
+                try:
+                    task.start()
+                    run_program(
+                        task,
+                        list(argv),
+                        grace_period_s=grace_period_s,
+                        poll_interval_s=poll_interval_s,
+                        extra_env=identity_env(task.identity),
+                        forward_signals=False,
+                    )
+                    if task.release_requested and not task.lost:
+                        runner.release(task)
+                finally:
+                    task.close()
+                    current.remove(task)
+                done += 1
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasklease run",
@@ -518,6 +625,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="how long the program may take to stop after SIGTERM before SIGKILL (default 10)",
     )
+    parser.add_argument(
+        "--worker-group",
+        metavar="GROUP",
+        help="pool mode: claim Tasks of this worker group one after another (PollForTask) "
+        "instead of running the one Task this pod was given",
+    )
+    parser.add_argument(
+        "--poll-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=90.0,
+        help="pool mode: how long one long poll waits for a task (default 90, like AWS)",
+    )
+    parser.add_argument(
+        "--max-tasks",
+        metavar="N",
+        type=int,
+        default=None,
+        help="pool mode: exit after N tasks (default: run until SIGTERM)",
+    )
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
     return parser
 
@@ -540,6 +667,14 @@ def main(argv: Sequence[str]) -> int:
             level=logging.INFO,
             stream=sys.stderr,
             format="tasklease run: %(levelname)s: %(message)s",
+        )
+    if options.worker_group:
+        return run_pool(
+            program,
+            worker_group=options.worker_group,
+            poll_timeout_s=options.poll_timeout,
+            grace_period_s=options.grace_period,
+            max_tasks=options.max_tasks,
         )
     return run_wrapped(
         program, progress_file=options.progress_file, grace_period_s=options.grace_period
