@@ -951,6 +951,95 @@ def test_pool_runner_claim_is_recorded_without_creating_a_pod() -> None:
     assert harness.step().why == "acknowledged"
 
 
+def claim(harness: Harness, runner: str) -> None:
+    """A pool runner's compare-and-swap claim, as tasklease.runner.pool writes it."""
+    metadata = harness.body["metadata"]
+    annotations = metadata.setdefault("annotations", {})
+    assert metadata.get("labels", {}).get(CLAIMABLE_LABEL) == "true", "not claimable"
+    epoch = int(annotations[EPOCH_ANNOTATION])
+    annotations.update(
+        {
+            HOLDER_ANNOTATION: runner,
+            EPOCH_ANNOTATION: str(epoch + 1),
+            ACQUIRE_TIME_ANNOTATION: iso(harness.clock.wall),
+        }
+    )
+    del metadata["labels"][CLAIMABLE_LABEL]
+    harness.observe()
+
+
+def pool_harness(**spec: Any) -> Harness:
+    harness = Harness.new(spec={"template": None, "workerGroup": "etl", **spec})
+    harness.settle()
+    return harness
+
+
+def test_pool_task_expiry_returns_it_to_the_pool_and_counts_the_attempt() -> None:
+    harness = pool_harness(reportProgressTimeout="30s", ackTimeout="30s")
+    claim(harness, "warm-a")
+    harness.settle()
+    harness.report(percent=10)
+    harness.settle()
+    assert harness.task.status.phase == Phase.RUNNING
+    harness.advance(30)
+    harness.settle()
+    task = harness.task
+    assert task.status.phase == Phase.PENDING
+    assert task.lease.holder is None and task.lease.epoch == 1
+    assert task.labels[CLAIMABLE_LABEL] == "true"
+    assert [a.outcome for a in task.status.attempts] == [Outcome.PROGRESS_TIMEOUT]
+    assert harness.created_pods == [] and harness.deleted_pods == []  # never its pods
+    claim(harness, "warm-b")
+    harness.settle()
+    assert (harness.task.status.epoch, harness.task.status.attempt) == (2, 2)
+
+
+def test_pool_runner_release_ends_the_attempt_as_released() -> None:
+    harness = pool_harness()
+    claim(harness, "leaving")
+    harness.settle()
+    harness.report(percent=10)
+    harness.settle()
+    del harness.body["metadata"]["annotations"][HOLDER_ANNOTATION]  # the runner's release
+    harness.settle()
+    task = harness.task
+    assert task.status.attempts[-1].outcome == Outcome.RELEASED
+    assert task.labels[CLAIMABLE_LABEL] == "true"
+
+
+@pytest.mark.parametrize("state", ["gone", "terminated"])
+def test_lost_pool_runner_sends_its_task_back_at_once(state: str) -> None:
+    harness = pool_harness(reportProgressTimeout="10m", ackTimeout="10m")
+    claim(harness, "doomed")
+    harness.settle()
+    harness.report(percent=10)
+    harness.settle()
+    runner = PodState(
+        name="doomed",
+        epoch=1,
+        phase="Failed" if state == "terminated" else "Running",
+        gone=state == "gone",
+        message="pool runner doomed's Lease expired",
+    )
+    decision = decide(
+        harness.task, sighting=harness.observe(), pod=runner, clock=harness.clock.now()
+    )
+    assert decision.ended == Outcome.RUNNER_LOST and decision.retrying
+    assert not of_type(decision, DeletePod)  # a pool runner is not ours to delete
+
+
+def test_pool_task_backing_off_is_not_claimable() -> None:
+    harness = pool_harness(retry={"maxAttempts": 3, "backoff": {"initial": "1m", "jitter": 0}})
+    claim(harness, "flaky")
+    harness.settle()
+    harness.write_result("FAILED", errorId="Transient")
+    harness.settle()
+    assert CLAIMABLE_LABEL not in harness.task.labels
+    harness.advance(61)
+    harness.settle()
+    assert harness.task.labels[CLAIMABLE_LABEL] == "true"
+
+
 # --- stale pods ---------------------------------------------------------------------------
 
 
