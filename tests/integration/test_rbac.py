@@ -1,0 +1,219 @@
+"""Least privilege, as the chart grants it: asked of the authorizer (`kubectl auth can-i` as the
+ServiceAccount) and proven with real requests made with the ServiceAccounts' own tokens.
+
+Runner: get and watch Tasks, patch tasks/status, in the runner namespaces; nothing else.
+Operator (watching a list of namespaces): its verbs in those namespaces, and only list/watch
+of CRDs and namespaces cluster-wide.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.controlplane.binaries import obtain_helm
+from tests.integration.chart_support import (
+    RUNNER_SA,
+    Helm,
+    Release,
+    installed,
+    leased_task,
+    patch_status,
+    progress,
+    runner_pod,
+    scoped_values,
+    service_account_token,
+    token_client,
+    uncaptured,
+)
+
+pytestmark = pytest.mark.cluster
+
+
+@dataclass
+class Setup:
+    namespace: str
+    other_namespace: str
+    release: Release
+    control_plane: Any
+    admin: client.ApiClient
+    kubectl: Any
+
+    def can_i(self, user: str, verb: str, resource: str, namespace: str | None = None) -> bool:
+        resource, _, subresource = resource.partition("/")
+        args = ["auth", "can-i", verb, resource, f"--as={user}"]
+        args += [f"--subresource={subresource}"] if subresource else []
+        args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+        result = self.kubectl(*args, check=False)
+        answer = str(result.stdout).strip()
+        assert answer in ("yes", "no"), result.stdout + result.stderr
+        return answer == "yes"
+
+
+@pytest.fixture(scope="module")
+def setup(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    control_plane: Any,
+    kube_config: Any,
+    kubectl: Any,
+) -> Iterator[Setup]:
+    with uncaptured(request):
+        binary = obtain_helm()
+    tmp = tmp_path_factory.mktemp("rbac")
+    helm = Helm(binary, kubeconfig=control_plane.kubeconfig, home=tmp / "helm")
+    core = client.CoreV1Api(kube_config)
+    suffix = secrets.token_hex(3)
+    namespace, other = f"t-rbac-{suffix}", f"t-rbac-{suffix}-other"
+    for name in (namespace, other):
+        core.create_namespace({"metadata": {"name": name}})
+    try:
+        with installed(helm, namespace, tmp, scoped_values(namespace)) as release:
+            yield Setup(namespace, other, release, control_plane, kube_config, kubectl)
+    finally:
+        for name in (namespace, other):
+            core.delete_namespace(name, propagation_policy="Background")
+
+
+def test_runner_rbac_is_least_privilege(setup: Setup) -> None:
+    runner = setup.release.runner_user()
+    ns, other = setup.namespace, setup.other_namespace
+
+    # What a runner needs, in its namespace.
+    assert setup.can_i(runner, "get", "tasks.tasklease.io", ns)
+    assert setup.can_i(runner, "watch", "tasks.tasklease.io", ns)
+    assert setup.can_i(runner, "patch", "tasks.tasklease.io/status", ns)
+    # Nothing more on Tasks: no list, no spec or metadata writes, no create or delete.
+    for verb in ("list", "patch", "update", "create", "delete", "deletecollection"):
+        assert not setup.can_i(runner, verb, "tasks.tasklease.io", ns), verb
+    assert not setup.can_i(runner, "update", "tasks.tasklease.io/status", ns)
+    # No other resource.
+    for verb, resource in (
+        ("get", "pods"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("get", "configmaps"),
+        ("get", "secrets"),
+        ("create", "events"),
+        ("get", "leases.coordination.k8s.io"),
+        ("create", "serviceaccounts/token"),
+    ):
+        assert not setup.can_i(runner, verb, resource, ns), f"{verb} {resource}"
+    # No other namespace, and nothing cluster-wide.
+    assert not setup.can_i(runner, "get", "tasks.tasklease.io", other)
+    assert not setup.can_i(runner, "patch", "tasks.tasklease.io/status", other)
+    assert not setup.can_i(runner, "get", "tasks.tasklease.io")
+    assert not setup.can_i(runner, "list", "namespaces")
+
+
+def test_runner_rbac_holds_for_real_requests(setup: Setup) -> None:
+    """The same, with the token a runner pod really has (bound to the pod)."""
+    ns, other = setup.namespace, setup.other_namespace
+    core = client.CoreV1Api(setup.admin)
+    pod = runner_pod(core, ns, "runner-real")
+    runner = token_client(setup.control_plane, service_account_token(core, ns, RUNNER_SA, pod=pod))
+    leased_task(setup.admin, ns, "mine", holder="runner-real", epoch=1)
+    leased_task(setup.admin, other, "elsewhere", holder="runner-real", epoch=1)
+    custom = client.CustomObjectsApi(runner)
+    runner_core = client.CoreV1Api(runner)
+
+    # Allowed: read the Task, write its status.progress (as the holder, current epoch).
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "mine")
+    assert patch_status(runner, ns, "mine", {"progress": progress(1)}) is None
+
+    refused: dict[str, Any] = {
+        "patch spec": lambda: custom.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, "mine", {"spec": {"cancel": True}}
+        ),
+        "patch annotations": lambda: custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            ns,
+            PLURAL,
+            "mine",
+            {"metadata": {"annotations": {"tasklease.io/epoch": "9"}}},
+        ),
+        "list tasks": lambda: custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL),
+        "create a task": lambda: custom.create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            ns,
+            PLURAL,
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Task", "metadata": {"name": "x"}},
+        ),
+        "delete a task": lambda: custom.delete_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, "mine"
+        ),
+        "get pods": lambda: runner_core.read_namespaced_pod("runner-real", ns),
+        "create pods": lambda: runner_core.create_namespaced_pod(
+            ns,
+            {"metadata": {"name": "sneaky"}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+        ),
+        "list configmaps": lambda: runner_core.list_namespaced_config_map(ns),
+        "get another namespace's task": lambda: custom.get_namespaced_custom_object(
+            GROUP, VERSION, other, PLURAL, "elsewhere"
+        ),
+        "patch another namespace's task status": lambda: (
+            custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, other, PLURAL, "elsewhere", {"status": {"progress": progress(1)}}
+            )
+        ),
+    }
+    for what, request in refused.items():
+        with pytest.raises(ApiException) as caught:
+            request()
+        assert caught.value.status == 403, f"{what}: {caught.value.status} {caught.value.reason}"
+
+
+def test_operator_rbac_is_scoped_and_exact(setup: Setup) -> None:
+    operator = setup.release.operator_user
+    ns, other = setup.namespace, setup.other_namespace
+    allowed = [
+        ("get", "tasks.tasklease.io"),
+        ("list", "tasks.tasklease.io"),
+        ("watch", "tasks.tasklease.io"),
+        ("patch", "tasks.tasklease.io"),
+        ("patch", "tasks.tasklease.io/status"),
+        ("list", "pods"),
+        ("watch", "pods"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("create", "events"),
+        ("list", "leases.coordination.k8s.io"),
+        ("watch", "leases.coordination.k8s.io"),
+    ]
+    for verb, resource in allowed:
+        assert setup.can_i(operator, verb, resource, ns), f"{verb} {resource}"
+        assert not setup.can_i(operator, verb, resource, other), f"{verb} {resource} elsewhere"
+    refused = [
+        ("update", "tasks.tasklease.io"),
+        ("create", "tasks.tasklease.io"),
+        ("delete", "tasks.tasklease.io"),
+        ("update", "tasks.tasklease.io/status"),
+        ("get", "pods"),
+        ("patch", "pods"),
+        ("update", "pods"),
+        ("create", "pods/exec"),
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("get", "configmaps"),
+        ("create", "leases.coordination.k8s.io"),
+        ("create", "serviceaccounts/token"),
+        ("list", "kopfpeerings.kopf.dev"),  # peering is off in this release
+    ]
+    for verb, resource in refused:
+        assert not setup.can_i(operator, verb, resource, ns), f"{verb} {resource}"
+    # Cluster-wide, only what kopf reads to follow CRDs and namespaces.
+    assert setup.can_i(operator, "list", "customresourcedefinitions.apiextensions.k8s.io")
+    assert setup.can_i(operator, "watch", "namespaces")
+    assert not setup.can_i(operator, "get", "customresourcedefinitions.apiextensions.k8s.io")
+    assert not setup.can_i(operator, "create", "customresourcedefinitions.apiextensions.k8s.io")
+    assert not setup.can_i(operator, "list", "tasks.tasklease.io")
+    assert not setup.can_i(operator, "list", "pods")
