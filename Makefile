@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed  ## Create .venv with the package and test tools (pinned by constraints.txt)
 
-binaries: venv  ## Obtain etcd, kube-apiserver, kube-controller-manager, kubectl (cached; built once from the Go module proxy)
+binaries: venv  ## Obtain etcd, kube-apiserver, kube-controller-manager, kubectl and helm (cached; built once from the Go module proxy)
 	$(PY) -m tasklease.controlplane binaries
+	$(PY) -m tasklease.controlplane helm
 
 manifests: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the pydantic models
 	$(PY) -m tasklease.api.crd

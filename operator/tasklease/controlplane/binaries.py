@@ -407,9 +407,9 @@ def obtain_helm(*, build: bool = True, progress: TextIO | None = None) -> Path:
     target = helm_cache_dir()
     if not build:
         raise BinariesError(
-            f"no helm {HELM_VERSION} in {target}; build it with `python -c 'from "
-            f"tasklease.controlplane.binaries import obtain_helm; print(obtain_helm())'`, "
-            f"or set {HELM_ENV} to a helm {HELM_VERSION} binary"
+            f"no helm {HELM_VERSION} in {target}; build it with "
+            f"`python -m tasklease.controlplane helm`, or set {HELM_ENV} to a helm "
+            f"{HELM_VERSION} binary"
         )
     _install_helm_into_cache(target, progress=progress)
     return target / "helm"

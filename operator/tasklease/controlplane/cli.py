@@ -20,7 +20,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from tasklease.controlplane.binaries import BinariesError, find_binaries, obtain_binaries
+from tasklease.controlplane.binaries import (
+    BinariesError,
+    find_binaries,
+    obtain_binaries,
+    obtain_helm,
+)
 from tasklease.controlplane.cluster import ControlPlane, ControlPlaneError
 from tasklease.controlplane.versions import ETCD_VERSION, KUBERNETES_VERSION
 
@@ -64,6 +69,20 @@ def _binaries(args: argparse.Namespace) -> int:
         return 1
     _say(f"binaries from {found.source}")
     print(found.directory, flush=True)
+    return 0
+
+
+def _helm(args: argparse.Namespace) -> int:
+    _install_stop_handlers()
+    try:
+        path = obtain_helm(build=not args.no_build)
+    except _Stop as stop:
+        _say(f"{stop.args[0]}: build stopped")
+        return 130
+    except BinariesError as error:
+        _say(str(error))
+        return 1
+    print(path, flush=True)
     return 0
 
 
@@ -126,6 +145,14 @@ def _parser() -> argparse.ArgumentParser:
         "--no-build", action="store_true", help="fail instead of building when not found"
     )
     binaries.set_defaults(run=_binaries)
+
+    helm = commands.add_parser(
+        "helm", help="find or build the pinned helm (for the chart tests); print its path"
+    )
+    helm.add_argument(
+        "--no-build", action="store_true", help="fail instead of building when not found"
+    )
+    helm.set_defaults(run=_helm)
 
     up = commands.add_parser("up", help="run a control plane in the foreground")
     up.add_argument(

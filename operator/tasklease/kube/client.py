@@ -214,19 +214,6 @@ class KubeWriter:
             return False
         return True
 
-    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
-        await self._limiter.take()
-        try:
-            response = await self._core.read_namespaced_pod(name, namespace, _preload_content=False)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        try:
-            return await _json(response)
-        except Gone:
-            return None
-
     async def record_event(
         self,
         task: dict[str, Any],
