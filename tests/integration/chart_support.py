@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "tasklease"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 RUNNER_SA = "tasklease-runner"
+POOL_RUNNER_SA = "tasklease-pool-runner"
 
 
 def uncaptured(request: pytest.FixtureRequest) -> contextlib.AbstractContextManager[None]:
@@ -111,6 +112,9 @@ class Release:
 
     def runner_user(self, namespace: str | None = None) -> str:
         return f"system:serviceaccount:{namespace or self.namespace}:{RUNNER_SA}"
+
+    def pool_runner_user(self, namespace: str | None = None) -> str:
+        return f"system:serviceaccount:{namespace or self.namespace}:{POOL_RUNNER_SA}"
 
     def kinds(self) -> list[str]:
         return [doc["kind"] for doc in self.documents]
@@ -224,13 +228,18 @@ def write_token_kubeconfig(path: Path, control_plane: Any, token: str, user: str
 
 
 def runner_pod(
-    core: client.CoreV1Api, namespace: str, name: str, *, service_account: str = RUNNER_SA
+    core: client.CoreV1Api,
+    namespace: str,
+    name: str,
+    *,
+    service_account: str = RUNNER_SA,
+    labels: dict[str, str] | None = None,
 ) -> Any:
     """A pod object running as the runner ServiceAccount (no kubelet runs it here)."""
     return core.create_namespaced_pod(
         namespace,
         {
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": labels or {}},
             "spec": {
                 "serviceAccountName": service_account,
                 "restartPolicy": "Never",

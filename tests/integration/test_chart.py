@@ -95,6 +95,47 @@ ALL_OPTIONS: dict[str, Any] = {
             "annotations": {"example.com/role": "runner"},
         },
     },
+    "pools": {
+        "enabled": True,
+        "serviceAccount": {
+            "create": True,
+            "name": "tasklease-pool-runner",
+            "annotations": {"example.com/role": "pool-runner"},
+        },
+        "terminationGracePeriodSeconds": 45,
+        "groups": [
+            {
+                "name": "gpu",
+                "namespace": "",  # filled in per test: the last test namespace
+                "replicas": 2,
+                "image": "registry.example/embedder:1.4",
+                "command": ["tasklease", "run", "--worker-group", "gpu", "--poll-timeout", "30"],
+                "args": ["--", "python", "-m", "embedder"],
+                "resources": {"limits": {"memory": "2Gi"}},
+                "env": [{"name": "MODEL", "value": "small"}],
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {
+                    "podAntiAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "weight": 1,
+                                "podAffinityTerm": {
+                                    "topologyKey": "kubernetes.io/hostname",
+                                    "labelSelector": {
+                                        "matchLabels": {"tasklease.io/worker-group": "gpu"}
+                                    },
+                                },
+                            }
+                        ]
+                    }
+                },
+                "podLabels": {"team": "ml"},
+                "podAnnotations": {"example.com/owner": "ml"},
+                "terminationGracePeriodSeconds": 60,
+            }
+        ],
+    },
     "peering": {
         "enabled": True,
         "name": "tasklease-all",
@@ -124,6 +165,7 @@ def all_options(namespaces: list[str]) -> dict[str, Any]:
     values: dict[str, Any] = copy.deepcopy(ALL_OPTIONS)
     values["watchNamespaces"] = namespaces
     values["runner"]["namespaces"] = namespaces
+    values["pools"]["groups"][0]["namespace"] = namespaces[-1]
     values["admissionPolicy"]["namespaceSelector"] = {
         "matchLabels": {"kubernetes.io/metadata.name": namespaces[0]}
     }
@@ -304,7 +346,13 @@ def test_rendered_chart_applies_with_server_side_dry_run(
     kinds = {doc["kind"] for doc in docs}
     if options == "all-options":
         assert {"KopfPeering", "CustomResourceDefinition"} <= kinds
-        assert sum(doc["kind"] == "Deployment" for doc in docs) == 2  # active and standby
+        components = [
+            doc["metadata"]["labels"]["app.kubernetes.io/component"]
+            for doc in docs
+            if doc["kind"] == "Deployment"
+        ]
+        assert components.count("operator") == 2  # active and standby
+        assert components.count("pool-runner") == 1  # pools.groups
     result = kubectl(
         "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(docs), check=False
     )

@@ -1028,6 +1028,25 @@ def test_lost_pool_runner_sends_its_task_back_at_once(state: str) -> None:
     assert not of_type(decision, DeletePod)  # a pool runner is not ours to delete
 
 
+def test_pool_attempt_timeout_ignores_the_runners_acquire_time() -> None:
+    # A pool runner writes its claim's acquire time itself; one in the future must not
+    # buy it a longer attempt. The operator times the attempt from its own sighting.
+    harness = pool_harness(attemptTimeout="30s")
+    claim(harness, "sly")
+    harness.body["metadata"]["annotations"][ACQUIRE_TIME_ANNOTATION] = "2099-01-01T00:00:00Z"
+    harness.settle()
+    assert harness.task.status.attempts[-1].start_time <= harness.clock.wall
+    harness.report(percent=1)
+    harness.settle()
+    harness.advance(29)
+    harness.report(percent=2)
+    harness.settle()
+    assert harness.task.status.phase == Phase.RUNNING
+    harness.advance(1)
+    harness.settle()
+    assert harness.task.status.attempts[0].outcome == Outcome.ATTEMPT_TIMEOUT
+
+
 def test_pool_task_backing_off_is_not_claimable() -> None:
     harness = pool_harness(retry={"maxAttempts": 3, "backoff": {"initial": "1m", "jitter": 0}})
     claim(harness, "flaky")

@@ -138,3 +138,68 @@ namespaceSelector:
         {{- include "tasklease.runnerNamespaces" . | fromJsonArray | toYaml | nindent 8 }}
 {{- end }}
 {{- end }}
+
+{{/* The pool runners' ServiceAccount name (the same in every runner namespace). */}}
+{{- define "tasklease.poolServiceAccount" -}}
+{{- .Values.pools.serviceAccount.name }}
+{{- end }}
+
+{{/* CEL: true when the writer is a pool runner ServiceAccount (of any namespace; the
+policy bindings pick the namespaces) and not the operator. */}}
+{{- define "tasklease.poolRunnerMatchConditions" -}}
+- name: writer-is-a-pool-runner
+  expression: {{ printf "request.userInfo.username.startsWith('system:serviceaccount:') && request.userInfo.username.endsWith(':%s')" (include "tasklease.poolServiceAccount" .) | quote }}
+- name: writer-is-not-the-operator
+  expression: {{ printf "request.userInfo.username != '%s'" (include "tasklease.operatorUsername" .) | quote }}
+{{- end }}
+
+{{/* CEL variables `pod` (the pod-name claim of the writer's bound token, or '') and
+`writer` (how refusals name the writer). */}}
+{{- define "tasklease.writerPodVariables" -}}
+- name: pod
+  expression: >-
+    has(request.userInfo.extra) && 'authentication.kubernetes.io/pod-name' in request.userInfo.extra
+      && size(request.userInfo.extra['authentication.kubernetes.io/pod-name']) > 0
+      ? request.userInfo.extra['authentication.kubernetes.io/pod-name'][0] : ''
+- name: writer
+  expression: >-
+    variables.pod != '' ? 'pool runner pod ' + variables.pod
+      : request.userInfo.username + ' (its token is not bound to a pod)'
+{{- end }}
+
+{{/* The namespace of pool group `.group`: its `namespace`, else the release namespace. */}}
+{{- define "tasklease.poolNamespace" -}}
+{{- default .root.Release.Namespace .group.namespace }}
+{{- end }}
+
+{{/* Fail early on pool values that would render something that cannot work. */}}
+{{- define "tasklease.validatePools" -}}
+{{- $pools := .Values.pools }}
+{{- if and $pools.groups (not $pools.enabled) }}
+{{- fail "pools.groups needs pools.enabled: true (the pool runners' ServiceAccount, Role and admission policies)" }}
+{{- end }}
+{{- if $pools.enabled }}
+{{- if eq $pools.serviceAccount.name .Values.runner.serviceAccount.name }}
+{{- fail "pools.serviceAccount.name must differ from runner.serviceAccount.name: pool runners may patch Tasks (claims and releases), runners of a pod per attempt must not" }}
+{{- end }}
+{{- $runnerNamespaces := include "tasklease.runnerNamespaces" . | fromJsonArray }}
+{{- if and (eq $pools.serviceAccount.name (include "tasklease.operatorServiceAccount" .)) (has .Release.Namespace $runnerNamespaces) }}
+{{- fail "pools.serviceAccount.name must differ from the operator's ServiceAccount name" }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $index, $group := $pools.groups }}
+{{- $namespace := include "tasklease.poolNamespace" (dict "root" $ "group" $group) }}
+{{- if not (has $namespace $runnerNamespaces) }}
+{{- fail (printf "pools.groups[%d] (%s) runs in namespace %s, which is not a runner namespace (%s): set its namespace to one of them, or add it to runner.namespaces (or watchNamespaces)" $index $group.name $namespace (join ", " $runnerNamespaces)) }}
+{{- end }}
+{{- $key := printf "%s/%s" $namespace $group.name }}
+{{- if hasKey $seen $key }}
+{{- fail (printf "pools.groups: worker group %s is listed twice for namespace %s" $group.name $namespace) }}
+{{- end }}
+{{- $_ := set $seen $key true }}
+{{- if and (not $group.command) (not $group.args) }}
+{{- fail (printf "pools.groups[%d] (%s): set args (the program `tasklease run --worker-group %s --` runs for each task) or command" $index $group.name $group.name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}

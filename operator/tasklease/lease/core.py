@@ -279,7 +279,8 @@ def _hand_out(task: Task, plan: _Plan, *, lease_written: bool) -> None:
         lease = task.lease
         epoch = lease.epoch
         holder = lease.holder or runner_pod_name(task.name, epoch)
-        acquired = lease.acquire_time or now
+        # A pool runner's claim carries its own clock's acquire time: never in the future.
+        acquired = min(lease.acquire_time, now) if lease.acquire_time else now
         attempt = task.status.attempt + 1
     else:
         epoch = task.lease.epoch + 1
@@ -721,10 +722,15 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
             _end_attempt(task, plan, outcome=Outcome.POD_FAILED, message=text, pod=pod)
             return
 
-    if spec.attempt_timeout is not None and lease.acquire_time is not None:
-        attempt_deadline = lease.acquire_time + spec.attempt_timeout
-        if clock.wall >= attempt_deadline:
-            plan.expired_at = clock.monotonic_at(attempt_deadline)
+    if spec.attempt_timeout is not None and (task.is_pool_task or lease.acquire_time):
+        # A pool runner writes the acquire time of its own claim, so for pool tasks the
+        # attempt is timed from the operator's sighting of the epoch, like the other timeouts.
+        if task.is_pool_task or lease.acquire_time is None:
+            attempt_deadline_mono = sighting.epoch_seen_at + spec.attempt_timeout.total_seconds()
+        else:
+            attempt_deadline_mono = clock.monotonic_at(lease.acquire_time + spec.attempt_timeout)
+        if clock.monotonic >= attempt_deadline_mono:
+            plan.expired_at = attempt_deadline_mono
             _end_attempt(
                 task,
                 plan,
@@ -733,7 +739,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
                 pod=pod,
             )
             return
-        plan.wake(clock.monotonic_at(attempt_deadline))
+        plan.wake(attempt_deadline_mono)
 
     acknowledged = sighting.last_report is not None
     if status.phase == Phase.ASSIGNED:

@@ -195,7 +195,8 @@ class PoolRunner:
                     PLURAL,
                     label_selector=selector,
                     resource_version=listed["metadata"]["resourceVersion"],
-                    timeout_seconds=max(1, int(min(remaining, 30))),
+                    # Short watches, so a stopping runner notices within seconds.
+                    timeout_seconds=max(1, int(min(remaining, 5))),
                 ):
                     if self.stopping:
                         break

@@ -1,0 +1,178 @@
+"""The benchmark's pure parts: percentiles, goals, tables, the JSON line, profiles, and
+the runner reports the load generator sends (bench/report.py, bench/flame.py,
+bench/loadgen.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from bench.flame import frame_key, parse_collapsed, render, short_path, summarize
+from bench.loadgen import heartbeat_body, heartbeat_prefix, rfc3339_micro, task_manifest
+from bench.report import (
+    RESULT_KEYS,
+    figures_table,
+    format_table,
+    metric_sum,
+    missed_goals,
+    parse_prometheus,
+    per_thousand,
+    percentile,
+    ratio,
+    result_json,
+    round_figure,
+    verdict,
+)
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([1.0], 99, 1.0),
+        ([1.0, 2.0, 3.0, 4.0, 5.0], 50, 3.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.5),
+        ([5.0, 1.0, 4.0, 2.0, 3.0], 0, 1.0),
+        ([5.0, 1.0, 4.0, 2.0, 3.0], 100, 5.0),
+        # numpy.percentile(range(1, 101), 99) == 99.01
+        ([float(v) for v in range(1, 101)], 99, 99.01),
+    ],
+)
+def test_percentile_interpolates_like_numpy(values: list[float], q: float, expected: float) -> None:
+    assert percentile(values, q) == pytest.approx(expected)
+
+
+def test_percentile_of_nothing_is_none() -> None:
+    assert percentile([], 50) is None
+
+
+def test_percentile_outside_0_100_is_refused() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        percentile([1.0], 101)
+
+
+def test_ratio_and_per_thousand_handle_missing_values() -> None:
+    assert ratio(1.0, 4.0) == 0.25
+    assert ratio(None, 4.0) is None
+    assert ratio(1.0, 0.0) is None
+    assert per_thousand(2.0, 4000) == 0.5
+    assert per_thousand(2.0, 0) is None
+
+
+def test_verdicts_follow_the_goals() -> None:
+    assert verdict("cpu_ratio", 0.2) == "met"
+    assert verdict("cpu_ratio", 0.3) == "MISSED"
+    assert verdict("headroom_ratio", 0.9) == "met"
+    assert verdict("false_reassignments", 1) == "MISSED"
+    assert verdict("detection_p99_s", None) == "n/a"
+    assert verdict("tasks", 1000) == ""
+    assert missed_goals({"cpu_ratio": 0.5, "handout_ratio": 2.0}) == ["cpu_ratio"]
+
+
+def test_the_json_line_has_exactly_the_keys_in_order() -> None:
+    line = result_json({"tasks": 1000, "cpu_ratio": 0.123456, "false_reassignments": 0})
+    parsed = json.loads(line)
+    assert list(parsed) == list(RESULT_KEYS)
+    assert parsed["tasks"] == 1000
+    assert parsed["cpu_ratio"] == 0.123
+    assert parsed["false_reassignments"] == 0
+    assert parsed["detection_p99_s"] is None
+    assert "\n" not in line
+
+
+def test_the_json_line_refuses_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="RESULT_KEYS"):
+        result_json({"tasks": 1, "speed": 2})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1234.5678, 1235.0), (0.012345, 0.0123), (3, 3), (0.0, 0.0), (float("nan"), None)],
+)
+def test_figures_keep_three_significant_digits(value: float, expected: float | None) -> None:
+    assert round_figure(value) == expected
+
+
+def test_tables_align_columns() -> None:
+    text = format_table([["a", "1"], ["long name", "22"]], header=["name", "n"])
+    assert text.splitlines() == [
+        "name       n",
+        "---------  --",
+        "a          1",
+        "long name  22",
+    ]
+
+
+def test_the_figures_table_shows_goals_and_verdicts() -> None:
+    text = figures_table({"tasks": 10, "cpu_ratio": 0.5}, {"cpu_ratio": "CPU ratio"})
+    row = next(line for line in text.splitlines() if line.startswith("CPU ratio"))
+    assert "0.5" in row
+    assert "<= 0.25" in row
+    assert "MISSED" in row
+
+
+def test_prometheus_text_is_parsed_and_summed_over_labels() -> None:
+    text = (
+        "# HELP tasklease_tasks Tasks\n"
+        "# TYPE tasklease_tasks gauge\n"
+        'tasklease_tasks{phase="Running"} 998.0\n'
+        'tasklease_tasks{phase="Assigned"} 2.0\n'
+        "tasklease_tasks_other 5.0\n"
+        "tasklease_handouts_total 1000.0\n"
+    )
+    samples = parse_prometheus(text)
+    assert samples['tasklease_tasks{phase="Running"}'] == 998.0
+    assert metric_sum(samples, "tasklease_tasks") == 1000.0
+
+
+def test_collapsed_stacks_are_summarized() -> None:
+    lines = [
+        "<module> (tasklease/__main__.py);run (kopf/_core/reactor/running.py);"
+        "loads (/usr/lib/python3.11/json/__init__.py) 30\n",
+        "<module> (tasklease/__main__.py);run (kopf/_core/reactor/running.py);"
+        "model_validate (site-packages/pydantic/main.py:600) 70\n",
+        "\n",
+    ]
+    profile = summarize(parse_collapsed(lines))
+    assert profile.total == 100
+    assert profile.self_counts["model_validate (pydantic/main.py)"] == 70
+    assert profile.inclusive_counts["run (kopf/_core/reactor/running.py)"] == 100
+    assert profile.package_counts["pydantic"] == 70
+    assert profile.package_counts["json"] == 30
+    text = render(profile, top=5)
+    assert "70.0%" in text
+
+
+def test_frames_lose_line_numbers_and_site_packages() -> None:
+    frame = "handle (/x/.venv/lib/python3.11/site-packages/kopf/_core/a.py:12)"
+    assert frame_key(frame) == "handle (kopf/_core/a.py)"
+    assert short_path("/work/main/operator/tasklease/lease/core.py") == "tasklease/lease/core.py"
+
+
+def test_a_report_is_the_sdks_fenced_json_patch() -> None:
+    prefix = heartbeat_prefix(3, "t-000001-3")
+    body = heartbeat_body(prefix, 42, "2025-01-02T03:04:05.000006Z")
+    assert json.loads(body) == [
+        {"op": "test", "path": "/metadata/annotations/tasklease.io~1epoch", "value": "3"},
+        {"op": "test", "path": "/metadata/annotations/tasklease.io~1holder", "value": "t-000001-3"},
+        {
+            "op": "add",
+            "path": "/status/progress",
+            "value": {"epoch": 3, "percent": 42, "reportTime": "2025-01-02T03:04:05.000006Z"},
+        },
+    ]
+
+
+def test_report_times_are_rfc3339_with_microseconds() -> None:
+    when = datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    assert rfc3339_micro(when) == "2025-01-02T03:04:05.000006Z"
+
+
+def test_bench_tasks_satisfy_the_models() -> None:
+    from tasklease.api.models import Task
+
+    manifest = task_manifest("t-000001", heartbeat_s=5, timeout_s=60, ack_timeout_s=60)
+    manifest["metadata"].update(namespace="bench", uid="u", generation=1)
+    task = Task.model_validate(manifest)
+    assert task.spec.report_progress_timeout.total_seconds() == 60
+    assert task.spec.heartbeat_interval.total_seconds() == 5
