@@ -1,0 +1,1186 @@
+"""`make bench`: the operator's cost and speed against the API server's, in one run.
+
+    python -m bench.run [--tasks 1000] [--heartbeat-interval 5] [--timeout auto] ...
+
+Starts a local control plane (etcd, kube-apiserver, kube-controller-manager with the Job
+controller added), then, in order:
+
+1. Job controller: N batch/v1 Jobs (parallelism 1) created in bulk; pods per second from the
+   first create to the N-th pod seen by a watch.
+2. Operator (a subprocess, `python -m tasklease operator`), warmed up with one Task that is
+   then deleted: its RSS "with none".
+3. Hand-out: N Tasks created in bulk; runner pods per second, same clock as (1). The load
+   generator holds the runners' acknowledgements until the N-th pod is out (or 80% of the
+   ack timeout passed for a pod), then acknowledges them all and heartbeats every interval.
+4. Steady window: CPU-seconds of the operator, kube-apiserver and etcd over the same
+   heartbeats; operator RSS at N.
+5. Headroom: the generator pushes fenced reports as fast as it can with a fixed number in
+   flight, with the operator killed ("alone", restarted afterwards) and running ("with"),
+   alternately. A watch-lag probe measures throughout how late Task changes reach watchers.
+6. Detection: a random 5% of runners stop; from each one's deadline (its last report the API
+   server acknowledged + reportProgressTimeout) to the watch seeing the pod of the next epoch.
+7. Restart: SIGKILL and restart of the operator with heartbeats flowing; seconds until its
+   metrics count all N Tasks again; then one full timeout of watching for reassignments.
+
+False reassignments (a pod of a new epoch for a Task whose runner never stopped) are counted
+throughout. The table goes to stdout, progress to stderr, and the LAST stdout line is the
+JSON object described in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+
+from bench.loadgen import (
+    Api,
+    Generator,
+    WatchLagProbe,
+    create_all,
+    job_manifest,
+    task_manifest,
+    wait_for,
+)
+from bench.procstat import MACHINE, CpuDelta, find_components, rss_bytes, snapshot
+from bench.report import (
+    RESULT_KEYS,
+    figures_table,
+    format_table,
+    format_value,
+    metric_sum,
+    missed_goals,
+    parse_prometheus,
+    per_thousand,
+    percentile,
+    ratio,
+    result_json,
+)
+
+NAMESPACE: Final = "bench"
+JOBS_NAMESPACE: Final = "bench-jobs"
+PROBE_NAMESPACE: Final = "bench-probe"
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+APISERVER: Final = ("kube-apiserver", "etcd")
+MIB: Final = 1024 * 1024
+# Requests per hand-out the operator makes (lease, status, pod, Event): sizes the default
+# timeouts so the bulk hand-out fits in the ack window.
+REQUESTS_PER_HANDOUT: Final = 4
+
+
+def _wall(monotonic: float) -> str:
+    """A monotonic instant as local wall-clock time, for reading logs side by side."""
+    return datetime.fromtimestamp(time.time() - (time.monotonic() - monotonic)).strftime(
+        "%H:%M:%S.%f"
+    )[:-3]
+
+
+def log(text: str) -> None:
+    print(f"[bench {datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
+
+
+def histogram_quantile_bound(samples: Mapping[str, float], name: str, q: float) -> float | None:
+    """The upper bound of the Prometheus histogram bucket holding quantile q."""
+    buckets = []
+    for key, value in samples.items():
+        if key.startswith(f'{name}_bucket{{le="'):
+            bound = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if bound == "+Inf" else float(bound), value))
+    if not buckets:
+        return None
+    buckets.sort()
+    total = buckets[-1][1]
+    for bound, cumulative in buckets:
+        if cumulative >= q * total:
+            return bound
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# --- the operator process -------------------------------------------------------------------
+
+
+class OperatorProcess:
+    """`python -m tasklease operator` as a child that dies with us (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from tasklease.controlplane.process import die_with_parent
+
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tasklease", "operator"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(os.getpid()),
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise RuntimeError(f"the operator exited (code {code}); log tail:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill: no cleanup runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Profiler:
+    """py-spy on the operator, one recording at a time (`--profile DIR`)."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.outputs: dict[str, Path] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder is not None
+
+    def start(self, name: str, pid: int, *, seconds: float | None = None) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        output = self.folder / f"{name}.txt"
+        argv = [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "100",
+            "--nolineno",
+            # Only the thread holding the GIL: CPU spent in Python. Without it, threads
+            # parked in a queue or select() (thread pools, the metrics server) show up as
+            # busy on this kernel.
+            "--gil",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+        ]
+        if seconds is not None:
+            argv += ["--duration", str(max(1, math.ceil(seconds)))]
+        with (self.folder / f"{name}.py-spy.log").open("wb") as out:
+            self._process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        self.outputs[name] = output
+
+    def finish(self) -> None:
+        """Stop the recording (SIGINT makes py-spy write its output) and wait for it."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    tasks: int
+    heartbeat_s: float
+    timeout_s: float
+    ack_timeout_s: float
+    qps: float
+    burst: int
+    workers: int
+    window_s: float
+    push_s: float
+    push_concurrency: int
+    push_rounds: int
+    victims_percent: float
+    concurrency: int
+    jobs: bool
+    output_dir: Path
+    profile: bool
+    seed: int
+    apiserver_args: list[str]
+    kcm_args: list[str]
+
+
+@dataclass
+class Findings:
+    """Everything measured, for the table, the JSON line and --details."""
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> process -> cores
+    watch_lag: dict[str, dict[str, Any]] = field(default_factory=dict)  # phase -> p50, p99
+
+
+class Bench:
+    def __init__(self, settings: Settings, plane: Any, operator: OperatorProcess) -> None:
+        self.s = settings
+        self.plane = plane
+        self.operator = operator
+        self.metrics_port = int(operator.env["TASKLEASE_METRICS_PORT"])
+        self.found = Findings()
+        self.profiler = Profiler(settings.output_dir / "profiles" if settings.profile else None)
+        self.pids: dict[str, int] = {}
+        self.steady_operator_cores = 0.0
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _pids(self) -> dict[str, int]:
+        pids = {**self.pids, "generator": os.getpid()}
+        if self.operator.alive:
+            pids["operator"] = self.operator.pid
+        return pids
+
+    def _cpu(self) -> Any:
+        return snapshot(self._pids(), now=time.monotonic())
+
+    def _record_cpu(self, phase: str, delta: CpuDelta) -> None:
+        cores = {name: delta.cores(name) for name in delta.cpu_s}
+        machine = cores.pop(MACHINE, None)
+        if machine is not None:
+            # Everything else on this shared machine (other engineers' test runs included).
+            cores["others"] = max(machine - sum(cores.values()), 0.0)
+        self.found.cpu[phase] = cores
+
+    async def metrics(self) -> dict[str, float] | None:
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response,
+            ):
+                if response.status != 200:
+                    return None
+                return parse_prometheus(await response.text())
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def tracked(self) -> float | None:
+        samples = await self.metrics()
+        if samples is None or not any(k.startswith("tasklease_tasks{") for k in samples):
+            return None
+        return metric_sum(samples, "tasklease_tasks")
+
+    async def running(self) -> float:
+        samples = await self.metrics() or {}
+        return samples.get('tasklease_tasks{phase="Running"}', 0.0)
+
+    async def settle_operator(self, *, limit_cores: float, within: float) -> float:
+        """Wait until the operator's CPU over 2 s windows is back under `limit_cores` (it has
+        caught up with what it missed); returns the seconds it took."""
+        started = time.monotonic()
+        while time.monotonic() - started < within:
+            self.operator.check()
+            before = self._cpu()
+            await asyncio.sleep(2.0)
+            cores = self._cpu().minus(before).cores("operator")
+            if cores <= limit_cores:
+                return time.monotonic() - started
+        log(f"operator still busy after {within:.0f}s; going on")
+        return time.monotonic() - started
+
+    # --- phases ---------------------------------------------------------------------------
+
+    def phase(self, gen: Generator, name: str) -> None:
+        gen.phase = name
+        self.found.notes.setdefault("phase_started", {})[name] = _wall(time.monotonic())
+
+    async def run(self) -> None:
+        s = self.s
+        self.pids = find_components(
+            self.plane.state_dir, ("kube-apiserver", "etcd", "kube-controller-manager")
+        )
+        missing = {"kube-apiserver", "etcd", "kube-controller-manager"} - set(self.pids)
+        if missing:
+            raise RuntimeError(f"control-plane processes not found in /proc: {sorted(missing)}")
+        log(f"control plane pids: {self.pids}")
+        async with Api(
+            self.plane.server,
+            ca=self.plane.admin_ca,
+            cert=self.plane.admin_cert,
+            key=self.plane.admin_key,
+            connections=max(s.concurrency, s.push_concurrency),
+        ) as api:
+            gen = Generator(
+                api,
+                NAMESPACE,
+                heartbeat_s=s.heartbeat_s,
+                timeout_s=s.timeout_s,
+                ack_timeout_s=s.ack_timeout_s,
+                concurrency=s.concurrency,
+                seed=s.seed,
+            )
+            self.gen = gen
+            watches: list[asyncio.Task[None]] = []
+            listed = asyncio.Event()
+            watches.append(
+                asyncio.create_task(
+                    api.watch(
+                        f"/api/v1/namespaces/{NAMESPACE}/pods",
+                        label_selector="tasklease.io/task",
+                        on_event=gen.on_pod,
+                        listed=listed,
+                    )
+                )
+            )
+            await listed.wait()
+            gen.start()
+            probe = WatchLagProbe(api, PROBE_NAMESPACE)
+            await probe.create()
+            watches.append(asyncio.create_task(probe.run(lambda: gen.phase)))
+            self.probe = probe
+            try:
+                if s.jobs:
+                    await self.job_controller(api, watches)
+                await self.start_operator(api, gen)
+                await self.handout(api, gen)
+                await self.steady(gen)
+                await self.headroom(gen)
+                await self.detection(gen)
+                await self.restart(gen)
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.diagnose(api, gen)
+                for phase, lags in probe.by_phase().items():
+                    self.found.watch_lag[phase] = {
+                        "p50": percentile(lags, 50),
+                        "p99": percentile(lags, 99),
+                        "max": max(lags),
+                        "samples": len(lags),
+                    }
+                self.profiler.finish()
+                await gen.stop()
+                for watch in watches:
+                    watch.cancel()
+                await asyncio.gather(*watches, return_exceptions=True)
+
+    async def job_controller(self, api: Api, watches: list[asyncio.Task[None]]) -> None:
+        s = self.s
+        log(f"Job controller: creating {s.tasks} Jobs in {JOBS_NAMESPACE}")
+        seen: dict[str, float] = {}
+        done = asyncio.Event()
+        last: list[float] = []
+
+        def on_pod(kind: str, pod: dict[str, Any], at: float) -> None:
+            name = pod["metadata"]["name"]
+            if kind in ("ADDED", "LISTED") and name not in seen:
+                seen[name] = at
+                if len(seen) == s.tasks:
+                    last.append(at)
+                    done.set()
+
+        listed = asyncio.Event()
+        watches.append(
+            asyncio.create_task(
+                api.watch(
+                    f"/api/v1/namespaces/{JOBS_NAMESPACE}/pods",
+                    label_selector="batch.kubernetes.io/job-name",
+                    on_event=on_pod,
+                    listed=listed,
+                )
+            )
+        )
+        await listed.wait()
+        before = self._cpu()
+        bulk = await create_all(
+            api,
+            f"/apis/batch/v1/namespaces/{JOBS_NAMESPACE}/jobs",
+            (json.dumps(job_manifest(f"j-{i:06d}")).encode() for i in range(s.tasks)),
+            concurrency=s.concurrency,
+        )
+        if bulk.failed:
+            raise RuntimeError(f"{bulk.failed} Jobs could not be created")
+        try:
+            await asyncio.wait_for(done.wait(), timeout=max(120.0, s.tasks / 5))
+        except TimeoutError:
+            raise RuntimeError(
+                f"only {len(seen)} of {s.tasks} Job pods appeared; is job-controller running? "
+                f"(kube-controller-manager log: {self.plane.log_path('kube-controller-manager')})"
+            ) from None
+        self._record_cpu("job controller", self._cpu().minus(before))
+        elapsed = last[0] - bulk.started
+        self.found.figures["job_controller_pods_per_s"] = s.tasks / elapsed
+        self.found.notes["jobs_create_s"] = bulk.finished - bulk.started
+        self.found.notes["jobs_all_pods_s"] = elapsed
+        log(f"Job controller: {s.tasks} pods in {elapsed:.1f}s ({s.tasks / elapsed:.1f}/s)")
+
+    async def start_operator(self, api: Api, gen: Generator) -> None:
+        log("starting the operator")
+        self.operator.start()
+        await wait_for(
+            "the operator's metrics endpoint",
+            lambda: self._probe_tracked(lambda n: n == 0),
+            within=60,
+            check=self.operator.check,
+        )
+        # Warm-up: one Task through hand-out, acknowledgement and heartbeats, then deleted,
+        # so that lazily loaded code and first-use caches are in the baseline RSS.
+        self.phase(gen, "warm-up")
+        gen.add_runner("warmup", counted=False)
+        manifest = task_manifest(
+            "warmup",
+            heartbeat_s=1,
+            timeout_s=self.s.timeout_s,
+            ack_timeout_s=self.s.ack_timeout_s,
+        )
+        status, data = await api.call(
+            "POST",
+            f"/apis/tasklease.io/v1alpha1/namespaces/{NAMESPACE}/tasks",
+            json.dumps(manifest).encode(),
+        )
+        if status != 201:
+            raise RuntimeError(f"warm-up Task: HTTP {status}: {data[:300]!r}")
+        await wait_for(
+            "the warm-up Task to run",
+            self._warm_up_running,
+            within=60,
+            check=self.operator.check,
+        )
+        await asyncio.sleep(3)
+        gen.forget("warmup")
+        status, data = await api.call(
+            "DELETE", f"/apis/tasklease.io/v1alpha1/namespaces/{NAMESPACE}/tasks/warmup"
+        )
+        if status not in (200, 202):
+            raise RuntimeError(f"deleting the warm-up Task: HTTP {status}: {data[:300]!r}")
+        await wait_for(
+            "the operator to forget the warm-up Task",
+            lambda: self._probe_tracked(lambda n: n == 0),
+            within=60,
+            check=self.operator.check,
+        )
+        await asyncio.sleep(3)
+        samples = []
+        for _ in range(5):
+            samples.append(rss_bytes(self.operator.pid))
+            await asyncio.sleep(0.2)
+        self.found.notes["rss_none_mib"] = min(samples) / MIB
+        log(f"operator up, RSS with no Tasks: {min(samples) / MIB:.1f} MiB")
+
+    async def _probe_tracked(self, test: Any) -> bool:
+        tracked = await self.tracked()
+        return tracked is not None and bool(test(tracked))
+
+    async def _warm_up_running(self) -> bool:
+        return await self.running() >= 1
+
+    async def handout(self, api: Api, gen: Generator) -> None:
+        s = self.s
+        self.phase(gen, "hand-out")
+        for i in range(s.tasks):
+            gen.add_runner(f"t-{i:06d}")
+        gen.handout_target = s.tasks
+        gen.hold_acks = True
+        log(f"hand-out: creating {s.tasks} Tasks in {NAMESPACE}")
+        before = self._cpu()
+        bodies = (
+            json.dumps(
+                task_manifest(
+                    f"t-{i:06d}",
+                    heartbeat_s=s.heartbeat_s,
+                    timeout_s=s.timeout_s,
+                    ack_timeout_s=s.ack_timeout_s,
+                )
+            ).encode()
+            for i in range(s.tasks)
+        )
+        bulk = await create_all(
+            api,
+            f"/apis/tasklease.io/v1alpha1/namespaces/{NAMESPACE}/tasks",
+            bodies,
+            concurrency=s.concurrency,
+        )
+        if bulk.failed:
+            raise RuntimeError(f"{bulk.failed} Tasks could not be created")
+        log(f"hand-out: {s.tasks} Tasks created in {bulk.finished - bulk.started:.1f}s")
+        limit = max(300.0, s.tasks * REQUESTS_PER_HANDOUT / s.qps * 3)
+        await wait_for(
+            f"{s.tasks} runner pods",
+            gen.handout_done.is_set,
+            within=limit,
+            interval=0.5,
+            check=self.operator.check,
+        )
+        self._record_cpu("hand-out", self._cpu().minus(before))
+        assert gen.handout_last_seen is not None
+        elapsed = gen.handout_last_seen - bulk.started
+        self.found.figures["handout_per_s"] = s.tasks / elapsed
+        self.found.notes["tasks_create_s"] = bulk.finished - bulk.started
+        self.found.notes["handout_all_pods_s"] = elapsed
+        self.found.notes["acks_during_handout"] = gen.counters.acks_during_handout
+        log(
+            f"hand-out: {s.tasks} pods in {elapsed:.1f}s ({s.tasks / elapsed:.1f}/s); "
+            f"{gen.counters.acks_during_handout} acks had to go before the last pod"
+        )
+        gen.release_acks()
+        self.phase(gen, "acknowledge")
+        started = time.monotonic()
+        await wait_for(
+            f"{s.tasks} Tasks Running",
+            lambda: self._probe_running(s.tasks),
+            within=max(300.0, s.tasks * 2 / s.qps * 3),
+            interval=1.0,
+            check=self.operator.check,
+        )
+        self.found.notes["all_running_after_s"] = time.monotonic() - started
+        log(f"all {s.tasks} Tasks Running {time.monotonic() - started:.1f}s after the acks")
+
+    async def _probe_running(self, count: int) -> bool:
+        return await self.running() >= count
+
+    async def steady(self, gen: Generator) -> None:
+        s = self.s
+        self.phase(gen, "steady")
+        # Let the acknowledgement burst pass and the heartbeats spread over the interval.
+        await asyncio.sleep(s.heartbeat_s * 1.5)
+        log(f"steady: measuring {s.window_s:.0f}s of heartbeats")
+        gen.counters.lag_s.clear()
+        gen.recording_lag = True
+        acked_before = gen.counters.reports_acked
+        before = self._cpu()
+        await asyncio.sleep(s.window_s)
+        delta = self._cpu().minus(before)
+        heartbeats = gen.counters.reports_acked - acked_before
+        gen.recording_lag = False
+        self._record_cpu("steady", delta)
+        rss = rss_bytes(self.operator.pid)
+        operator_ms = per_thousand(delta.cpu_s["operator"] * 1000, heartbeats)
+        apiserver_ms = per_thousand(delta.total(APISERVER) * 1000, heartbeats)
+        figures = self.found.figures
+        figures["operator_cpu_ms_per_1k_heartbeats"] = operator_ms
+        figures["apiserver_cpu_ms_per_1k_heartbeats"] = apiserver_ms
+        figures["cpu_ratio"] = ratio(operator_ms, apiserver_ms)
+        rss_none = self.found.notes["rss_none_mib"]
+        figures["rss_mib_per_1k_tasks"] = (rss / MIB - rss_none) / s.tasks * 1000
+        self.steady_operator_cores = delta.cores("operator")
+        notes = self.found.notes
+        notes["steady_heartbeats"] = heartbeats
+        notes["steady_heartbeats_per_s"] = heartbeats / delta.seconds
+        notes["steady_expected_per_s"] = s.tasks / s.heartbeat_s
+        notes["generator_cpu_ms_per_1k_heartbeats"] = per_thousand(
+            delta.cpu_s["generator"] * 1000, heartbeats
+        )
+        notes["kcm_cpu_ms_per_1k_heartbeats"] = per_thousand(
+            delta.cpu_s["kube-controller-manager"] * 1000, heartbeats
+        )
+        notes["heartbeat_lag_p99_s"] = percentile(gen.counters.lag_s, 99)
+        notes["rss_at_n_mib"] = rss / MIB
+        samples = await self.metrics() or {}
+        notes["operator_report_age_over_15s"] = samples.get(
+            "tasklease_report_age_seconds_count", 0.0
+        ) - samples.get('tasklease_report_age_seconds_bucket{le="15.0"}', 0.0)
+        log(
+            f"steady: {heartbeats} heartbeats ({heartbeats / delta.seconds:.0f}/s); operator "
+            f"{delta.cores('operator'):.2f} cores, apiserver+etcd "
+            f"{delta.cores('kube-apiserver') + delta.cores('etcd'):.2f} cores; "
+            f"RSS {rss / MIB:.1f} MiB"
+        )
+        if self.profiler.enabled:
+            log(f"profiling the steady state for {s.window_s:.0f}s")
+            self.profiler.start("steady", self.operator.pid, seconds=s.window_s)
+            await asyncio.sleep(s.window_s + 1)
+            self.profiler.finish()
+
+    async def _push(self, gen: Generator, *, alone: bool) -> tuple[float, CpuDelta]:
+        s = self.s
+        if alone:
+            # Not SIGSTOP: a stopped process keeps its watch connections open, and the API
+            # server stalls on the unread streams until it gives up on them, which made
+            # the "alone" figure lower and erratic. Killed, its watches are gone.
+            self.operator.kill()
+            await asyncio.sleep(0.5)
+        before = self._cpu()
+        started = time.monotonic()
+        stored = await gen.push(s.push_s, concurrency=s.push_concurrency)
+        elapsed = time.monotonic() - started
+        delta = self._cpu().minus(before)
+        if alone:
+            self.operator.start()
+            await wait_for(
+                f"the restarted operator to track {s.tasks} Tasks",
+                lambda: self._probe_tracked(lambda n: n >= s.tasks),
+                within=max(120.0, s.tasks / 100),
+                interval=0.2,
+                check=self.operator.check,
+            )
+        caught_up = await self.settle_operator(
+            limit_cores=max(self.steady_operator_cores * 1.5, self.steady_operator_cores + 0.05),
+            within=120,
+        )
+        rate = stored / elapsed
+        log(
+            f"headroom {'alone' if alone else 'with the operator'}: {rate:.0f} reports/s "
+            f"(apiserver+etcd {delta.cores('kube-apiserver') + delta.cores('etcd'):.2f} cores, "
+            f"generator {delta.cores('generator'):.2f}, "
+            f"operator {delta.cpu_s.get('operator', 0.0) / delta.seconds:.2f}, "
+            f"machine {delta.cores(MACHINE):.2f}); "
+            f"operator settled in {caught_up:.0f}s"
+        )
+        return rate, delta
+
+    async def headroom(self, gen: Generator) -> None:
+        s = self.s
+        self.phase(gen, "headroom")
+        alone: list[float] = []
+        attached: list[float] = []
+        # Reports stored per CPU-second of kube-apiserver + etcd: what one report costs the
+        # API server, whatever share of the machine it got.
+        efficiency: dict[str, list[float]] = {"alone": [], "with": []}
+        for round_ in range(s.push_rounds):
+            rate, delta = await self._push(gen, alone=True)
+            alone.append(rate)
+            efficiency["alone"].append(rate * delta.seconds / delta.total(APISERVER))
+            self._record_cpu(f"push alone #{round_ + 1}", delta)
+            rate, delta = await self._push(gen, alone=False)
+            attached.append(rate)
+            efficiency["with"].append(rate * delta.seconds / delta.total(APISERVER))
+            self._record_cpu(f"push with operator #{round_ + 1}", delta)
+            if round_ == 0:
+                self.found.notes["operator_cpu_ms_per_1k_reports_at_push"] = per_thousand(
+                    delta.cpu_s["operator"] * 1000, rate * s.push_s
+                )
+        mean_alone = sum(alone) / len(alone)
+        mean_attached = sum(attached) / len(attached)
+        self.found.notes["headroom_alone_per_s"] = [round(r) for r in alone]
+        self.found.notes["headroom_with_operator_per_s"] = [round(r) for r in attached]
+        self.found.notes["reports_per_apiserver_cpu_s_alone"] = [
+            round(e) for e in efficiency["alone"]
+        ]
+        self.found.notes["reports_per_apiserver_cpu_s_with"] = [
+            round(e) for e in efficiency["with"]
+        ]
+        self.found.figures["headroom_ratio"] = ratio(mean_attached, mean_alone)
+        if self.profiler.enabled:
+            log("profiling a push with the operator attached")
+            self.profiler.start("push", self.operator.pid, seconds=s.push_s)
+            await gen.push(s.push_s, concurrency=s.push_concurrency)
+            self.profiler.finish()
+            await self.settle_operator(
+                limit_cores=max(
+                    self.steady_operator_cores * 1.5, self.steady_operator_cores + 0.05
+                ),
+                within=120,
+            )
+
+    async def detection(self, gen: Generator) -> None:
+        s = self.s
+        self.phase(gen, "detection")
+        runners = gen.counted
+        count = max(1, round(len(runners) * s.victims_percent / 100))
+        victims = gen.random.sample(runners, count)
+        log(
+            f"detection: stopping the heartbeats of {count} runners; their leases expire "
+            f"{s.timeout_s:.0f}s after their last report"
+        )
+        before = self._cpu()
+        events = gen.stop_heartbeats(victims)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(event.wait() for event in events.values())),
+                timeout=s.timeout_s + s.heartbeat_s + max(60.0, count / s.qps * 10),
+            )
+        except TimeoutError:
+            left = sum(1 for event in events.values() if not event.is_set())
+            log(f"detection: {left} of {count} stopped runners were never replaced")
+            self.found.notes["detection_not_replaced"] = left
+        self._record_cpu("detection", self._cpu().minus(before))
+        delays = gen.detection_delays()
+        figures = self.found.figures
+        figures["detection_p50_s"] = percentile(delays, 50)
+        figures["detection_p99_s"] = percentile(delays, 99)
+        self.found.notes["detection_samples"] = len(delays)
+        self.found.notes["detection_max_s"] = max(delays) if delays else None
+        self.found.notes["detection_min_s"] = min(delays) if delays else None
+        samples = await self.metrics() or {}
+        count = samples.get("tasklease_reassignment_delay_seconds_count", 0.0)
+        if count:
+            total = samples.get("tasklease_reassignment_delay_seconds_sum", 0.0)
+            self.found.notes["operator_deadline_to_pod_mean_s"] = total / count
+            self.found.notes["operator_deadline_to_pod_p99_le_s"] = histogram_quantile_bound(
+                samples, "tasklease_reassignment_delay_seconds", 0.99
+            )
+        log(
+            f"detection: {len(delays)} samples, p50 {format_value(figures['detection_p50_s'])}s, "
+            f"p99 {format_value(figures['detection_p99_s'])}s"
+        )
+        await wait_for(
+            "the replacements to run",
+            lambda: self._probe_running(s.tasks),
+            within=max(120.0, s.ack_timeout_s * 2),
+            interval=1.0,
+            check=self.operator.check,
+        )
+
+    async def restart(self, gen: Generator) -> None:
+        s = self.s
+        self.phase(gen, "restart")
+        await asyncio.sleep(s.heartbeat_s)
+        log("restart: SIGKILL and restart of the operator")
+        self.operator.kill()
+        started = time.monotonic()
+        self.operator.start()
+        up = await wait_for(
+            "the restarted operator's metrics",
+            lambda: self._probe_tracked(lambda n: True),
+            within=120,
+            interval=0.05,
+            check=self.operator.check,
+        )
+        done = await wait_for(
+            f"the restarted operator to track {s.tasks} Tasks",
+            lambda: self._probe_tracked(lambda n: n >= s.tasks),
+            within=max(120.0, s.tasks / 100),
+            interval=0.05,
+            check=self.operator.check,
+        )
+        self.found.figures["restart_resume_s"] = done - started
+        self.found.notes["restart_metrics_up_s"] = up - started
+        log(f"restart: tracking all {s.tasks} Tasks {done - started:.2f}s after the restart")
+        self.phase(gen, "after restart")
+        before = self._cpu()
+        rss_samples = []
+        watch_for = s.timeout_s + 2 * s.heartbeat_s
+        log(f"restart: watching {watch_for:.0f}s for reassignments")
+        deadline = time.monotonic() + watch_for
+        while time.monotonic() < deadline:
+            self.operator.check()
+            await asyncio.sleep(min(5.0, max(deadline - time.monotonic(), 0.01)))
+            rss_samples.append(rss_bytes(self.operator.pid))
+        self._record_cpu("after restart", self._cpu().minus(before))
+        self.found.notes["rss_after_restart_mib"] = min(rss_samples) / MIB if rss_samples else None
+        if self.profiler.enabled:
+            log("profiling one more restart")
+            self.operator.kill()
+            self.operator.start()
+            self.profiler.start("restart", self.operator.pid)
+            await wait_for(
+                f"the restarted operator to track {s.tasks} Tasks",
+                lambda: self._probe_tracked(lambda n: n >= s.tasks),
+                within=max(120.0, s.tasks / 100),
+                interval=0.05,
+                check=self.operator.check,
+            )
+            await asyncio.sleep(1.0)
+            self.profiler.finish()
+
+    async def diagnose(self, api: Api, gen: Generator) -> None:
+        """What the operator says about its reassignments, and the attempt history of Tasks
+        whose runner never stopped but lost its lease (for the report)."""
+        text = ""
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response,
+            ):
+                text = await response.text()
+        if text:
+            (self.s.output_dir / "operator-metrics.txt").write_text(text)
+            samples = parse_prometheus(text)
+            self.found.notes["operator_reassignments_since_restart"] = {
+                key.split('"')[1]: value
+                for key, value in samples.items()
+                if key.startswith("tasklease_reassignments_total{")
+            }
+        status, data = await api.call(
+            "GET", f"/apis/tasklease.io/v1alpha1/namespaces/{NAMESPACE}/tasks/t-000000"
+        )
+        if status == 200:
+            (self.s.output_dir / "sample-task.json").write_bytes(data)
+        false = gen.false_reassignments()
+        examples = []
+        for item in false[:10]:
+            status, data = await api.call(
+                "GET", f"/apis/tasklease.io/v1alpha1/namespaces/{NAMESPACE}/tasks/{item.task}"
+            )
+            attempts = []
+            if status == 200:
+                for attempt in (json.loads(data).get("status") or {}).get("attempts") or []:
+                    attempts.append(
+                        f"epoch {attempt.get('epoch')} {attempt.get('startTime')}.."
+                        f"{attempt.get('endTime')} {attempt.get('outcome')}: "
+                        f"{attempt.get('message')}"
+                    )
+            runner = gen.by_task.get(item.task)
+            examples.append(
+                {
+                    "task": item.task,
+                    "phase": item.phase,
+                    "epochs": f"{item.old_epoch}->{item.new_epoch}",
+                    "seen_at": _wall(item.seen),
+                    "last_ack_before_s": item.last_ack_age,
+                    "runner_reports": runner.reports if runner else None,
+                    "attempts": attempts,
+                }
+            )
+        if examples:
+            self.found.notes["false_reassignment_examples"] = examples
+            (self.s.output_dir / "false-reassignments.json").write_text(
+                json.dumps(examples, indent=2)
+            )
+
+    def conclude(self) -> None:
+        gen = self.gen
+        restart = gen.false_reassignments({"restart", "after restart"})
+        others = gen.false_reassignments(
+            {p for p in {r.phase for r in gen.reassignments}} - {"restart", "after restart"}
+        )
+        # Counted in Tasks: a Task that lost the lease of a runner that never stopped.
+        self.found.figures["false_reassignments"] = len({r.task for r in others})
+        self.found.figures["restart_false_reassignments"] = len({r.task for r in restart})
+        by_phase: dict[str, int] = {}
+        for item in others + restart:
+            by_phase[item.phase] = by_phase.get(item.phase, 0) + 1
+        self.found.notes["false_reassignments_by_phase"] = by_phase
+        self.found.notes["false_reassignments_of_replacement_runners"] = sum(
+            1 for item in others + restart if gen.by_task[item.task].victim
+        )
+        self.found.notes["refused_reports"] = gen.counters.refused
+        self.found.notes["report_errors"] = gen.counters.errors
+        self.found.notes["pods_found_by_relisting"] = gen.listed_pods
+        figures = self.found.figures
+        figures["tasks"] = self.s.tasks
+        figures["handout_ratio"] = ratio(
+            figures.get("handout_per_s"), figures.get("job_controller_pods_per_s")
+        )
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+# Long notes that go to details.json only.
+UNPRINTED_NOTES: Final = frozenset({"phase_started", "false_reassignment_examples"})
+
+LABELS: Final = {
+    "tasks": "active Tasks (N)",
+    "operator_cpu_ms_per_1k_heartbeats": "operator CPU-ms / 1k heartbeats",
+    "apiserver_cpu_ms_per_1k_heartbeats": "apiserver+etcd CPU-ms / 1k heartbeats",
+    "cpu_ratio": "cpu_ratio (operator / apiserver)",
+    "headroom_ratio": "headroom_ratio (with / alone)",
+    "rss_mib_per_1k_tasks": "operator RSS MiB / 1k Tasks",
+    "detection_p50_s": "detection p50 (s)",
+    "detection_p99_s": "detection p99 (s)",
+    "false_reassignments": "false reassignments",
+    "handout_per_s": "hand-out, runner pods/s",
+    "job_controller_pods_per_s": "Job controller, pods/s",
+    "handout_ratio": "handout_ratio (operator / Jobs)",
+    "restart_resume_s": "restart: all Tasks tracked (s)",
+    "restart_false_reassignments": "restart: false reassignments",
+}
+
+
+def render(settings: Settings, found: Findings) -> str:
+    parts = [
+        "tasklease benchmark",
+        format_table(
+            [
+                ["Tasks", str(settings.tasks)],
+                [
+                    "heartbeat / reportProgressTimeout / ackTimeout",
+                    f"{settings.heartbeat_s:g}s / {settings.timeout_s:g}s / "
+                    f"{settings.ack_timeout_s:g}s",
+                ],
+                ["client QPS / burst (operator and kcm)", f"{settings.qps:g} / {settings.burst}"],
+                ["operator workers", str(settings.workers)],
+                [
+                    "push",
+                    f"{settings.push_s:g}s x {settings.push_rounds} rounds each, "
+                    f"{settings.push_concurrency} in flight",
+                ],
+                ["kube-apiserver extra flags", " ".join(settings.apiserver_args)],
+                ["kube-controller-manager extra flags", " ".join(settings.kcm_args)],
+                ["machine", f"{os.cpu_count()} CPUs, {platform.platform()}"],
+            ]
+        ),
+        "",
+        "CPU by phase (cores busy on average; others: the rest of this shared machine):",
+        _cpu_table(found.cpu),
+        "",
+        "API server watch delay of a Task change (probe Task; s):",
+        format_table(
+            [
+                [
+                    phase,
+                    format_value(lag["p50"]),
+                    format_value(lag["p99"]),
+                    format_value(lag["max"]),
+                    str(lag["samples"]),
+                ]
+                for phase, lag in found.watch_lag.items()
+            ],
+            header=["phase", "p50", "p99", "max", "samples"],
+        ),
+        "",
+        "details:",
+        format_table(
+            [
+                [key, format_value(value)]
+                for key, value in found.notes.items()
+                if key not in UNPRINTED_NOTES
+            ]
+        ),
+        "",
+        figures_table(found.figures, LABELS),
+    ]
+    missed = missed_goals(found.figures)
+    if missed:
+        parts += ["", f"goals missed: {', '.join(missed)}"]
+    false = (found.figures.get("false_reassignments") or 0) + (
+        found.figures.get("restart_false_reassignments") or 0
+    )
+    if false:
+        parts += [
+            "",
+            "!" * 78,
+            f"!!! FALSE REASSIGNMENTS: {false} Tasks whose runner never stopped lost their "
+            f"lease (by phase: {found.notes.get('false_reassignments_by_phase')})",
+            "!" * 78,
+        ]
+    return "\n".join(parts)
+
+
+def _cpu_table(cpu: Mapping[str, Mapping[str, float]]) -> str:
+    names = ["operator", "kube-apiserver", "etcd", "kube-controller-manager", "generator", "others"]
+    rows = [
+        [phase] + [f"{cores[n]:.2f}" if n in cores else "-" for n in names]
+        for phase, cores in cpu.items()
+    ]
+    return format_table(rows, header=["phase", *names])
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def auto_timeout(tasks: int, qps: float) -> float:
+    """A reportProgressTimeout (and ackTimeout) long enough for the whole bulk hand-out to
+    fit in the ack window (acks are held until the last pod is out), at least 30 s."""
+    handout_s = tasks * REQUESTS_PER_HANDOUT / qps
+    return float(max(30, math.ceil(handout_s * 1.5 / 10) * 10))
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--tasks", type=int, default=1000, help="active Tasks N (1000)")
+    parser.add_argument(
+        "--heartbeat-interval", type=float, default=5.0, help="seconds between reports (5)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="reportProgressTimeout in seconds (default: long enough for the bulk hand-out "
+        "to fit in the ack window, at least 30)",
+    )
+    parser.add_argument(
+        "--ack-timeout", type=float, default=None, help="ackTimeout in seconds (= --timeout)"
+    )
+    parser.add_argument("--qps", type=float, default=100.0, help="operator and kcm QPS (100)")
+    parser.add_argument("--burst", type=int, default=200, help="operator and kcm burst (200)")
+    parser.add_argument("--workers", type=int, default=16, help="TASKLEASE_WORKERS (16)")
+    parser.add_argument(
+        "--window", type=float, default=None, help="steady window, s (max(30, 3 intervals))"
+    )
+    parser.add_argument("--push-seconds", type=float, default=15.0)
+    parser.add_argument("--push-concurrency", type=int, default=64)
+    parser.add_argument("--push-rounds", type=int, default=2, help="alone/with pairs (2)")
+    parser.add_argument("--victims-percent", type=float, default=5.0)
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="generator requests in flight (64)"
+    )
+    parser.add_argument("--no-jobs", action="store_true", help="skip the Job controller")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=REPO_ROOT / ".tasklease" / "bench",
+        help="operator log, details.json, profiles (.tasklease/bench)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also record py-spy profiles of the operator"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    timeout = args.timeout if args.timeout is not None else auto_timeout(args.tasks, args.qps)
+    ack = args.ack_timeout if args.ack_timeout is not None else timeout
+    if ack > timeout:
+        parser.error("--ack-timeout must not exceed --timeout (the CRD refuses it)")
+    if args.heartbeat_interval >= timeout:
+        parser.error("--heartbeat-interval must be shorter than --timeout")
+    window = args.window if args.window is not None else max(30.0, 3 * args.heartbeat_interval)
+    # The client side of the API server: the generator's 64 requests in flight and the
+    # watches must never queue behind the default 400/200 in-flight limits.
+    apiserver_args = ["--max-requests-inflight=1000", "--max-mutating-requests-inflight=500"]
+    kcm_args = [
+        # Appended to the control plane's own --controllers (a repeated string-slice flag
+        # adds to the list).
+        "--controllers=job-controller",
+        f"--kube-api-qps={args.qps:g}",
+        f"--kube-api-burst={args.burst}",
+    ]
+    return Settings(
+        tasks=args.tasks,
+        heartbeat_s=args.heartbeat_interval,
+        timeout_s=timeout,
+        ack_timeout_s=ack,
+        qps=args.qps,
+        burst=args.burst,
+        workers=args.workers,
+        window_s=window,
+        push_s=args.push_seconds,
+        push_concurrency=args.push_concurrency,
+        push_rounds=args.push_rounds,
+        victims_percent=args.victims_percent,
+        concurrency=args.concurrency,
+        jobs=not args.no_jobs,
+        output_dir=args.output_dir.resolve(),
+        profile=args.profile,
+        seed=args.seed,
+        apiserver_args=apiserver_args,
+        kcm_args=kcm_args,
+    )
+
+
+def _kubectl_setup(plane: Any) -> None:
+    plane.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+    plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+    for namespace in (NAMESPACE, JOBS_NAMESPACE, PROBE_NAMESPACE):
+        plane.kubectl("create", "namespace", namespace)
+    deadline = time.monotonic() + 60
+    for namespace in (NAMESPACE, JOBS_NAMESPACE):
+        while plane.kubectl("get", "sa", "default", "-n", namespace, check=False).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no default ServiceAccount in {namespace}")
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    from tasklease.controlplane import KUBERNETES_VERSION, ControlPlane, obtain_binaries
+
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    log(
+        f"N={settings.tasks}, heartbeats every {settings.heartbeat_s:g}s, "
+        f"reportProgressTimeout {settings.timeout_s:g}s, ackTimeout {settings.ack_timeout_s:g}s, "
+        f"QPS/burst {settings.qps:g}/{settings.burst}; Kubernetes {KUBERNETES_VERSION}"
+    )
+    binaries = obtain_binaries(progress=sys.stderr)
+    log("starting the control plane")
+    operator: OperatorProcess | None = None
+    found: Findings | None = None
+    with ControlPlane.start(
+        binaries=binaries,
+        extra_args={
+            "kube-apiserver": settings.apiserver_args,
+            "kube-controller-manager": settings.kcm_args,
+        },
+    ) as plane:
+        try:
+            _kubectl_setup(plane)
+            log_path = settings.output_dir / "operator.log"
+            log_path.unlink(missing_ok=True)
+            env = dict(
+                os.environ,
+                KUBECONFIG=str(plane.kubeconfig),
+                TASKLEASE_NAMESPACES=NAMESPACE,
+                TASKLEASE_WORKERS=str(settings.workers),
+                TASKLEASE_API_QPS=f"{settings.qps:g}",
+                TASKLEASE_API_BURST=str(settings.burst),
+                TASKLEASE_METRICS_PORT=str(free_port()),
+                TASKLEASE_HEALTH_PORT="0",
+                TASKLEASE_LOG_LEVEL="WARNING",
+            )
+            operator = OperatorProcess(env, log_path)
+            bench = Bench(settings, plane, operator)
+            try:
+                asyncio.run(bench.run())
+            finally:
+                found = bench.found
+                with contextlib.suppress(AttributeError):
+                    bench.conclude()
+        finally:
+            if operator is not None:
+                operator.stop()
+    assert found is not None
+    details = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()},
+        "figures": found.figures,
+        "notes": found.notes,
+        "cpu_cores_by_phase": found.cpu,
+        "watch_lag_s_by_phase": found.watch_lag,
+    }
+    (settings.output_dir / "details.json").write_text(json.dumps(details, indent=2, default=str))
+    print(render(settings, found))
+    print(f"\n(details: {settings.output_dir / 'details.json'})")
+    if settings.profile:
+        from bench.flame import summarize_file
+
+        for path in sorted((settings.output_dir / "profiles").glob("*.txt")):
+            print(f"\n== py-spy profile of the operator: {path.name}")
+            print(summarize_file(path, top=20))
+    print(result_json({k: v for k, v in found.figures.items() if k in RESULT_KEYS}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
