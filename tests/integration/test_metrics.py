@@ -31,12 +31,16 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
         assert scrape(port)['tasklease_tasks{phase="Assigned"}'] == 1
 
         cluster.wait_epoch("counted", 2, timeout=20)  # nobody acknowledged: reassigned
+        # The attempt's end and the next hand-out are two executed decisions: wait for both.
         after = wait_for(
-            "the reassignment to be counted",
+            "the reassignment and the new hand-out to be counted",
             lambda: (
-                (s := scrape(port)).get('tasklease_reassignments_total{reason="AckTimeout"}') and s
+                (s := scrape(port)).get("tasklease_handouts_total") == 2
+                and s.get("tasklease_reassignment_delay_seconds_count") == 1
+                and s
             ),
         )
+        assert after['tasklease_reassignments_total{reason="AckTimeout"}'] == 1
         assert after["tasklease_handouts_total"] == 2
         assert after['tasklease_attempts_ended_total{outcome="AckTimeout"}'] == 1
         assert after["tasklease_reassignment_delay_seconds_count"] == 1
