@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench.procstat import rss_bytes
+from tasklease.controlplane.process import die_with_parent
 
 OPERATOR = """
 import os, pathlib, kopf
@@ -57,6 +58,7 @@ def _run_operator(mode: str, kubeconfig: Path, tasks: int, workdir: Path) -> dic
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(os.getpid()),
     )
     try:
         time.sleep(2.0)

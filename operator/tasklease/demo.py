@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.controlplane.process import die_with_parent
 
 NAMESPACE = "demo"
 HUNG_TASK = "rebuild-index"
@@ -141,6 +142,7 @@ def run(*, keep: bool, state_dir: Path, out: Callable[[str], None]) -> int:
             env=env,
             stdout=operator_log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(os.getpid()),
         )
         out(f"operator running (pid {operator.pid}, log {state_dir / 'operator.log'})")
         try:

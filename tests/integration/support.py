@@ -23,6 +23,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.controlplane.process import die_with_parent
 from tasklease.runner import Identity, TaskLease
 
 T = TypeVar("T")
@@ -230,6 +231,7 @@ class OperatorProcess:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(os.getpid()),
         )
         log.close()
         return self

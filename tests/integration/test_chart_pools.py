@@ -46,6 +46,7 @@ from tasklease.api.models import (
     WORKER_GROUP_LABEL,
 )
 from tasklease.controlplane.binaries import obtain_helm
+from tasklease.controlplane.process import die_with_parent
 from tasklease.runner.pool import PoolRunner, claim_patch, release_patch
 from tests.integration.chart_support import (
     CHART,
@@ -727,6 +728,7 @@ def test_chart_pool_pod_runs_tasks_under_the_policies(setup: Setup) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=die_with_parent(os.getpid()),
     )
     try:
         status = setup.wait_phase("wrapped", "Succeeded", timeout=60)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tasklease.api.models import CLAIMABLE_LABEL, POOL_RUNNER_ROLE, ROLE_LABEL
+from tasklease.controlplane.process import die_with_parent
 from tasklease.runner.pool import PoolRunner
 from tests.integration.support import Cluster, OperatorProcess, wait_for
 
@@ -347,6 +348,7 @@ def pool_wrapper(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=die_with_parent(os.getpid()),
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
+from tasklease.controlplane.process import die_with_parent
 from tests.integration.support import Cluster, OperatorProcess, pod_env, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -54,6 +55,7 @@ def run_kubectl_runner(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_parent(os.getpid()),
     )
 
 
