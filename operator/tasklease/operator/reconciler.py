@@ -389,7 +389,9 @@ class Reconciler:
 
     def phase_counts(self) -> dict[Phase, int]:
         counts: dict[Phase, int] = {}
-        for entry in self._entries.values():
+        # Called from the metrics server's thread: list() copies the values in one step
+        # under the GIL, iterating the live dict would fail when the loop adds a Task.
+        for entry in list(self._entries.values()):
             if entry.task is not None:
                 phase = entry.task.status.phase
                 counts[phase] = counts.get(phase, 0) + 1
@@ -398,7 +400,7 @@ class Reconciler:
     def report_ages(self) -> list[float]:
         now = self._monotonic()
         ages = []
-        for entry in self._entries.values():
+        for entry in list(self._entries.values()):  # another thread; see phase_counts
             task, sighting = entry.task, entry.sighting
             if task is None or sighting is None or task.status.phase != Phase.RUNNING:
                 continue
