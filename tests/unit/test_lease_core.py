@@ -1161,6 +1161,22 @@ def test_stale_pod(task_state: dict[str, Any], pod: PodState, stale: bool) -> No
     assert stale_pod(task_at_epoch_2(**task_state), pod, now=at(505)) is stale
 
 
+def test_new_holders_pod_seen_before_its_assigned_status_is_not_stale() -> None:
+    # Pods and Tasks come on two watch streams: the new pod can be seen while the cached
+    # Task shows the lease written but not yet the Assigned status. Found by the scale
+    # benchmark, where hand-outs under load deleted their own fresh pods.
+    ended = task_at_epoch_2()
+    first = ended.status.attempts[0].model_dump(mode="json", by_alias=True, exclude_none=True)
+    task = make_task(
+        holder="demo-2",
+        epoch=2,
+        acquire_time=at(120),
+        status={"phase": "Pending", "attempt": 1, "epoch": 1, "attempts": [first]},
+    )
+    assert stale_pod(task, holder_pod(phase="Pending"), now=at(130)) is False
+    assert stale_pod(task, PodState(name="impostor", epoch=2), now=at(130)) is True
+
+
 @pytest.mark.parametrize("outcome", [Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.FAILED])
 def test_runner_that_reported_but_never_exits_is_stopped_after_the_grace(
     outcome: Outcome,

@@ -850,12 +850,18 @@ def when_to_stop_pod(task: Task, pod: PodState) -> datetime | None:
     if pod.gone or pod.terminating or pod.terminated:
         return None
     lease = task.lease
-    if pod.epoch == lease.epoch and lease.holder == pod.name and task.status.phase in ACTIVE_PHASES:
-        return None
     if pod.epoch > lease.epoch:
         # A pod from an epoch we have not seen yet: our view of the Task is behind.
         return None
     record = next((a for a in task.status.attempts if a.epoch == pod.epoch), None)
+    if pod.epoch == lease.epoch and lease.holder == pod.name and (
+        record is None or record.end_time is None
+    ):
+        # The lease holder, its attempt not ended. Its status may not say so yet: the pod's
+        # watch event can overtake the Task's (two streams), so "Assigned" may still be on
+        # its way. Measured in the scale benchmark: without this, hand-outs under load
+        # deleted their own fresh pods.
+        return None
     if record is not None and record.outcome in RUNNER_REPORTED:
         return (record.end_time or _NOW) + RUNNER_EXIT_GRACE
     return _NOW
