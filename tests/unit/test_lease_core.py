@@ -45,6 +45,7 @@ from tasklease.lease.core import (
     RecordEvent,
     decide,
     observe,
+    report_key,
     set_condition,
     stale_pod,
     when_to_stop_pod,
@@ -442,13 +443,14 @@ def test_observe_starts_a_sighting_when_a_lease_is_first_seen() -> None:
     harness = handed_out()
     sighting = observe(None, harness.task, now=42.0)
     assert (sighting.epoch, sighting.epoch_seen_at) == (1, 42.0)
-    assert (sighting.last_report, sighting.report_seen_at) == (None, None)
+    assert (sighting.report_key, sighting.report_seen_at) == (None, None)
 
 
 def test_observe_counts_a_report_present_at_first_sight_as_seen_now() -> None:
     harness = running()
     sighting = observe(None, harness.task, now=42.0)
-    assert sighting.last_report == harness.task.status.progress
+    assert harness.task.status.progress is not None
+    assert sighting.report_key == report_key(harness.task.status.progress)
     assert sighting.report_seen_at == 42.0
 
 
@@ -458,7 +460,7 @@ def test_observe_ignores_a_report_of_another_epoch() -> None:
     harness.settle()  # epoch 2, progress still carries epoch 1
     sighting = observe(None, harness.task, now=42.0)
     assert sighting.epoch == 2
-    assert sighting.last_report is None
+    assert sighting.report_key is None
 
 
 def test_observe_starts_over_when_the_epoch_changes() -> None:

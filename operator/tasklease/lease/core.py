@@ -90,17 +90,28 @@ class Sighting:
     """What this operator process saw of a Task's lease, on its own monotonic clock.
 
     Deliberately kept in memory only: an operator that restarts starts with no sightings,
-    so every lease gets a full ack/progress window from the moment it is seen again.
+    so every lease gets a full ack/progress window from the moment it is seen again. It is
+    kept small (one per Task, tens of thousands of them): a report is remembered by a hash
+    of its content, not the report itself.
     """
 
     epoch: int
     epoch_seen_at: float
-    last_report: Progress | None = None
+    report_key: int | None = None  # hash of the last report seen for this epoch
     report_seen_at: float | None = None
     # This process created (or found) the epoch's runner pod. After a restart nobody knows
     # whether the crash came between the status write and the pod's creation, so the pod
     # is created again once (AlreadyExists is harmless) instead of losing the attempt.
     pod_ensured: bool = False
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.report_key is not None
+
+
+def report_key(progress: Progress) -> int:
+    """Identifies a report's content: a new key means a new report (a heartbeat)."""
+    return hash(progress.model_dump_json())
 
 
 def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
@@ -112,19 +123,19 @@ def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
     """
     epoch = task.lease.epoch
     progress = task.status.progress
-    current_report = progress if progress is not None and progress.epoch == epoch else None
+    key = report_key(progress) if progress is not None and progress.epoch == epoch else None
     if previous is None or previous.epoch != epoch:
         return Sighting(
             epoch=epoch,
             epoch_seen_at=now,
-            last_report=current_report,
-            report_seen_at=now if current_report is not None else None,
+            report_key=key,
+            report_seen_at=now if key is not None else None,
         )
-    if current_report is not None and current_report != previous.last_report:
+    if key is not None and key != previous.report_key:
         return Sighting(
             epoch=epoch,
             epoch_seen_at=previous.epoch_seen_at,
-            last_report=current_report,
+            report_key=key,
             report_seen_at=now,
             pod_ensured=previous.pod_ensured,
         )
@@ -741,7 +752,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
             return
         plan.wake(attempt_deadline_mono)
 
-    acknowledged = sighting.last_report is not None
+    acknowledged = sighting.acknowledged
     if status.phase == Phase.ASSIGNED:
         if acknowledged:
             _acknowledge(task, plan)
@@ -854,8 +865,10 @@ def when_to_stop_pod(task: Task, pod: PodState) -> datetime | None:
         # A pod from an epoch we have not seen yet: our view of the Task is behind.
         return None
     record = next((a for a in task.status.attempts if a.epoch == pod.epoch), None)
-    if pod.epoch == lease.epoch and lease.holder == pod.name and (
-        record is None or record.end_time is None
+    if (
+        pod.epoch == lease.epoch
+        and lease.holder == pod.name
+        and (record is None or record.end_time is None)
     ):
         # The lease holder, its attempt not ended. Its status may not say so yet: the pod's
         # watch event can overtake the Task's (two streams), so "Assigned" may still be on

@@ -84,10 +84,21 @@ class Writer(Protocol):
 
 @dataclass(slots=True)
 class _Entry:
-    body: dict[str, Any]
+    """What the operator keeps per Task between events: a few hundred bytes.
+
+    The raw body and the parsed Task are held only from the watch event until the key has
+    been reconciled, then dropped (`_forget_body`): tens of thousands of idle leases must
+    not cost tens of thousands of full objects. A reconcile that finds no body (a deadline
+    woke it) reads the Task afresh, which is also the freshest view to decide an expiry on.
+    """
+
+    body: dict[str, Any] | None
     task: Task | None = None
     invalid: str | None = None
     sighting: Sighting | None = None
+    phase: Phase | None = None  # of the last parsed version, for metrics
+    holder: str | None = None  # lease holder of the last parsed version
+    events: int = 0  # watch events seen; tells a reconcile whether a newer body came in
     pods: dict[str, PodState] = field(default_factory=dict)
     deleting: set[str] = field(default_factory=set)
     pod_created_for_epoch: int = 0
@@ -164,7 +175,9 @@ class Reconciler:
     # --- events in (called from kopf handlers; must stay cheap) -----------------------------
 
     def task_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
-        metadata = body.get("metadata", {})
+        # managedFields can be larger than the rest of a Task and nothing here reads them.
+        metadata = {k: v for k, v in body.get("metadata", {}).items() if k != "managedFields"}
+        body = {**body, "metadata": metadata}
         key: TaskKey = (metadata.get("namespace", ""), metadata.get("name", ""))
         if event_type == "DELETED":
             gone = self._entries.pop(key, None)
@@ -180,6 +193,7 @@ class Reconciler:
             self._entries[key] = entry
         else:
             entry.body = body
+        entry.events += 1
         self._parse(entry)
         self._index_holder(key, entry)
         self._queue.add(key)
@@ -214,7 +228,16 @@ class Reconciler:
         entry = self._entries.get(key)
         pods = entry.pods if entry is not None else self._orphan_pods.setdefault(key, {})
         pods[state.name] = state
-        if entry is not None:
+        # The current holder's pod starting or running changes nothing the core decides
+        # on; only its end, or any other pod, does. Skipping the rest saves a read of the
+        # Task per hand-out (its body is not cached between events).
+        settled_holder = (
+            entry is not None
+            and state.name == entry.holder
+            and state.epoch == (entry.sighting.epoch if entry.sighting else -1)
+            and not (state.gone or state.terminating or state.terminated)
+        )
+        if entry is not None and not settled_holder:
             self._queue.add(key)
 
     def runner_lease_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -297,6 +320,7 @@ class Reconciler:
     # --- work -----------------------------------------------------------------------------
 
     def _parse(self, entry: _Entry) -> None:
+        assert entry.body is not None
         try:
             task = Task.model_validate(entry.body)
         except ValidationError as error:
@@ -305,6 +329,8 @@ class Reconciler:
             return
         entry.task = task
         entry.invalid = None
+        entry.phase = task.status.phase
+        entry.holder = task.lease.holder
         sighting = observe(entry.sighting, task, now=self._monotonic())
         if sighting.epoch == entry.pod_created_for_epoch and not sighting.pod_ensured:
             sighting = dataclasses.replace(sighting, pod_ensured=True)
@@ -331,9 +357,21 @@ class Reconciler:
         if entry is None:
             return
         namespace, name = key
+        events_at_start = entry.events
+        if entry.body is None:
+            try:
+                entry.body = await self._writer.get_task(namespace, name)
+            except Gone:
+                return  # its DELETED event is on its way
+            if self._entries.get(key) is not entry:
+                return
+            if entry.body is not None:
+                self._parse(entry)
+                self._index_holder(key, entry)
         for _ in range(_MAX_STEPS_PER_RECONCILE):
             if entry.task is None:
                 await self._report_invalid(entry)
+                self._forget_body(entry, events_at_start)
                 return
             task = entry.task
             assert entry.sighting is not None
@@ -352,8 +390,10 @@ class Reconciler:
                     default=None,
                 )
                 self._deadlines.schedule(key, wake_at)
+                self._forget_body(entry, events_at_start)
                 return
             logger.info("task %s/%s: %s", namespace, name, decision.why)
+            assert entry.body is not None
             try:
                 body = await self._execute(entry.body, decision)
             except Conflict:
@@ -372,6 +412,13 @@ class Reconciler:
             self._parse(entry)
             self._index_holder(key, entry)
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
+
+    def _forget_body(self, entry: _Entry, events_at_start: int) -> None:
+        """Drop the body and parsed Task once reconciled, unless a newer event came in
+        meanwhile (its key is dirty again and will be reconciled with that body)."""
+        if entry.events == events_at_start:
+            entry.body = None
+            entry.task = None
 
     def _account(self, entry: _Entry, task: Task, decision: Decision) -> None:
         """Metrics of an executed decision (a refused CAS never gets here)."""
@@ -392,17 +439,16 @@ class Reconciler:
         # Called from the metrics server's thread: list() copies the values in one step
         # under the GIL, iterating the live dict would fail when the loop adds a Task.
         for entry in list(self._entries.values()):
-            if entry.task is not None:
-                phase = entry.task.status.phase
-                counts[phase] = counts.get(phase, 0) + 1
+            if entry.phase is not None:
+                counts[entry.phase] = counts.get(entry.phase, 0) + 1
         return counts
 
     def report_ages(self) -> list[float]:
         now = self._monotonic()
         ages = []
         for entry in list(self._entries.values()):  # another thread; see phase_counts
-            task, sighting = entry.task, entry.sighting
-            if task is None or sighting is None or task.status.phase != Phase.RUNNING:
+            sighting = entry.sighting
+            if sighting is None or entry.phase != Phase.RUNNING:
                 continue
             seen = sighting.report_seen_at or sighting.epoch_seen_at
             ages.append(now - seen)
@@ -462,7 +508,7 @@ class Reconciler:
 
     async def _report_invalid(self, entry: _Entry) -> None:
         """Say on the object what is wrong, once per generation and message."""
-        body = entry.body
+        body = entry.body or {}
         metadata = body.get("metadata", {})
         message = entry.invalid or "invalid"
         generation = metadata.get("generation")
