@@ -106,9 +106,18 @@ class TokenBucket:
 class KubeWriter:
     """Typed, CAS-minded wrappers around the few calls the operator makes."""
 
-    def __init__(self, api: k8s.ApiClient, *, limiter: TokenBucket | None = None) -> None:
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        *,
+        limiter: TokenBucket | None = None,
+        event_limiter: TokenBucket | None = None,
+    ) -> None:
         self._api = api
         self._limiter = limiter or TokenBucket(qps=1e9, burst=1 << 30)
+        # Events have their own budget, as client-go's event recorder has: they are best
+        # effort and must never delay a hand-out or a reassignment.
+        self._event_limiter = event_limiter or TokenBucket(qps=1e9, burst=1 << 30)
         self._custom = k8s.CustomObjectsApi(api)
         self._core = k8s.CoreV1Api(api)
         self._events = k8s.CoreV1Api(api)
@@ -223,7 +232,7 @@ class KubeWriter:
         message: str,
     ) -> None:
         """A core/v1 Event on the Task; failures are logged, never raised (best effort)."""
-        await self._limiter.take()
+        await self._event_limiter.take()
         metadata = task.get("metadata", {})
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         namespace = metadata.get("namespace", "default")

@@ -70,6 +70,7 @@ async def start_reconciler(memo: kopf.Memo, **_: Any) -> None:
     writer = KubeWriter(
         await api_client(qps_hint=operator.workers),
         limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
+        event_limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
     )
     metrics = OperatorMetrics()
     reconciler = Reconciler(writer, workers=operator.workers, metrics=metrics)

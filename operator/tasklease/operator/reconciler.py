@@ -477,7 +477,10 @@ class Reconciler:
                 case CreatePod(manifest=manifest):
                     await self._writer.create_pod(namespace, manifest)
                 case DeletePod(name=pod_name):
-                    await self._writer.delete_pod(namespace, pod_name)
+                    # Off the critical path: the lease already fences the old runner, and
+                    # the replacement should not wait for its predecessor's deletion (a
+                    # failed delete is retried by the stale-pod sweep).
+                    self._in_background(self._writer.delete_pod(namespace, pod_name))
                 case RecordEvent(type=type_, reason=reason, message=message):
                     self._in_background(
                         self._writer.record_event(body, type_=type_, reason=reason, message=message)
@@ -559,4 +562,9 @@ class Reconciler:
     def _in_background(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("background write failed: %s", task.exception())
