@@ -47,6 +47,9 @@ test-unit: venv  ## Unit tests only (no control plane)
 demo: binaries  ## The main job on a local control plane (KEEP=1 keeps the cluster up afterwards)
 	$(PY) -m tasklease.demo $(if $(KEEP),--keep,)
 
+bench: binaries  ## Scale benchmark (N=1,000 by default; BENCH_ARGS="--tasks 10000 ...")
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 cluster: binaries  ## Run a local control plane in the foreground (prints the KUBECONFIG line)
 	$(PY) -m tasklease.controlplane up
 
