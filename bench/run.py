@@ -591,13 +591,19 @@ class Bench:
         gen.release_acks()
         self.phase(gen, "acknowledge")
         started = time.monotonic()
-        await wait_for(
-            f"{s.tasks} Tasks Running",
-            lambda: self._probe_running(s.tasks),
-            within=max(300.0, s.tasks * 2 / s.qps * 3),
-            interval=1.0,
-            check=self.operator.check,
-        )
+        try:
+            await wait_for(
+                f"{s.tasks} Tasks Running",
+                lambda: self._probe_running(s.tasks),
+                within=max(300.0, s.tasks * 2 / s.qps * 6),
+                interval=1.0,
+                check=self.operator.check,
+            )
+        except TimeoutError:
+            running = await self.running()
+            self.found.notes["all_running_after_s"] = f"only {running:.0f} after the wait"
+            log(f"WARNING: only {running:.0f} of {s.tasks} Tasks Running; measuring anyway")
+            return
         self.found.notes["all_running_after_s"] = time.monotonic() - started
         log(f"all {s.tasks} Tasks Running {time.monotonic() - started:.1f}s after the acks")
 
@@ -788,13 +794,16 @@ class Bench:
             f"detection: {len(delays)} samples, p50 {format_value(figures['detection_p50_s'])}s, "
             f"p99 {format_value(figures['detection_p99_s'])}s"
         )
-        await wait_for(
-            "the replacements to run",
-            lambda: self._probe_running(s.tasks),
-            within=max(120.0, s.ack_timeout_s * 2),
-            interval=1.0,
-            check=self.operator.check,
-        )
+        try:
+            await wait_for(
+                "the replacements to run",
+                lambda: self._probe_running(s.tasks),
+                within=max(120.0, s.ack_timeout_s * 2),
+                interval=1.0,
+                check=self.operator.check,
+            )
+        except TimeoutError:
+            log(f"WARNING: only {await self.running():.0f} of {s.tasks} Tasks Running; going on")
 
     async def restart(self, gen: Generator) -> None:
         s = self.s
