@@ -626,12 +626,17 @@ class Generator:
         return stored
 
     def rephase(self) -> None:
-        """Spread every live runner's next heartbeat uniformly over one interval from now."""
+        """Spread every live runner's next heartbeat uniformly over one interval from now,
+        but never later than one interval after its last stored report (a push reaches only
+        the runners its round-robin got to; the others must not skip a beat)."""
         now = time.monotonic()
         for runner in self.runners:
             if runner.epoch > 0 and not runner.stopped and not runner.lost:
                 if runner.acked:
-                    self._schedule(runner, now + self.random.uniform(0.0, self.heartbeat_s))
+                    due = now + self.random.uniform(0.0, self.heartbeat_s)
+                    if runner.last_ack is not None:
+                        due = max(min(due, runner.last_ack + self.heartbeat_s), now)
+                    self._schedule(runner, due)
                 else:
                     self._schedule(runner, now)
 
