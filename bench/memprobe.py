@@ -30,12 +30,13 @@ from bench.run import NAMESPACE, _kubectl_setup, free_port
 # Run as the operator's main module: snapshots on SIGUSR1, written next to a marker file.
 WRAPPER = """
 import signal, sys, tracemalloc
+folder = sys.argv[1]
 tracemalloc.start(int(sys.argv[2]))
 count = [0]
 def dump(*_):
     count[0] += 1
-    tracemalloc.take_snapshot().dump(f"{sys.argv[1]}/snap{count[0]}.pickle")
-    open(f"{sys.argv[1]}/snap{count[0]}.done", "w").close()
+    tracemalloc.take_snapshot().dump(f"{folder}/snap{count[0]}.pickle")
+    open(f"{folder}/snap{count[0]}.done", "w").close()
 signal.signal(signal.SIGUSR1, dump)
 sys.argv = ["tasklease", "operator"]
 from tasklease.operator.main import run
@@ -189,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                 TASKLEASE_HEALTH_PORT="0",
                 TASKLEASE_LOG_LEVEL="WARNING",
             )
+            from tasklease.controlplane.process import die_with_parent
+
             operator = subprocess.Popen(
                 [sys.executable, str(wrapper), str(folder), str(args.frames)],
                 env=env,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(os.getpid()),
             )
             try:
                 started = time.monotonic()
