@@ -149,31 +149,27 @@ class KubeWriter:
         metadata: dict[str, Any] = {"resourceVersion": resource_version, "annotations": annotations}
         if labels:
             metadata["labels"] = labels
-        body = {"metadata": metadata}
-        try:
-            response = await self._custom.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                body,
-                field_manager=FIELD_MANAGER,
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
-            )
-        except ApiException as exc:
-            _raise_for(exc)
-            raise
-        return await _json(response)
+        return await self._merge_patch(namespace, name, {"metadata": metadata})
 
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
     ) -> dict[str, Any]:
         await self._limiter.take()
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        return await self._merge_patch(namespace, name, body, subresource="status")
+
+    async def _merge_patch(
+        self, namespace: str, name: str, body: dict[str, Any], *, subresource: str | None = None
+    ) -> dict[str, Any]:
+        """A JSON merge patch of a Task (or its status); the body's resourceVersion makes it
+        compare-and-swap: 409 Conflict when the Task moved on."""
+        patch = (
+            self._custom.patch_namespaced_custom_object_status
+            if subresource == "status"
+            else self._custom.patch_namespaced_custom_object
+        )
         try:
-            response = await self._custom.patch_namespaced_custom_object_status(
+            response = await patch(
                 GROUP,
                 VERSION,
                 namespace,

@@ -137,14 +137,12 @@ class Reconciler:
         workers: int = 8,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
-        on_decision: Callable[[TaskKey, Decision], None] | None = None,
         metrics: OperatorMetrics | None = None,
     ) -> None:
         self._writer = writer
         self._workers = workers
         self._monotonic = monotonic
         self._wall = wall
-        self._on_decision = on_decision
         self._metrics = metrics
         self._entries: dict[TaskKey, _Entry] = {}
         self._runners: dict[tuple[str, str], _PoolRunner] = {}
@@ -167,10 +165,6 @@ class Reconciler:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
-
-    @property
-    def tracked(self) -> int:
-        return len(self._entries)
 
     # --- events in (called from kopf handlers; must stay cheap) -----------------------------
 
@@ -382,8 +376,6 @@ class Reconciler:
                 next_pod_check = await self._stop_stale_pods(entry, task, clock)
                 pod = self._pod_for(entry, task.lease.epoch)
             decision = decide(task, sighting=entry.sighting, pod=pod, clock=clock)
-            if self._on_decision is not None:
-                self._on_decision(key, decision)
             if not decision.actions:
                 wake_at = min(
                     (t for t in (decision.wake_at, next_pod_check) if t is not None),
