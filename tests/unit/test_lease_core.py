@@ -21,7 +21,9 @@ from tasklease.api.models import (
     EPOCH_ANNOTATION,
     HOLDER_ANNOTATION,
     MAX_ATTEMPT_HISTORY,
+    PREVIOUS_ATTEMPT_ANNOTATION,
     WORKER_GROUP_LABEL,
+    AttemptRecord,
     Backoff,
     Outcome,
     Phase,
@@ -79,6 +81,7 @@ def handed_out(**overrides: Any) -> Harness:
     """A task whose epoch 1 was just handed to pod demo-1 (at the start of fake time)."""
     harness = Harness.new(**overrides)
     assert harness.step().why == "hand out epoch 1"
+    assert harness.step().why == "record the hand-out of epoch 1"
     return harness
 
 
@@ -108,6 +111,20 @@ def after(harness: Harness, decision: Decision) -> Task:
     return parse(apply(harness.body, decision))
 
 
+def reassigned(harness: Harness, decision: Decision) -> tuple[Task, AttemptRecord]:
+    """Perform `decision`, and the status write that records a hand-out if one follows;
+    return the Task then and the attempt the decision ended."""
+    harness.perform(decision)
+    task = harness.task
+    if task.lease.epoch > task.status.epoch:
+        catch_up = harness.decide()
+        assert catch_up.why == f"record the hand-out of epoch {task.lease.epoch}"
+        harness.perform(catch_up)
+        task = harness.task
+        return task, task.status.attempts[-2]
+    return task, task.status.attempts[-1]
+
+
 def condition(task: Task, type_: str) -> Any:
     return next(c for c in task.status.conditions if c.type == type_)
 
@@ -124,39 +141,24 @@ def at(seconds: float) -> datetime:
 # --- hand-out -----------------------------------------------------------------------------
 
 
-def test_new_task_is_handed_out_lease_first_then_status_then_pod_then_event() -> None:
+def test_new_task_is_handed_out_lease_first_then_pod_then_event() -> None:
     harness = Harness.new()
     harness.advance(3)
     decision = harness.decide()
 
-    assert kinds(decision) == ["PatchLease", "PatchStatus", "CreatePod", "RecordEvent"]
-    lease, status, create, event = decision.actions
+    assert kinds(decision) == ["PatchLease", "CreatePod", "RecordEvent"]
+    assert not decision.deferrable
+    lease, create, event = decision.actions
     now = iso(at(3))
     assert lease == PatchLease(
-        {HOLDER_ANNOTATION: "demo-1", EPOCH_ANNOTATION: "1", ACQUIRE_TIME_ANNOTATION: now}
+        {
+            HOLDER_ANNOTATION: "demo-1",
+            EPOCH_ANNOTATION: "1",
+            ACQUIRE_TIME_ANNOTATION: now,
+            PREVIOUS_ATTEMPT_ANNOTATION: None,
+        }
     )
     assert runner_pod_name("demo", 1) == "demo-1"
-
-    assert isinstance(status, PatchStatus)
-    patch = status.status
-    assert (patch["phase"], patch["attempt"], patch["epoch"], patch["holder"]) == (
-        "Assigned",
-        1,
-        1,
-        "demo-1",
-    )
-    assert patch["attempts"] == [{"attempt": 1, "epoch": 1, "holder": "demo-1", "startTime": now}]
-    assert patch["startTime"] == now
-    assert "nextAttemptTime" in patch
-    assert patch["nextAttemptTime"] is None
-    assert patch["observedGeneration"] == 1
-    [leased] = patch["conditions"]
-    assert leased["type"] == CONDITION_LEASED
-    assert (leased["status"], leased["reason"], leased["lastTransitionTime"]) == (
-        "True",
-        "Assigned",
-        now,
-    )
 
     assert isinstance(create, CreatePod)
     pod = create.manifest
@@ -176,7 +178,63 @@ def test_new_task_is_handed_out_lease_first_then_status_then_pod_then_event() ->
     assert event == RecordEvent(
         "Normal", "HandedOut", "attempt 1/3: lease epoch 1 handed to pod demo-1"
     )
+
+
+def test_the_status_records_the_hand_out_after_the_pod_as_deferrable_bookkeeping() -> None:
+    harness = Harness.new()
+    harness.advance(3)
+    harness.step()
+    harness.advance(1)
+    decision = harness.decide()
+
+    assert kinds(decision) == ["PatchStatus"]
+    assert decision.deferrable
+    now = iso(at(3))  # the attempt starts when the lease was acquired
+    patch = status_patch(decision)
+    assert (patch["phase"], patch["attempt"], patch["epoch"], patch["holder"]) == (
+        "Assigned",
+        1,
+        1,
+        "demo-1",
+    )
+    assert patch["attempts"] == [{"attempt": 1, "epoch": 1, "holder": "demo-1", "startTime": now}]
+    assert patch["startTime"] == now
+    assert "nextAttemptTime" in patch
+    assert patch["nextAttemptTime"] is None
+    assert patch["observedGeneration"] == 1
+    [leased] = patch["conditions"]
+    assert leased["type"] == CONDITION_LEASED
+    assert (leased["status"], leased["reason"]) == ("True", "Assigned")
     assert decision.wake_at is None
+
+
+def test_an_acknowledgement_before_the_status_caught_up_is_recorded_as_running_at_once() -> None:
+    harness = Harness.new()
+    harness.step()
+    harness.advance(2)
+    harness.report(percent=0)
+
+    decision = harness.decide()
+    assert kinds(decision) == ["PatchStatus", "RecordEvent"]
+    assert decision.deferrable
+    task = after(harness, decision)
+    assert task.status.phase == Phase.RUNNING
+    assert condition(task, CONDITION_LEASED).reason == "Running"
+    assert only(decision, RecordEvent).reason == "Acknowledged"
+    harness.perform(decision)
+    assert harness.decide().actions == ()
+
+
+def test_a_cancel_while_the_status_is_behind_is_not_deferred() -> None:
+    harness = Harness.new()
+    harness.step()
+    harness.set_spec(cancel=True)
+    decision = harness.decide()
+    assert kinds(decision) == ["PatchStatus"]
+    assert not decision.deferrable
+    harness.perform(decision)
+    assert harness.settle()[0].why == "Canceled -> Canceled"
+    assert harness.task.status.phase == Phase.CANCELED
 
 
 def test_handed_out_task_parses_back_as_assigned_with_matching_lease_and_status() -> None:
@@ -197,7 +255,8 @@ def test_completing_a_half_done_hand_out_does_not_rewrite_the_lease_or_bump_the_
     harness.restart_operator()
 
     decision = harness.decide()
-    assert kinds(decision) == ["PatchStatus", "CreatePod", "RecordEvent"]
+    assert kinds(decision) == ["PatchStatus", "CreatePod"]
+    assert not decision.deferrable
     patch = status_patch(decision)
     assert (patch["epoch"], patch["attempt"], patch["holder"]) == (1, 1, "demo-1")
     # The attempt started when the lease was acquired, not when the status caught up.
@@ -214,14 +273,18 @@ def test_half_done_retry_hand_out_keeps_the_history_and_the_checkpoint() -> None
     harness = running()
     harness.report(percent=40, checkpoint={"row": 7})
     harness.advance(PROGRESS_S)
-    assert harness.step().why == "ProgressTimeout -> retry"
-    harness.perform(harness.decide(), crash_after=1)
+    reassign = harness.decide()
+    assert reassign.why == "ProgressTimeout -> hand out epoch 2"
+    harness.perform(reassign, crash_after=1)  # the lease was written, then the operator died
     harness.restart_operator()
 
     decision = harness.decide()
-    assert kinds(decision) == ["PatchStatus", "CreatePod", "RecordEvent"]
+    assert kinds(decision) == ["PatchStatus", "CreatePod"]
     patch = status_patch(decision)
     assert [a["epoch"] for a in patch["attempts"]] == [1, 2]
+    # How attempt 1 ended survived the crash on the lease.
+    assert patch["attempts"][0]["outcome"] == "ProgressTimeout"
+    assert patch["attempts"][0]["endTime"] == iso(at(5 + PROGRESS_S))
     assert (patch["attempt"], patch["epoch"]) == (2, 2)
     variables = env(only(decision, CreatePod))
     assert json.loads(variables[ENV_CHECKPOINT]) == {"row": 7}
@@ -272,23 +335,36 @@ def test_ack_timeout_fires_exactly_at_the_deadline_and_epoch_2_is_handed_out_at_
 
     harness.advance_to(deadline)
     decision = harness.decide()
-    assert kinds(decision) == ["PatchStatus", "DeletePod", "RecordEvent"]
+    # One decision: the next lease (carrying how attempt 1 ended) and the next pod.
+    assert kinds(decision) == [
+        "PatchLease",
+        "CreatePod",
+        "RecordEvent",
+        "DeletePod",
+        "RecordEvent",
+    ]
+    assert decision.why == "AckTimeout -> hand out epoch 2"
+    assert (decision.ended, decision.retrying, decision.handed_out) == (
+        Outcome.ACK_TIMEOUT,
+        True,
+        2,
+    )
+    assert decision.expired_at == deadline
     assert only(decision, DeletePod) == DeletePod("demo-1")
-    patch = status_patch(decision)
-    assert patch["phase"] == "Pending"
-    assert patch["holder"] is None
-    assert patch["nextAttemptTime"] is None
-    record = after(harness, decision).status.attempts[0]
-    assert (record.outcome, record.end_time) == (Outcome.ACK_TIMEOUT, harness.clock.wall)
-    assert only(decision, RecordEvent).reason == "AckTimeout"
+    lease = only(decision, PatchLease).annotations
+    assert (lease[EPOCH_ANNOTATION], lease[HOLDER_ANNOTATION]) == ("2", "demo-2")
+    assert only(decision, CreatePod).manifest["metadata"]["name"] == "demo-2"
+    assert [e.reason for e in of_type(decision, RecordEvent)] == ["HandedOut", "AckTimeout"]
 
-    harness.perform(decision)
-    nxt = harness.decide()
-    assert kinds(nxt) == ["PatchLease", "PatchStatus", "CreatePod", "RecordEvent"]
-    assert only(nxt, PatchLease).annotations[EPOCH_ANNOTATION] == "2"
-    assert only(nxt, PatchLease).annotations[HOLDER_ANNOTATION] == "demo-2"
-    assert only(nxt, CreatePod).manifest["metadata"]["name"] == "demo-2"
-    assert (status_patch(nxt)["attempt"], status_patch(nxt)["epoch"]) == (2, 2)
+    task, record = reassigned(harness, decision)
+    assert (record.outcome, record.end_time) == (Outcome.ACK_TIMEOUT, harness.clock.wall)
+    assert (task.status.phase, task.status.attempt, task.status.epoch) == (
+        Phase.ASSIGNED,
+        2,
+        2,
+    )
+    assert task.status.holder == "demo-2"
+    assert task.status.next_attempt_time is None
 
 
 @pytest.mark.parametrize(
@@ -335,7 +411,7 @@ def test_restarted_operator_gives_an_unacknowledged_lease_a_full_ack_window() ->
     assert decision.wake_at == restarted_at + ACK_S
 
     harness.advance_to(restarted_at + ACK_S)
-    assert harness.decide().why == "AckTimeout -> retry"
+    assert harness.decide().why == "AckTimeout -> hand out epoch 2"
 
 
 # --- progress timeout ---------------------------------------------------------------------
@@ -366,11 +442,10 @@ def test_progress_timeout_counts_from_the_operators_sighting_not_the_report_time
 
     harness.advance_to(seen_at + PROGRESS_S)
     decision = harness.decide()
-    assert kinds(decision) == ["PatchStatus", "DeletePod", "RecordEvent"]
-    task = after(harness, decision)
-    assert task.status.phase == Phase.PENDING
+    assert decision.why == "ProgressTimeout -> hand out epoch 2"
+    task, record = reassigned(harness, decision)
     assert task.status.next_attempt_time is None  # a lost lease is handed out again at once
-    assert task.status.attempts[-1].outcome == Outcome.PROGRESS_TIMEOUT
+    assert record.outcome == Outcome.PROGRESS_TIMEOUT
 
 
 def test_repeated_identical_progress_does_not_extend_the_lease() -> None:
@@ -433,7 +508,8 @@ def test_restarted_operator_gives_a_running_lease_with_an_old_report_a_full_wind
     assert decision.wake_at == restarted_at + PROGRESS_S
 
     due = Clock(monotonic=restarted_at + PROGRESS_S, wall=wall)
-    assert decide(task, sighting=sighting, pod=None, clock=due).why == "ProgressTimeout -> retry"
+    decision = decide(task, sighting=sighting, pod=None, clock=due)
+    assert decision.why == "ProgressTimeout -> hand out epoch 2"
 
 
 # --- observe ------------------------------------------------------------------------------
@@ -534,11 +610,11 @@ def test_dead_holder_pod_ends_the_attempt_at_once(
     harness.pod_changes(**change)
 
     decision = harness.decide()
-    task = after(harness, decision)
-    record = task.status.attempts[-1]
+    task, record = reassigned(harness, decision)
     assert record.outcome == outcome
     assert record.end_time == harness.clock.wall
-    assert task.status.phase == Phase.PENDING
+    # A lost pod is replaced at once; a failed one waits for the backoff.
+    assert task.status.phase == (Phase.PENDING if backs_off else Phase.ASSIGNED)
     assert (task.status.next_attempt_time is not None) == backs_off
     # A pod that ended keeps its logs; one that may still run (grace period) is deleted.
     assert bool(of_type(decision, DeletePod)) == deletes
@@ -600,8 +676,8 @@ def test_vanished_pod_is_replaced_at_once_without_backoff() -> None:
     harness.pod_changes(gone=True)
     steps = harness.settle()
     assert [d.why for d in steps] == [
-        "PodLost -> retry",
-        "hand out epoch 2",
+        "PodLost -> hand out epoch 2",
+        "record the hand-out of epoch 2",
         "waiting for acknowledgement",
     ]
     assert harness.created_pods == ["demo-1", "demo-2"]
@@ -732,10 +808,10 @@ def test_attempt_timeout_counts_from_the_acquire_time_on_the_wall_clock() -> Non
 
     harness.advance_to(MONOTONIC_START + 30 * 60)
     decision = harness.decide()
-    assert kinds(decision) == ["PatchStatus", "DeletePod", "RecordEvent"]
-    task = after(harness, decision)
-    assert task.status.attempts[-1].outcome == Outcome.ATTEMPT_TIMEOUT
-    assert task.status.phase == Phase.PENDING
+    assert decision.why == "AttemptTimeout -> hand out epoch 2"
+    task, record = reassigned(harness, decision)
+    assert record.outcome == Outcome.ATTEMPT_TIMEOUT
+    assert task.status.phase == Phase.ASSIGNED
     assert task.status.next_attempt_time is None
 
 
@@ -745,7 +821,7 @@ def test_attempt_timeout_is_not_reset_by_an_operator_restart() -> None:
     harness.restart_operator()
     heartbeat_until(harness, CREATED + timedelta(minutes=10))
     harness.advance_to(MONOTONIC_START + 600)
-    assert harness.decide().why == "AttemptTimeout -> retry"
+    assert harness.decide().why == "AttemptTimeout -> hand out epoch 2"
 
 
 def test_active_deadline_stops_the_running_attempt_and_fails_the_task() -> None:
@@ -1269,14 +1345,18 @@ def test_clock_maps_a_wall_time_to_the_monotonic_reading() -> None:
 
 def test_scenario_ack_timeout_then_progress_timeout_then_success() -> None:
     harness = Harness.new()
-    assert harness.step().why == "hand out epoch 1"
+    assert [d.why for d in harness.settle()] == [
+        "hand out epoch 1",
+        "record the hand-out of epoch 1",
+        "waiting for acknowledgement",
+    ]
 
     # Attempt 1: the pod runs but never reports.
     harness.pod_changes(phase="Running")
     harness.advance(ACK_S)
     assert [d.why for d in harness.settle()] == [
-        "AckTimeout -> retry",
-        "hand out epoch 2",
+        "AckTimeout -> hand out epoch 2",
+        "record the hand-out of epoch 2",
         "waiting for acknowledgement",
     ]
 
@@ -1293,11 +1373,11 @@ def test_scenario_ack_timeout_then_progress_timeout_then_success() -> None:
     harness.advance(1)
     steps = harness.settle()
     assert [d.why for d in steps] == [
-        "ProgressTimeout -> retry",
-        "hand out epoch 3",
+        "ProgressTimeout -> hand out epoch 3",
+        "record the hand-out of epoch 3",
         "waiting for acknowledgement",
     ]
-    create = only(steps[1], CreatePod)
+    create = only(steps[0], CreatePod)
     assert json.loads(env(create)[ENV_CHECKPOINT]) == {"row": 200}
     assert env(create)[ENV_ATTEMPT] == "3"
 
@@ -1470,7 +1550,15 @@ def check_state(task: Task, *, max_attempts: int) -> None:
     epochs = [a.epoch for a in status.attempts]
     assert epochs == sorted(set(epochs))
     assert status.epoch <= lease.epoch
-    if status.phase in ACTIVE_PHASES:
+    if lease.epoch > status.epoch:
+        # A hand-out wrote the lease and the status has not caught up: the lease stands
+        # for an attempt the status does not show yet, and how the open attempt ended is
+        # on the lease.
+        assert lease.holder is not None
+        if status.phase in ACTIVE_PHASES:
+            assert task.previous_attempt is not None
+            assert task.previous_attempt.epoch == status.attempts[-1].epoch
+    elif status.phase in ACTIVE_PHASES:
         current = status.attempts[-1]
         assert lease.holder == status.holder == current.holder
         assert lease.epoch == status.epoch == current.epoch
@@ -1533,3 +1621,29 @@ def test_invariants_hold_over_random_histories(seed: int) -> None:
         assert len(harness.created_pods) <= max_attempts
         if harness.task.status.phase.is_final:
             assert harness.task.lease.holder is None
+
+
+# --- the status catching up with the lease ------------------------------------------------
+
+
+def test_a_lease_moved_on_by_hand_closes_the_open_attempt_as_released() -> None:
+    harness = running()
+    # Someone with patch rights bumps the epoch without the operator's record of the end.
+    harness.body["metadata"]["annotations"].update(
+        {EPOCH_ANNOTATION: "2", HOLDER_ANNOTATION: "demo-2"}
+    )
+    decision = harness.decide()
+    # Nobody in this process made demo-2's pod: it is made now (AlreadyExists is fine).
+    assert decision.why == "finish the hand-out of epoch 2"
+    assert only(decision, CreatePod).manifest["metadata"]["name"] == "demo-2"
+    task = after(harness, decision)
+    first, second = task.status.attempts
+    assert (first.outcome, first.message) == (Outcome.RELEASED, "the lease was given to epoch 2")
+    assert (second.epoch, second.holder, second.end_time) == (2, "demo-2", None)
+
+
+def test_a_garbled_previous_attempt_annotation_reads_as_absent() -> None:
+    task = make_task(
+        metadata={"annotations": {PREVIOUS_ATTEMPT_ANNOTATION: '{"epoch": "not a number"'}}
+    )
+    assert task.previous_attempt is None

@@ -14,7 +14,14 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from tasklease.api.durations import Duration
@@ -33,6 +40,11 @@ CATEGORIES = ["tasklease"]
 HOLDER_ANNOTATION = f"{GROUP}/holder"
 EPOCH_ANNOTATION = f"{GROUP}/epoch"
 ACQUIRE_TIME_ANNOTATION = f"{GROUP}/acquire-time"
+# How the attempt that a reassignment superseded ended (an attempt record as JSON), written
+# in the same compare-and-swap as the new lease: the status write that records it comes
+# after the new runner pod, off the path that detection and hand-out speed are measured on,
+# and a crash in between loses nothing (design invariant 4).
+PREVIOUS_ATTEMPT_ANNOTATION = f"{GROUP}/previous-attempt"
 
 # Labels the operator puts on runner pods, so it can watch exactly its own pods. ROLE_LABEL
 # is on every pod the operator watches (one server-side selector for both kinds), and on
@@ -551,6 +563,18 @@ class Task(_Model):
             epoch=int(epoch_text) if re.fullmatch(r"[0-9]{1,18}", epoch_text) else 0,
             acquire_time=_parse_time(annotations.get(ACQUIRE_TIME_ANNOTATION)),
         )
+
+    @property
+    def previous_attempt(self) -> AttemptRecord | None:
+        """The ended attempt recorded with the lease (`PREVIOUS_ATTEMPT_ANNOTATION`), read
+        leniently like the lease: a garbled value reads as absent."""
+        text = (self.metadata.get("annotations") or {}).get(PREVIOUS_ATTEMPT_ANNOTATION)
+        if not isinstance(text, str):
+            return None
+        try:
+            return AttemptRecord.model_validate_json(text)
+        except ValidationError:
+            return None
 
 
 def _parse_time(text: Any) -> datetime | None:

@@ -90,17 +90,28 @@ class TokenBucket:
         self._clock = clock
         self._stamp = clock()
         self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    def _refill(self) -> float:
+        return min(self._burst, self._tokens + (self._clock() - self._stamp) * self._qps)
 
     async def take(self) -> None:
-        async with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._qps)
-            self._stamp = now
-            if self._tokens < 1.0:
-                await asyncio.sleep((1.0 - self._tokens) / self._qps)
-                self._tokens = 1.0
+        self._waiting += 1
+        try:
+            async with self._lock:
+                self._tokens = self._refill()
                 self._stamp = self._clock()
-            self._tokens -= 1.0
+                if self._tokens < 1.0:
+                    await asyncio.sleep((1.0 - self._tokens) / self._qps)
+                    self._tokens = 1.0
+                    self._stamp = self._clock()
+                self._tokens -= 1.0
+        finally:
+            self._waiting -= 1
+
+    def congested(self) -> bool:
+        """Whether a request made now would wait: the budget is spent or others queue."""
+        return self._waiting > 0 or self._refill() < 1.0
 
 
 class KubeWriter:
@@ -124,6 +135,10 @@ class KubeWriter:
 
     async def close(self) -> None:
         await self._api.close()
+
+    def congested(self) -> bool:
+        """Whether writes now wait for the client-side rate limit (see TokenBucket)."""
+        return self._limiter.congested()
 
     async def get_task(self, namespace: str, name: str) -> dict[str, Any]:
         await self._limiter.take()

@@ -59,6 +59,8 @@ TaskKey = tuple[str, str]  # (namespace, name)
 # A decision loop that keeps producing writes is a bug, not a workload: stop and retry later.
 _MAX_STEPS_PER_RECONCILE = 8
 _RETRY_AFTER_ERROR_S = 5.0
+# How often put-off bookkeeping writes look for a free API budget again.
+_DEFERRED_POLL_S = 0.25
 
 
 class Writer(Protocol):
@@ -80,6 +82,7 @@ class Writer(Protocol):
     async def record_event(
         self, task: dict[str, Any], *, type_: str, reason: str, message: str
     ) -> None: ...
+    def congested(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -152,11 +155,15 @@ class Reconciler:
         self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(self._queue.add, clock=monotonic)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Tasks whose only pending write is bookkeeping (the status after a hand-out), put
+        # off while hand-outs and reassignments wait for the API budget.
+        self._deferred: set[TaskKey] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._deadlines.run(), name="deadlines"))
+        self._tasks.append(asyncio.create_task(self._release_deferred(), name="deferred"))
         for index in range(self._workers):
             self._tasks.append(asyncio.create_task(self._work(), name=f"reconcile-{index}"))
 
@@ -384,6 +391,10 @@ class Reconciler:
                 self._deadlines.schedule(key, wake_at)
                 self._forget_body(entry, events_at_start)
                 return
+            if decision.deferrable and self._writer.congested():
+                # The body stays: reading it again would spend the budget this waits for.
+                self._deferred.add(key)
+                return
             logger.info("task %s/%s: %s", namespace, name, decision.why)
             assert entry.body is not None
             try:
@@ -404,6 +415,15 @@ class Reconciler:
             self._parse(entry)
             self._index_holder(key, entry)
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
+
+    async def _release_deferred(self) -> None:
+        """Back to the queue with the put-off writes once the API budget has room again."""
+        while True:
+            await asyncio.sleep(_DEFERRED_POLL_S)
+            if self._deferred and not self._writer.congested():
+                keys, self._deferred = self._deferred, set()
+                for key in keys:
+                    self._queue.add(key)
 
     def _forget_body(self, entry: _Entry, events_at_start: int) -> None:
         """Drop the body and parsed Task once reconciled, unless a newer event came in
