@@ -49,6 +49,7 @@ from tasklease.lease.core import (
     observe,
     when_to_stop_pod,
 )
+from tasklease.operator.memory import trim_periodically
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.queues import DeadlineQueue, WorkQueue
 
@@ -164,6 +165,8 @@ class Reconciler:
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._deadlines.run(), name="deadlines"))
         self._tasks.append(asyncio.create_task(self._release_deferred(), name="deferred"))
+        # The bodies of a burst are freed once reconciled; give their pages back.
+        self._tasks.append(asyncio.create_task(trim_periodically(), name="malloc-trim"))
         for index in range(self._workers):
             self._tasks.append(asyncio.create_task(self._work(), name=f"reconcile-{index}"))
 
