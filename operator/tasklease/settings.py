@@ -6,10 +6,21 @@ exactly as a Helm value would.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def own_namespace() -> str:
+    """The namespace of the pod the operator runs in (its ServiceAccount's), else default."""
+    try:
+        return _SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
 
 
 class OperatorSettings(BaseSettings):
@@ -38,11 +49,20 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = Field(default=8080, ge=0, le=65535, description="0 disables metrics.")
     health_port: int = Field(default=8081, ge=0, le=65535, description="0 disables probes.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
-    peering: str | None = Field(
-        default=None,
-        description="kopf peering name for an active/standby pair; unset: standalone.",
+    leader_election: bool = Field(
+        default=False,
+        description=(
+            "Elect one active replica through a coordination.k8s.io/v1 Lease; the others "
+            "stand by, starting nothing, until it stops or fails to renew."
+        ),
     )
-    priority: int = Field(default=0, description="kopf peering priority of this replica.")
+    leader_election_namespace: str = Field(
+        default_factory=own_namespace,
+        description="Namespace of the election's Lease; default: the operator pod's own.",
+    )
+    leader_election_name: str = Field(
+        default="tasklease-operator", description="Name of the election's Lease."
+    )
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.cluster
 
 # What the operator's log must never say when its RBAC is right. (The `,403` of a log
 # timestamp's milliseconds is not a status code.)
-RESUMING = "Resuming operations after the pause"
 FORBIDDEN = re.compile(r"(?<![,\d])403(?!\d)|[Ff]orbidden|[Nn]ot enough permissions")
 
 # Every documented option set to something other than its default.
@@ -53,7 +53,7 @@ ALL_OPTIONS: dict[str, Any] = {
     "nameOverride": "tl",
     "fullnameOverride": "",
     "operator": {
-        "replicas": 1,
+        "replicas": 2,
         "workers": 32,
         "apiQps": 80,
         "apiBurst": 160,
@@ -136,13 +136,7 @@ ALL_OPTIONS: dict[str, Any] = {
             }
         ],
     },
-    "peering": {
-        "enabled": True,
-        "name": "tasklease-all",
-        "installCRDs": True,
-        "priority": 200,
-        "standby": {"priority": 100},
-    },
+    "leaderElection": {"enabled": True, "leaseName": "tasklease-all"},
     "admissionPolicy": {
         "enabled": True,
         "namespaceSelector": None,  # filled in per test
@@ -179,27 +173,6 @@ def helm(
     with uncaptured(request):
         binary = obtain_helm()
     return Helm(binary, kubeconfig=control_plane.kubeconfig, home=tmp_path_factory.mktemp("helm"))
-
-
-@pytest.fixture(scope="module")
-def peering_crds(
-    helm: Helm, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
-    """kopf's peering CRDs, as the chart renders them, installed for this module's tests and
-    removed afterwards (no other test uses peering)."""
-    tmp = tmp_path_factory.mktemp("peering")
-    docs = helm.template("crds", "default", {"peering": {"enabled": True}}, tmp)
-    crds = [doc for doc in docs if doc["kind"] == "CustomResourceDefinition"]
-    assert {crd["metadata"]["name"] for crd in crds} == {
-        "kopfpeerings.kopf.dev",
-        "clusterkopfpeerings.kopf.dev",
-    }
-    kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(crds))
-    for crd in crds:
-        kubectl("wait", "--for=condition=established", f"crd/{crd['metadata']['name']}")
-    yield
-    for crd in crds:
-        kubectl("delete", "crd", crd["metadata"]["name"], "--ignore-not-found", "--wait=false")
 
 
 @pytest.fixture
@@ -247,7 +220,7 @@ def test_values_schema_refuses_bad_values(helm: Helm, tmp_path: Path) -> None:
         "watchNamespaces={Bad_Namespace}": "watchNamespaces",
         "admissionPolicy.validationActions={Block}": "validationActions",
         "unknownKey=1": "additional properties 'unknownKey' not allowed",
-        "peering.enabled=true,peering.standby.priority=100": "must be lower than peering.priority",
+        "leaderElection.leaseName=Not_A_Name": "leaseName",
     }
     for setting, expected in cases.items():
         result = helm("template", "x", str(CHART), "--set", setting, check=False)
@@ -289,7 +262,7 @@ def test_default_rendering(helm: Helm, tmp_path: Path) -> None:
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert "TASKLEASE_NAMESPACES" not in env, "watching every namespace by default"
-    assert "TASKLEASE_PEERING" not in env
+    assert "TASKLEASE_LEADER_ELECTION" not in env, "no election unless asked for"
     assert env["TASKLEASE_METRICS_PORT"] == "8080"
     (service,) = by_kind["Service"]
     assert service["spec"]["ports"] == [
@@ -337,22 +310,28 @@ def test_rendered_chart_applies_with_server_side_dry_run(
     kubectl: Any,
     namespace: str,
     second_namespace: str,
-    peering_crds: None,
     tmp_path: Path,
     options: str,
 ) -> None:
     values = {} if options == "default" else all_options([namespace, second_namespace])
     docs = helm.template("dry", namespace, values, tmp_path)
-    kinds = {doc["kind"] for doc in docs}
     if options == "all-options":
-        assert {"KopfPeering", "CustomResourceDefinition"} <= kinds
-        components = [
-            doc["metadata"]["labels"]["app.kubernetes.io/component"]
+        deployments = {
+            doc["metadata"]["labels"]["app.kubernetes.io/component"]: doc
             for doc in docs
             if doc["kind"] == "Deployment"
+        }
+        assert set(deployments) == {"operator", "pool-runner"}  # pools.groups
+        operator = deployments["operator"]["spec"]
+        assert operator["replicas"] == 2  # one leads, one stands by
+        assert operator["strategy"]["type"] == "RollingUpdate"
+        (election_role,) = [
+            doc
+            for doc in docs
+            if doc["kind"] == "Role" and doc["metadata"]["name"].endswith("-leader-election")
         ]
-        assert components.count("operator") == 2  # active and standby
-        assert components.count("pool-runner") == 1  # pools.groups
+        assert election_role["metadata"]["namespace"] == namespace
+        assert election_role["rules"][0]["resourceNames"] == ["tasklease-all"]
     result = kubectl(
         "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(docs), check=False
     )
@@ -441,98 +420,110 @@ def test_chart_installs_and_operator_runs_under_its_rbac(
         assert not _forbidden_lines(log), "\n".join(_forbidden_lines(log))
 
 
-def test_peering_standby_runs_under_its_rbac(
+def test_leader_election_standby_runs_under_its_rbac(
     helm: Helm,
     control_plane: Any,
     kube_config: Any,
     namespace: str,
-    peering_crds: None,
     tmp_path: Path,
 ) -> None:
-    """Active and standby operators, as the chart runs them (TASKLEASE_PEERING and two
-    priorities), under the chart's RBAC: the standby pauses, the active one works."""
-    core = client.CoreV1Api(kube_config)
-    custom = client.CustomObjectsApi(kube_config)
-    values = scoped_values(namespace, peering={"enabled": True, "installCRDs": False})
+    """Replicas as the chart runs them with `leaderElection.enabled` (its TASKLEASE_LEADER_*
+    variables, under its RBAC): one leads, a standby reconciles nothing, and takes over when
+    the leader is killed (once the Lease expires) or stopped (at once: the Lease is released).
+    """
+    coordination = client.CoordinationV1Api(kube_config)
+    values = scoped_values(namespace, operator={"replicas": 2}, leaderElection={"enabled": True})
     with installed(helm, namespace, tmp_path, values) as release:
-        deployments = [d for d in release.documents if d["kind"] == "Deployment"]
-        assert len(deployments) == 2
-        peering_name = release.fullname
-        # The post-install hook made the KopfPeering kopf keeps its keep-alives in.
-        custom.get_namespaced_custom_object(
-            "kopf.dev", "v1", namespace, "kopfpeerings", peering_name
-        )
+        (deployment,) = [d for d in release.documents if d["kind"] == "Deployment"]
+        assert deployment["spec"]["replicas"] == 2
+        election_env = {
+            e["name"]: e["value"]
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"].startswith("TASKLEASE_LEADER_ELECTION")
+        }
+        assert election_env == {
+            "TASKLEASE_LEADER_ELECTION": "true",
+            "TASKLEASE_LEADER_ELECTION_NAMESPACE": namespace,
+            "TASKLEASE_LEADER_ELECTION_NAME": f"{release.fullname}-operator",
+        }
+        lease_name = election_env["TASKLEASE_LEADER_ELECTION_NAME"]
         kubeconfig = _operator_kubeconfig(
-            control_plane, core, namespace, release.operator_sa, tmp_path / "operator.kubeconfig"
+            control_plane,
+            client.CoreV1Api(kube_config),
+            namespace,
+            release.operator_sa,
+            tmp_path / "operator.kubeconfig",
         )
-        processes: dict[str, OperatorProcess] = {}
+        replicas: dict[str, OperatorProcess] = {}
 
-        def role(deployment: dict[str, Any]) -> str:
-            return str(deployment["metadata"]["labels"]["tasklease.io/operator-role"])
+        def start(pod_name: str) -> OperatorProcess:
+            replicas[pod_name] = OperatorProcess(
+                kubeconfig=kubeconfig,
+                namespace=namespace,
+                log_path=tmp_path / f"{pod_name}.log",
+                extra_env={**election_env, "HOSTNAME": pod_name},
+            ).start()
+            return replicas[pod_name]
 
-        try:
-            for deployment in sorted(deployments, key=lambda d: role(d) != "active"):
-                env = {
-                    e["name"]: e["value"]
-                    for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-                    if e["name"] in ("TASKLEASE_PEERING", "TASKLEASE_PRIORITY")
-                }
-                assert env["TASKLEASE_PEERING"] == peering_name
-                processes[role(deployment)] = OperatorProcess(
-                    kubeconfig=kubeconfig,
-                    namespace=namespace,
-                    log_path=tmp_path / f"operator-{role(deployment)}.log",
-                    extra_env=env,
-                ).start()
-                if role(deployment) == "active":
-                    # Started together, the standby may see no peer yet and work for a
-                    # moment (kopf peering is no lock); start it once the active one is up.
-                    wait_for(
-                        "the active operator to resume",
-                        lambda: RESUMING in processes["active"].log(),
-                        timeout=60,
-                    )
-            # Both keep-alives in the peering object; kopf starts a peered operator paused and
-            # resumes only the highest priority.
-            wait_for(
-                "both operators' keep-alives in the KopfPeering",
-                lambda: (
-                    len(
-                        custom.get_namespaced_custom_object(
-                            "kopf.dev", "v1", namespace, "kopfpeerings", peering_name
-                        ).get("status")
-                        or {}
-                    )
-                    == 2
-                ),
-                timeout=60,
-            )
-            cluster = Cluster(kube_config, namespace)
-            template = {
-                "spec": {
-                    "serviceAccountName": RUNNER_SA,
-                    "containers": [{"name": "runner", "image": "tasklease:0.1.0"}],
-                }
+        def leading(replica: OperatorProcess) -> bool:
+            return "leading (Lease" in replica.log()
+
+        def standing_by(replica: OperatorProcess) -> bool:
+            return "waiting to lead" in replica.log()
+
+        def holder() -> str:
+            lease = coordination.read_namespaced_lease(lease_name, namespace)
+            return str(lease.spec.holder_identity or "")
+
+        template = {
+            "spec": {
+                "serviceAccountName": RUNNER_SA,
+                "containers": [{"name": "runner", "image": "tasklease:0.1.0"}],
             }
-            cluster.create_task("peered", template=template)
-            cluster.wait_epoch("peered", 1)
-            assert RESUMING not in processes["standby"].log(), "the standby must stay paused"
-            # A graceful stop of the active one (a rollout, a drained node) removes its
-            # keep-alive; the standby takes over at once.
-            processes["active"].stop()
-            wait_for(
-                "the standby to take over",
-                lambda: RESUMING in processes["standby"].log(),
-                timeout=60,
-            )
-            cluster.create_task("after-failover", template=template)
-            cluster.wait_epoch("after-failover", 1)
+        }
+        cluster = Cluster(kube_config, namespace)
+        try:
+            first = start("operator-a")
+            wait_for("operator-a to lead", lambda: leading(first), timeout=60)
+            second = start("operator-b")
+            wait_for("operator-b to stand by", lambda: standing_by(second), timeout=60)
+            cluster.create_task("elected", template=template)
+            cluster.wait_epoch("elected", 1)
+            assert holder().startswith("operator-a_")
+            # The standby started nothing: no decision, no Task listed.
+            assert not leading(second)
+            assert "elected" not in second.log() and "watching" not in second.log()
+
+            # A crash: the standby takes over once the Lease expires on its own clock.
+            first.kill()
+            killed = time.monotonic()
+            wait_for("operator-b to take over", lambda: leading(second), timeout=60)
+            took = time.monotonic() - killed
+            # 15 s lease from the standby's last sight of a renewal (renewed every 5 s): not
+            # before it could have expired (the upper bound is wait_for's timeout).
+            assert took >= 9, f"took over {took:.1f}s after the crash, before the lease expired"
+            assert holder().startswith("operator-b_")
+            wait_for("operator-b to list the Task", lambda: "watching 1 Tasks" in second.log())
+            cluster.create_task("after-crash", template=template)
+            cluster.wait_epoch("after-crash", 1)
+
+            # A clean stop (a rollout, a drained node): the Lease is released on the way out,
+            # and a standby takes over at once, long before the lease would have expired.
+            third = start("operator-c")
+            wait_for("operator-c to stand by", lambda: standing_by(third), timeout=60)
+            stopping = time.monotonic()
+            second.stop()
+            wait_for("operator-c to take over", lambda: leading(third), timeout=30)
+            took = time.monotonic() - stopping
+            # Without the release it would have waited for the 15 s lease to expire.
+            assert took < 15, f"took over {took:.1f}s after a clean stop: the lease expired"
+            assert "released the Lease" in second.log()
+            cluster.create_task("after-release", template=template)
+            cluster.wait_epoch("after-release", 1)
+            assert holder().startswith("operator-c_")
         finally:
-            for process in processes.values():
-                process.stop()
-        for name, process in processes.items():
-            lines = _forbidden_lines(process.log())
+            for replica in replicas.values():
+                replica.stop()
+        for name, replica in replicas.items():
+            lines = _forbidden_lines(replica.log())
             assert not lines, f"{name}:\n" + "\n".join(lines)
-        custom.delete_namespaced_custom_object(
-            "kopf.dev", "v1", namespace, "kopfpeerings", peering_name
-        )

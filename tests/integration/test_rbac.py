@@ -3,7 +3,8 @@ ServiceAccount) and proven with real requests made with the ServiceAccounts' own
 
 Runner: get and watch Tasks, patch tasks/status, in the runner namespaces; nothing else.
 Operator (watching a list of namespaces): its verbs in those namespaces, and only list/watch
-of CRDs and namespaces cluster-wide.
+of CRDs and namespaces cluster-wide; with leader election, get and update of its one Lease
+and create of Leases, in the release namespace only.
 """
 
 from __future__ import annotations
@@ -204,9 +205,10 @@ def test_operator_rbac_is_scoped_and_exact(setup: Setup) -> None:
         ("get", "secrets"),
         ("list", "secrets"),
         ("get", "configmaps"),
-        ("create", "leases.coordination.k8s.io"),
+        ("create", "leases.coordination.k8s.io"),  # leader election is off in this release
+        ("get", "leases.coordination.k8s.io"),
+        ("update", "leases.coordination.k8s.io"),
         ("create", "serviceaccounts/token"),
-        ("list", "kopfpeerings.kopf.dev"),  # peering is off in this release
     ]
     for verb, resource in refused:
         assert not setup.can_i(operator, verb, resource, ns), f"{verb} {resource}"
@@ -217,3 +219,58 @@ def test_operator_rbac_is_scoped_and_exact(setup: Setup) -> None:
     assert not setup.can_i(operator, "create", "customresourcedefinitions.apiextensions.k8s.io")
     assert not setup.can_i(operator, "list", "tasks.tasklease.io")
     assert not setup.can_i(operator, "list", "pods")
+
+
+def test_operator_leader_election_rbac_is_its_one_lease(
+    setup: Setup, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A release electing its leader in its own namespace while it watches another: get and
+    update of the election's Lease (by name), create of Leases (RBAC cannot name what does
+    not exist yet), there only; nothing in the watched namespace beyond what it had."""
+    with uncaptured(request):
+        binary = obtain_helm()
+    tmp = tmp_path_factory.mktemp("rbac-election")
+    helm = Helm(binary, kubeconfig=setup.control_plane.kubeconfig, home=tmp / "helm")
+    core = client.CoreV1Api(setup.admin)
+    home, watched = f"{setup.namespace}-election", f"{setup.namespace}-watched"
+    for name in (home, watched):
+        core.create_namespace({"metadata": {"name": name}})
+    values = scoped_values(watched, leaderElection={"enabled": True})
+    try:
+        with installed(helm, home, tmp, values, release="elect") as release:
+            operator = release.operator_user
+            lease = f"leases.coordination.k8s.io/{release.fullname}-operator"
+            other_lease = "leases.coordination.k8s.io/someone-else"
+
+            def can_i(verb: str, resource: str, namespace: str) -> bool:
+                result = setup.kubectl(
+                    "auth",
+                    "can-i",
+                    verb,
+                    resource,
+                    f"--as={operator}",
+                    f"--namespace={namespace}",
+                    check=False,
+                )
+                answer = str(result.stdout).strip()
+                assert answer in ("yes", "no"), result.stdout + result.stderr
+                return answer == "yes"
+
+            assert can_i("get", lease, home)
+            assert can_i("update", lease, home)
+            assert can_i("create", "leases.coordination.k8s.io", home)
+            for verb in ("patch", "delete", "watch"):
+                assert not can_i(verb, lease, home), verb
+            for verb in ("get", "update", "patch", "delete"):
+                assert not can_i(verb, other_lease, home), verb
+            for verb in ("list", "watch", "deletecollection"):
+                assert not can_i(verb, "leases.coordination.k8s.io", home), verb
+            # Nothing of the election in the watched namespace (where it lists and watches
+            # the pool runners' Leases), nor anywhere else.
+            assert can_i("watch", "leases.coordination.k8s.io", watched)
+            assert not can_i("create", "leases.coordination.k8s.io", watched)
+            assert not can_i("update", lease, watched)
+            assert not can_i("get", lease, setup.other_namespace)
+    finally:
+        for name in (home, watched):
+            core.delete_namespace(name, propagation_policy="Background")

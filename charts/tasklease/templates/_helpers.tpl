@@ -75,9 +75,9 @@ namespaces (runner pods run in their Task's namespace); else the release namespa
 {{- end }}
 {{- end }}
 
-{{/* The kopf peering name. */}}
-{{- define "tasklease.peeringName" -}}
-{{- default (include "tasklease.fullname" .) .Values.peering.name }}
+{{/* The name of the leader election's Lease (in the release namespace). */}}
+{{- define "tasklease.leaderElectionLease" -}}
+{{- default (printf "%s-operator" (include "tasklease.fullname" .)) .Values.leaderElection.leaseName }}
 {{- end }}
 
 {{- define "tasklease.image" -}}
@@ -114,13 +114,6 @@ namespaces (runner pods run in their Task's namespace); else the release namespa
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["list", "watch"]
-{{- end }}
-
-{{/* kopf's peering objects: it watches them and PATCHes its keep-alive into their status. */}}
-{{- define "tasklease.peeringRule" -}}
-- apiGroups: ["kopf.dev"]
-  resources: [{{ . | quote }}]
-  verbs: ["list", "watch", "patch"]
 {{- end }}
 
 {{/* Where the admission policies apply: admissionPolicy.namespaceSelector, else the runner

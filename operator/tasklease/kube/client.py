@@ -43,7 +43,7 @@ async def api_client(*, qps_hint: int | None = None) -> k8s.ApiClient:
     return k8s.ApiClient(configuration)
 
 
-async def _checked(response: Any) -> bytes:
+async def checked_body(response: Any) -> bytes:
     """The body of a raw response, raising for errors.
 
     With `_preload_content=False` the generated client hands back the raw aiohttp response
@@ -64,8 +64,8 @@ async def _checked(response: Any) -> bytes:
     return data
 
 
-async def _json(response: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(await _checked(response))
+async def json_body(response: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(await checked_body(response))
     return result
 
 
@@ -149,7 +149,7 @@ class KubeWriter:
         except ApiException as exc:
             _raise_for(exc)
             raise
-        return await _json(response)
+        return await json_body(response)
 
     async def patch_task_annotations(
         self,
@@ -198,7 +198,7 @@ class KubeWriter:
         except ApiException as exc:
             _raise_for(exc)
             raise
-        return await _json(response)
+        return await json_body(response)
 
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool:
         """Create the pod; False when it already exists (an earlier try made it)."""
@@ -212,7 +212,7 @@ class KubeWriter:
                 return False
             raise
         try:
-            await _checked(response)
+            await checked_body(response)
         except Conflict:
             return False
         return True
@@ -229,7 +229,7 @@ class KubeWriter:
                 return False
             raise
         try:
-            await _checked(response)
+            await checked_body(response)
         except Gone:
             return False
         return True
@@ -276,6 +276,6 @@ class KubeWriter:
             response = await self._events.create_namespaced_event(
                 namespace, body, _preload_content=False
             )
-            await _checked(response)
+            await checked_body(response)
         except (ApiException, ApiError) as exc:
             logger.warning("could not record event %s on %s: %s", reason, metadata.get("name"), exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import kopf
 
@@ -17,14 +18,18 @@ def run(operator: OperatorSettings | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     settings = kopf.OperatorSettings()
-    handlers.configure(settings, operator)
+    handlers.configure(settings)
     health = f"http://0.0.0.0:{operator.health_port}/healthz" if operator.health_port else None
+    memo = handlers.new_memo()
+    shutdown: handlers.Shutdown = memo[handlers.MEMO_SHUTDOWN]
     kopf.run(
         settings=settings,
-        standalone=settings.peering.standalone,
-        peering_name=operator.peering,
-        priority=operator.priority,
+        standalone=True,
         clusterwide=not operator.namespaces,
         namespaces=operator.namespaces,
         liveness_endpoint=health,
+        memo=memo,
+        stop_flag=shutdown.flag,
     )
+    if shutdown.exit_code:
+        sys.exit(shutdown.exit_code)

@@ -1,0 +1,443 @@
+"""A lean Task informer: list, then watch, raw JSON bodies to a callback (client-go's reflector).
+
+kopf put every Task event through its whole machinery (a per-object worker, causes, handler
+invocation, a per-object memory) before the reconciler saw it: two thirds of the operator's
+CPU per heartbeat, about 2.6 KiB per Task, and 2 ms per Task listed after a restart
+(docs/performance.md). The reconciler needs none of it: it wants each event's body, in order.
+
+One `TaskInformer` per watched namespace (or one for the whole cluster):
+
+- LIST in pages (`limit`, `continue`), each item delivered as ("ADDED", body);
+- WATCH from the list's resourceVersion with bookmarks and a server-side timeout; a watch
+  that ends normally resumes from the last resourceVersion seen (bookmarks included), so a
+  quiet namespace does not fall out of the API server's window;
+- 410 Gone (the version the watch would resume from is no longer kept): LIST again and
+  deliver ("DELETED", key only) for every Task the consumer was told about and the new list
+  lacks; only the keys are kept for that, never bodies (`KeyView`);
+- connection errors: capped exponential backoff, one warning per outage.
+
+Bodies go through `json.loads` once, never through the generated client's models, and lose
+`metadata.managedFields` (often larger than the rest of a Task, and read by nobody) before
+they are handed on. The callback runs on the event loop, in stream order, and must be cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, Literal
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+
+from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.kube.client import json_body
+from tasklease.kube.errors import ApiError
+
+logger = logging.getLogger(__name__)
+
+TaskKey = tuple[str, str]  # (namespace, name)
+Deliver = Callable[[str, dict[str, Any]], None]
+
+ADDED: Final = "ADDED"
+MODIFIED: Final = "MODIFIED"
+DELETED: Final = "DELETED"
+
+PAGE_SIZE: Final = 500
+# Server-side watch timeout, randomised like client-go's reflector so that the watches of
+# many namespaces (and many operators) do not all reconnect in the same second.
+WATCH_TIMEOUT_S: Final = (240, 360)
+_CONNECT_TIMEOUT_S: Final = 10.0
+# A page of 500 Tasks from a busy API server can take a while; silence this long is not.
+_LIST_READ_TIMEOUT_S: Final = 60.0
+# Give the event loop a turn every so many delivered items: a page of 500 parsed in one go
+# would hold up the reconcile workers, the kopf watchers and the health endpoint.
+_YIELD_EVERY: Final = 50
+# A watch that ends this soon after it began, having seen nothing, is treated as a failure
+# (backoff) rather than a normal end: it keeps a misbehaving proxy from making a busy loop.
+_SHORTEST_NORMAL_WATCH_S: Final = 1.0
+_PAUSE_S: Final = 1.0
+# One watch event is one line of JSON. aiohttp's line reader refuses lines longer than twice
+# the session's read buffer (128 KiB by default; kubernetes_asyncio's session allows 4 MiB),
+# and a Task can be large (a pod template, parameters, a checkpoint, long failure messages;
+# the API server stores objects up to about 1.5 MiB). Said here, not left to whichever
+# session the client was made with; a limit stays, so a broken stream cannot grow a line
+# without end.
+MAX_EVENT_BYTES: Final = 16 << 20
+# What an outage looks like: warned about once, then retried quietly. Anything else is a
+# bug worth a traceback on every try.
+_CONNECTION_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError, ApiError)
+
+
+class Expired(Exception):
+    """HTTP 410 Gone: the resourceVersion (or continue token) is older than what the API
+    server keeps. Only a fresh LIST can continue."""
+
+
+def status_error(code: Any, message: str) -> Exception:
+    """The exception for a failed request or a watch ERROR event (a `Status` object)."""
+    if code == 410:
+        return Expired(message)
+    return ApiError(code if isinstance(code, int) else 0, message)
+
+
+def deleted_body(key: TaskKey) -> dict[str, Any]:
+    """The body of a deletion noticed by a relist: the object itself is gone, only its key
+    is known (client-go's DeletedFinalStateUnknown)."""
+    return {"metadata": {"namespace": key[0], "name": key[1]}}
+
+
+class KeyView:
+    """The keys of the Tasks the consumer was told exist, kept so that a relist can tell it
+    which ones were deleted while the watch was down.
+
+    A relist that fails half way leaves the keys it delivered in the view (the consumer has
+    seen them), and the next complete relist decides about them.
+    """
+
+    def __init__(self) -> None:
+        self._known: set[TaskKey] = set()
+        self._listed: set[TaskKey] | None = None
+        # One string object per namespace, not one per Task.
+        self._namespaces: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def key(self, body: dict[str, Any]) -> TaskKey:
+        metadata = body.get("metadata") or {}
+        namespace = str(metadata.get("namespace", ""))
+        namespace = self._namespaces.setdefault(namespace, sys.intern(namespace))
+        return namespace, str(metadata.get("name", ""))
+
+    def watched(self, event_type: str, key: TaskKey) -> None:
+        if event_type == DELETED:
+            self._known.discard(key)
+        else:
+            self._known.add(key)
+
+    def begin_list(self) -> None:
+        self._listed = set()
+
+    def listed(self, key: TaskKey) -> str:
+        """Record a listed Task; the event type to deliver it with."""
+        assert self._listed is not None, "listed() outside a list"
+        self._listed.add(key)
+        if key in self._known:
+            return MODIFIED
+        self._known.add(key)
+        return ADDED
+
+    def end_list(self) -> list[TaskKey]:
+        """The list is complete: the keys known before it and absent from it, now deleted."""
+        assert self._listed is not None, "end_list() without begin_list()"
+        vanished = sorted(self._known - self._listed)
+        self._known, self._listed = self._listed, None
+        return vanished
+
+
+class Retry:
+    """Capped exponential backoff across one outage, and when to say so.
+
+    `failed()` gives the delay before the next try and whether this failure began an
+    outage (warn once, not on every try); `succeeded()` ends the outage and tells how long
+    it lasted, or None when there was none.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_s: float = 0.5,
+        cap_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._initial_s = initial_s
+        self._cap_s = cap_s
+        self._clock = clock
+        self._next_s = initial_s
+        self._outage_since: float | None = None
+
+    @property
+    def in_outage(self) -> bool:
+        return self._outage_since is not None
+
+    def failed(self) -> tuple[float, bool]:
+        first = self._outage_since is None
+        if first:
+            self._outage_since = self._clock()
+        delay = self._next_s
+        self._next_s = min(self._next_s * 2, self._cap_s)
+        return delay, first
+
+    def succeeded(self) -> float | None:
+        self._next_s = self._initial_s
+        if self._outage_since is None:
+            return None
+        lasted = self._clock() - self._outage_since
+        self._outage_since = None
+        return lasted
+
+
+class TaskInformer:
+    """Tasks of one namespace (`namespace=None`: of all namespaces), delivered to `deliver`.
+
+    `start()` runs it in the background; `stop()` ends it. A stopped informer keeps its view
+    and the last resourceVersion, so starting it again resumes the watch where it stopped
+    (or relists, and reports what vanished, when that version has expired meanwhile).
+    """
+
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        deliver: Deliver,
+        *,
+        namespace: str | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self._custom = k8s.CustomObjectsApi(api)
+        self._deliver = deliver
+        self._namespace = namespace
+        self._page_size = page_size
+        self._view = KeyView()
+        self._resource_version: str | None = None
+        self._retry = Retry()
+        self._synced = asyncio.Event()
+        self._listed_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._where = f"namespace {namespace}" if namespace else "all namespaces"
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"task-informer {self._where}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def synced(self) -> bool:
+        """True once the first LIST has been delivered completely."""
+        return self._synced.is_set()
+
+    async def wait_synced(self) -> None:
+        await self._synced.wait()
+
+    @property
+    def known(self) -> int:
+        """How many Tasks the consumer was told exist (and not told are gone)."""
+        return len(self._view)
+
+    @property
+    def resource_version(self) -> str | None:
+        """Where the next watch starts; None: the next step is a LIST."""
+        return self._resource_version
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self._resource_version is None:
+                    await self._list()
+                quiet = await self._watch()
+            except Expired as expired:
+                logger.info("Tasks in %s: %s; listing them again", self._where, expired)
+                self._resource_version = None
+                if self._listed_at is not None and time.monotonic() - self._listed_at < 1.0:
+                    # Expired right after a fresh list: something is off; do not hammer.
+                    await asyncio.sleep(_PAUSE_S)
+                continue
+            except Exception as error:
+                delay, first = self._retry.failed()
+                expected = isinstance(error, _CONNECTION_ERRORS)
+                if first or not expected:
+                    logger.warning(
+                        "watching Tasks in %s failed (%s); retrying with backoff",
+                        self._where,
+                        str(error) or type(error).__name__,
+                        exc_info=not expected,
+                    )
+                else:
+                    logger.debug("Tasks in %s: still failing: %s", self._where, error)
+                await asyncio.sleep(delay)
+                continue
+            if quiet:
+                await asyncio.sleep(_PAUSE_S)
+
+    def _recovered(self) -> None:
+        lasted = self._retry.succeeded()
+        if lasted is not None:
+            logger.info("watching Tasks in %s again after %.1fs", self._where, lasted)
+
+    async def _request(self, request_timeout: aiohttp.ClientTimeout, **params: Any) -> Any:
+        """A LIST or WATCH of Tasks; the raw aiohttp response, raising for anything but 200."""
+        if self._namespace:
+            call = self._custom.list_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self._namespace,
+                PLURAL,
+                _preload_content=False,
+                _request_timeout=request_timeout,
+                **params,
+            )
+        else:
+            call = self._custom.list_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                _preload_content=False,
+                _request_timeout=request_timeout,
+                **params,
+            )
+        response = await call
+        if response.status != 200:
+            data = await response.read()
+            response.release()
+            try:
+                message = str(json.loads(data).get("message", ""))
+            except ValueError:
+                message = data[:512].decode(errors="replace")
+            raise status_error(response.status, message)
+        return response
+
+    async def _list(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=_CONNECT_TIMEOUT_S, sock_read=_LIST_READ_TIMEOUT_S
+        )
+        self._view.begin_list()
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": self._page_size}
+            if token:
+                params["_continue"] = token
+            response = await self._request(timeout, **params)
+            try:
+                page = json.loads(await response.read())
+            finally:
+                response.release()
+            self._recovered()
+            for index, item in enumerate(page.get("items") or ()):
+                (item.get("metadata") or {}).pop("managedFields", None)
+                self._hand_on(self._view.listed(self._view.key(item)), item)
+                if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                    await asyncio.sleep(0)
+            del page["items"]  # the bodies are the consumer's now
+            token = page["metadata"].get("continue")
+            if not token:
+                break
+        for key in self._view.end_list():
+            self._hand_on(DELETED, deleted_body(key))
+        self._resource_version = page["metadata"]["resourceVersion"]
+        self._listed_at = time.monotonic()
+        if not self._synced.is_set():
+            self._synced.set()
+
+    async def _watch(self) -> bool:
+        """Watch from the last resourceVersion until the server ends the watch; True when
+        it ended at once without a single event (see `_SHORTEST_NORMAL_WATCH_S`)."""
+        timeout_s = random.randint(*WATCH_TIMEOUT_S)
+        started = time.monotonic()
+        response = await self._request(
+            # The server ends the watch after timeout_s; the read timeout only catches a
+            # connection that died without a word (bookmarks come about once a minute).
+            aiohttp.ClientTimeout(sock_connect=_CONNECT_TIMEOUT_S, sock_read=timeout_s + 30),
+            watch=True,
+            resource_version=self._resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout_s,
+        )
+        self._recovered()
+        events = 0
+        try:
+            while line := await response.content.readline(max_line_length=MAX_EVENT_BYTES):
+                if line.strip():
+                    events += 1
+                    self._apply(json.loads(line))
+        except BaseException:
+            # Half read: closed, not returned to the pool, or the next request on that
+            # connection would read the rest of this stream.
+            response.close()
+            raise
+        response.release()
+        return events == 0 and time.monotonic() - started < _SHORTEST_NORMAL_WATCH_S
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        """One watch event: hand it on, and remember where to resume from."""
+        event_type = event.get("type")
+        body: dict[str, Any] = event.get("object") or {}
+        if event_type == "ERROR":
+            raise status_error(body.get("code"), str(body.get("message") or body))
+        metadata = body.get("metadata") or {}
+        if event_type in (ADDED, MODIFIED, DELETED):
+            metadata.pop("managedFields", None)
+            self._view.watched(event_type, self._view.key(body))
+            self._hand_on(event_type, body)
+        # BOOKMARK events carry nothing but the version: the point of them.
+        version = metadata.get("resourceVersion")
+        if version:
+            self._resource_version = version
+
+    def _hand_on(self, event_type: str, body: dict[str, Any]) -> None:
+        try:
+            self._deliver(event_type, body)
+        except Exception:
+            # The consumer's bug must not stop the informer (every later event would be
+            # lost); its state for this Task is refreshed by the Task's next event.
+            logger.exception("handling %s of a Task failed", event_type)
+
+
+async def list_objects(
+    api: k8s.ApiClient,
+    *,
+    resource: Literal["pods", "leases"],
+    namespace: str | None,
+    label_selector: str,
+    page_size: int = PAGE_SIZE,
+) -> AsyncIterator[dict[str, Any]]:
+    """Every pod or Lease (coordination.k8s.io/v1) of a namespace, or of all, matching the
+    selector: one LIST in pages, raw bodies without managedFields."""
+    if resource == "pods":
+        core = k8s.CoreV1Api(api)
+        fetch = (
+            functools.partial(core.list_namespaced_pod, namespace)
+            if namespace
+            else core.list_pod_for_all_namespaces
+        )
+    else:
+        coordination = k8s.CoordinationV1Api(api)
+        fetch = (
+            functools.partial(coordination.list_namespaced_lease, namespace)
+            if namespace
+            else coordination.list_lease_for_all_namespaces
+        )
+    timeout = aiohttp.ClientTimeout(sock_connect=_CONNECT_TIMEOUT_S, sock_read=_LIST_READ_TIMEOUT_S)
+    token: str | None = None
+    while True:
+        params: dict[str, Any] = {"label_selector": label_selector, "limit": page_size}
+        if token:
+            params["_continue"] = token
+        page = await json_body(
+            await fetch(_preload_content=False, _request_timeout=timeout, **params)
+        )
+        for item in page.get("items") or ():
+            (item.get("metadata") or {}).pop("managedFields", None)
+            yield item
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return
