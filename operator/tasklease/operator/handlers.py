@@ -162,6 +162,11 @@ async def stop_operator(memo: kopf.Memo, **_: Any) -> None:
     writer = memo.get(MEMO_WRITER)
     if writer is not None:
         await writer.close()
+    shutdown: Shutdown | None = memo.get(MEMO_SHUTDOWN)
+    if shutdown is not None:
+        # Stopped by a signal, kopf leaves its waiter on our flag pending and then waits 5 s
+        # for it as a "hung" task before exiting: end the wait.
+        shutdown.flag.set()
 
 
 @kopf.on.event("v1", "pods", labels={ROLE_LABEL: kopf.PRESENT})
