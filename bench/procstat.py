@@ -86,6 +86,44 @@ def rss_bytes(pid: int) -> int:
     return parse_status_rss_kib(text) * 1024
 
 
+def parse_smaps_rss_kib(smaps: str) -> dict[str, int]:
+    """Resident KiB of /proc/PID/smaps by kind of mapping: where a Python process's RSS is.
+
+    "heap": glibc's main arena; "arenas 1 MiB": anonymous mappings of exactly 1 MiB, which is
+    CPython's small-object arena size (3.10+); "anon other": other anonymous mappings (glibc
+    thread arenas, blocks above glibc's mmap threshold, stacks); "file": code and data of
+    binaries and libraries.
+    """
+    kinds: dict[str, int] = {}
+    kind = "file"
+    for line in smaps.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            path = fields[5] if len(fields) > 5 else ""
+            if path == "[heap]":
+                kind = "heap"
+            elif path == "" or path.startswith("[anon"):
+                kind = "arenas 1 MiB" if end - start == 1 << 20 else "anon other"
+            elif path.startswith("["):
+                kind = "anon other"  # [stack], [vdso], ...
+            else:
+                kind = "file"
+        elif fields[0] == "Rss:":
+            kinds[kind] = kinds.get(kind, 0) + int(fields[1])
+    return kinds
+
+
+def rss_by_kind_mib(pid: int) -> dict[str, float]:
+    try:
+        text = (PROC / str(pid) / "smaps").read_text()
+    except (FileNotFoundError, ProcessLookupError) as error:
+        raise ProcessGone(f"process {pid} is gone") from error
+    return {kind: kib / 1024 for kind, kib in sorted(parse_smaps_rss_kib(text).items())}
+
+
 def _cmdlines() -> Iterator[tuple[int, list[str]]]:
     for entry in PROC.iterdir():
         if not entry.name.isdigit():

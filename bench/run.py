@@ -58,7 +58,14 @@ from bench.loadgen import (
     task_manifest,
     wait_for,
 )
-from bench.procstat import MACHINE, CpuDelta, find_components, rss_bytes, snapshot
+from bench.procstat import (
+    MACHINE,
+    CpuDelta,
+    find_components,
+    rss_by_kind_mib,
+    rss_bytes,
+    snapshot,
+)
 from bench.report import (
     RESULT_KEYS,
     figures_table,
@@ -267,6 +274,7 @@ class Settings:
     seed: int
     apiserver_args: list[str]
     kcm_args: list[str]
+    operator_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -535,6 +543,7 @@ class Bench:
             samples.append(rss_bytes(self.operator.pid))
             await asyncio.sleep(0.2)
         self.found.notes["rss_none_mib"] = min(samples) / MIB
+        self.found.notes["rss_none_by_kind_mib"] = rss_by_kind_mib(self.operator.pid)
         log(f"operator up, RSS with no Tasks: {min(samples) / MIB:.1f} MiB")
 
     async def _probe_tracked(self, test: Any) -> bool:
@@ -657,6 +666,7 @@ class Bench:
         )
         notes["heartbeat_lag_p99_s"] = percentile(gen.counters.lag_s, 99)
         notes["rss_at_n_mib"] = rss / MIB
+        notes["rss_at_n_by_kind_mib"] = rss_by_kind_mib(self.operator.pid)
         samples = await self.metrics() or {}
         # Leases whose last report the operator saw more than ~2 intervals ago: it is
         # behind on its watch.
@@ -1105,6 +1115,13 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--no-jobs", action="store_true", help="skip the Job controller")
     parser.add_argument(
+        "--operator-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of the operator process, for experiments (repeatable)",
+    )
+    parser.add_argument(
         "--output-dir",
         type=Path,
         default=REPO_ROOT / ".tasklease" / "bench",
@@ -1152,6 +1169,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         seed=args.seed,
         apiserver_args=apiserver_args,
         kcm_args=kcm_args,
+        operator_env=dict(item.split("=", 1) for item in args.operator_env),
     )
 
 
@@ -1223,6 +1241,7 @@ def main(argv: list[str] | None = None) -> int:
                 TASKLEASE_METRICS_PORT=str(free_port()),
                 TASKLEASE_HEALTH_PORT="0",
                 TASKLEASE_LOG_LEVEL="WARNING",
+                **settings.operator_env,
             )
             operator = OperatorProcess(env, log_path)
             bench = Bench(settings, plane, operator)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from bench.procstat import (
     CpuSnapshot,
     classify_components,
     cpu_seconds,
+    parse_smaps_rss_kib,
     parse_stat_cpu_ticks,
     parse_status_rss_kib,
     rss_bytes,
@@ -94,3 +96,31 @@ def test_deltas_give_cores() -> None:
 def test_this_process_can_be_read() -> None:
     assert cpu_seconds(os.getpid()) > 0
     assert rss_bytes(os.getpid()) > 1024 * 1024
+
+
+SMAPS = """\
+55d0c0a00000-55d0c0c00000 r-xp 00000000 08:01 123   /usr/bin/python3.11
+Rss:                 100 kB
+55d0c1000000-55d0c3000000 rw-p 00000000 00:00 0     [heap]
+Rss:                4000 kB
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0
+Rss:                1024 kB
+7f0000200000-7f0000300000 rw-p 00000000 00:00 0
+Rss:                 512 kB
+7f0004000000-7f0008000000 rw-p 00000000 00:00 0
+Rss:                 300 kB
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0     [stack]
+Rss:                  20 kB
+"""
+
+
+def test_smaps_rss_is_split_by_kind_of_mapping() -> None:
+    own = Path(f"/proc/{os.getpid()}/smaps").read_text()
+    assert parse_smaps_rss_kib(own)["file"] > 0
+
+    assert parse_smaps_rss_kib(SMAPS) == {
+        "file": 100,
+        "heap": 4000,
+        "arenas 1 MiB": 1536,
+        "anon other": 320,
+    }
