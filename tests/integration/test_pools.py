@@ -67,10 +67,17 @@ def test_pool_runner_claims_and_finishes(
     cluster: Cluster, operator_process: OperatorProcess
 ) -> None:
     create_pool_task(cluster, "shard-7", parameters={"shard": "7"})
-    waiting = wait_claimable(cluster, "shard-7")
+    wait_claimable(cluster, "shard-7")
+
+    # The offer is two writes (labels, then the condition): wait for the second as well.
+    def waiting_for_runner() -> dict[str, Any] | None:
+        task = cluster.task("shard-7")
+        conditions = task["status"].get("conditions", [])
+        leased = [c for c in conditions if c["type"] == "Leased"]
+        return task if leased and leased[0]["reason"] == "WaitingForRunner" else None
+
+    waiting = wait_for("the Leased condition to say WaitingForRunner", waiting_for_runner)
     assert waiting["status"]["phase"] == "Pending"
-    leased = next(c for c in waiting["status"]["conditions"] if c["type"] == "Leased")
-    assert leased["reason"] == "WaitingForRunner"
 
     with pool_runner(cluster, "warm-a") as runner:
         task = runner.poll_for_task(timeout_s=10)
