@@ -35,7 +35,11 @@ tracemalloc.start(int(sys.argv[2]))
 count = [0]
 def dump(*_):
     count[0] += 1
+    current, peak = tracemalloc.get_traced_memory()
     tracemalloc.take_snapshot().dump(f"{folder}/snap{count[0]}.pickle")
+    with open(f"{folder}/snap{count[0]}.mem", "w") as out:
+        out.write(f"{current} {peak}")
+    tracemalloc.reset_peak()
     open(f"{folder}/snap{count[0]}.done", "w").close()
 signal.signal(signal.SIGUSR1, dump)
 sys.argv = ["tasklease", "operator"]
@@ -144,12 +148,18 @@ def report(folder: Path, tasks: int, rss: list[int], *, top: int = 20) -> str:
     before = tracemalloc.Snapshot.load(str(folder / "snap1.pickle"))
     after = tracemalloc.Snapshot.load(str(folder / "snap2.pickle"))
     by_file = after.compare_to(before, "filename")
+    first = int((folder / "snap1.mem").read_text().split()[0])
+    peak = int((folder / "snap2.mem").read_text().split()[1])
     total = sum(stat.size_diff for stat in by_file)
     lines = [
         f"RSS: {rss[0] / 2**20:.1f} MiB with none, {rss[1] / 2**20:.1f} MiB with {tasks}: "
         f"{(rss[1] - rss[0]) / tasks / 1024:.1f} KiB per Task",
         f"Python heap (tracemalloc): +{total / 2**20:.1f} MiB, "
         f"{total / tasks / 1024:.1f} KiB per Task",
+        # The high-water mark between the snapshots (hand-out and acknowledgement bursts),
+        # against the heap at the first: what the allocator had to find room for at once.
+        f"Python heap peak between the snapshots: +{(peak - first) / 2**20:.1f} MiB over the "
+        f"heap with none, {(peak - first) / tasks / 1024:.1f} KiB per Task",
         "",
         "by file (KiB per Task, blocks per Task):",
     ]
