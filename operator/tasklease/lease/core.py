@@ -363,19 +363,7 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
             )
     attempts.append(AttemptRecord(attempt=attempt, epoch=epoch, holder=holder, start_time=acquired))
     acknowledged = sighting.epoch == epoch and sighting.acknowledged
-    conditions = set_condition(
-        status.conditions,
-        type_=CONDITION_LEASED,
-        status="True",
-        reason="Running" if acknowledged else "Assigned",
-        message=(
-            f"pod {holder} acknowledged lease epoch {epoch}"
-            if acknowledged
-            else f"pod {holder} holds lease epoch {epoch}; waiting for its acknowledgement"
-        ),
-        now=now,
-        generation=task.generation,
-    )
+    conditions = _leased(task, plan, holder=holder, epoch=epoch, acknowledged=acknowledged)
     plan.actions.append(
         PatchStatus(
             {
@@ -411,9 +399,7 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
         )
         plan.handed_out = epoch
     if acknowledged:
-        plan.actions.append(
-            RecordEvent("Normal", "Acknowledged", f"pod {holder} acknowledged the task")
-        )
+        plan.actions.append(_acknowledged_event(holder))
     # Only a bookkeeping write is left: it may wait for a free API budget. Anything that
     # makes a pod, or a cancellation, may not.
     plan.deferrable = not task.spec.cancel and not any(
@@ -421,17 +407,32 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
     )
 
 
-def _acknowledge(task: Task, plan: _Plan) -> None:
-    holder = task.lease.holder
-    conditions = set_condition(
+def _leased(
+    task: Task, plan: _Plan, *, holder: str, epoch: int, acknowledged: bool
+) -> list[Condition]:
+    """The conditions with Leased true: Assigned until the holder acknowledges, then Running."""
+    return set_condition(
         task.status.conditions,
         type_=CONDITION_LEASED,
         status="True",
-        reason="Running",
-        message=f"pod {holder} acknowledged lease epoch {task.lease.epoch}",
+        reason="Running" if acknowledged else "Assigned",
+        message=(
+            f"pod {holder} acknowledged lease epoch {epoch}"
+            if acknowledged
+            else f"pod {holder} holds lease epoch {epoch}; waiting for its acknowledgement"
+        ),
         now=plan.clock.wall,
         generation=task.generation,
     )
+
+
+def _acknowledged_event(holder: str) -> RecordEvent:
+    return RecordEvent("Normal", "Acknowledged", f"pod {holder} acknowledged the task")
+
+
+def _acknowledge(task: Task, plan: _Plan) -> None:
+    holder = task.lease.holder or ""
+    conditions = _leased(task, plan, holder=holder, epoch=task.lease.epoch, acknowledged=True)
     plan.actions.append(
         PatchStatus(
             {
@@ -441,9 +442,7 @@ def _acknowledge(task: Task, plan: _Plan) -> None:
             }
         )
     )
-    plan.actions.append(
-        RecordEvent("Normal", "Acknowledged", f"pod {holder} acknowledged the task")
-    )
+    plan.actions.append(_acknowledged_event(holder))
     plan.why = "acknowledged"
 
 
@@ -483,6 +482,19 @@ def _end_attempt(
             )
             if delay > timedelta(0):
                 next_attempt_time = now + delay
+
+    plan.ended = outcome
+    plan.retrying = final_phase is None
+    if final_phase is None and next_attempt_time is None and task.spec.template is not None:
+        # Straight on to the next attempt (a lost lease, AWS's reassignment): the new lease
+        # carries the end of this attempt, and the status records both afterwards.
+        ended = attempts[-1] if attempts and attempts[-1].epoch == task.lease.epoch else None
+        _hand_out(task, plan, previous=ended)
+        plan.why = f"{outcome.value} -> {plan.why}"
+        _stop_runner(task, plan, outcome=outcome, pod=pod)
+        text = f"attempt {status.attempt} ended: {message}"
+        plan.actions.append(RecordEvent("Warning", outcome.value, text))
+        return
 
     patch: dict[str, Any] = {
         "attempts": _dump_attempts(attempts),
@@ -535,25 +547,20 @@ def _end_attempt(
         message = f"attempt {status.attempt} ended: {message}{wait}"
         plan.why = f"{outcome.value} -> retry"
     patch["conditions"] = _dump_conditions(conditions)
-    plan.ended = outcome
-    plan.retrying = final_phase is None
+    plan.actions.append(PatchStatus(patch))
+    _stop_runner(task, plan, outcome=outcome, pod=pod)
+    plan.actions.append(RecordEvent(event_type, event_reason, message))
 
+
+def _stop_runner(task: Task, plan: _Plan, *, outcome: Outcome, pod: PodState | None) -> None:
+    """Delete the ended attempt's pod when its runner may still be running."""
     holder = task.lease.holder
     runner_may_still_run = outcome not in RUNNER_REPORTED
     # Only pods made for this attempt are ours to stop; a pool runner serves other tasks.
     pod_per_attempt = task.spec.template is not None
     pod_done = pod is not None and (pod.gone or pod.terminated)
-    if final_phase is None and next_attempt_time is None and pod_per_attempt:
-        # Straight on to the next attempt (a lost lease, AWS's reassignment): the new lease
-        # carries the end of this attempt, and the status records both afterwards.
-        ended = attempts[-1] if attempts and attempts[-1].epoch == task.lease.epoch else None
-        _hand_out(task, plan, previous=ended)
-        plan.why = f"{outcome.value} -> {plan.why}"
-    else:
-        plan.actions.append(PatchStatus(patch))
     if holder and pod_per_attempt and runner_may_still_run and not pod_done:
         plan.actions.append(DeletePod(holder))
-    plan.actions.append(RecordEvent(event_type, event_reason, message))
 
 
 def _mark_late(task: Task, plan: _Plan, *, late_after: timedelta) -> None:

@@ -49,7 +49,6 @@ from tasklease.lease.core import (
     observe,
     when_to_stop_pod,
 )
-from tasklease.operator.memory import trim_periodically
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.queues import DeadlineQueue, WorkQueue
 
@@ -173,8 +172,6 @@ class Reconciler:
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._deadlines.run(), name="deadlines"))
         self._tasks.append(asyncio.create_task(self._release_deferred(), name="deferred"))
-        # The bodies of a burst are freed once reconciled; give their pages back.
-        self._tasks.append(asyncio.create_task(trim_periodically(), name="malloc-trim"))
         for index in range(self._workers):
             self._tasks.append(asyncio.create_task(self._work(), name=f"reconcile-{index}"))
 
@@ -184,12 +181,11 @@ class Reconciler:
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
 
-    # --- events in (called from kopf handlers; must stay cheap) -----------------------------
+    # --- events in (from the Task informer and kopf's handlers; must stay cheap) -----------
 
     def task_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
-        # managedFields can be larger than the rest of a Task and nothing here reads them.
-        metadata = {k: v for k, v in body.get("metadata", {}).items() if k != "managedFields"}
-        body = {**body, "metadata": metadata}
+        # The informer hands bodies over without managedFields and never reuses them.
+        metadata = body.get("metadata", {})
         key: TaskKey = (metadata.get("namespace", ""), metadata.get("name", ""))
         if event_type == "DELETED":
             gone = self._entries.pop(key, None)

@@ -19,6 +19,7 @@ from kubernetes_asyncio import client as k8s
 
 from tasklease.api.models import POOL_RUNNER_ROLE, ROLE_LABEL
 from tasklease.kube.informer import Retry, TaskInformer, list_objects
+from tasklease.operator.memory import trim_periodically
 from tasklease.operator.reconciler import Reconciler
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Workload:
         # the listed copy must not overwrite it either way.
         self._delivered_since_start: set[ObjectKey] | None = None
         self._background: asyncio.Task[None] | None = None
+        self._trim: asyncio.Task[None] | None = None
 
     async def start(self, *, catch_up: bool) -> None:
         self.reconciler.start()
@@ -51,12 +53,15 @@ class Workload:
         for informer in self._informers:
             informer.start()
         self._background = asyncio.create_task(self._announce_synced(), name="announce-synced")
+        # Listings and bulk hand-outs free thousands of bodies at once; give the pages back.
+        self._trim = asyncio.create_task(trim_periodically(), name="malloc-trim")
 
     async def stop(self) -> None:
         """Stop everything started, in the order that lets nothing call into a stopped part."""
-        if self._background is not None:
-            self._background.cancel()
-            self._background = None
+        for task in (self._background, self._trim):
+            if task is not None:
+                task.cancel()
+        self._background = self._trim = None
         for informer in self._informers:
             await informer.stop()
         if self.running:
