@@ -4,8 +4,10 @@ kopf watches; this module writes. kopf's own patches are not compare-and-swap, a
 lease and status write of the operator must be: each carries the resourceVersion the
 decision was made from, and the API server answers 409 Conflict when the Task moved on.
 
-Responses are read as plain JSON (`_preload_content=False`): the generated client's model
-deserialisation costs more CPU than the request itself and we only need a few fields.
+Responses are read raw (`_preload_content=False`): the generated client's model
+deserialisation costs more CPU than the request itself. Task reads and writes return the
+Task's JSON as bytes, which the reconciler validates straight into its model (and can hold
+compactly while a key waits for a worker).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from tasklease.api.models import GROUP, KIND, PLURAL, VERSION
 from tasklease.kube.errors import ApiError, Conflict, Gone
+from tasklease.kube.refs import ObjectRef
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ class KubeWriter:
         """Whether writes now wait for the client-side rate limit (see TokenBucket)."""
         return self._limiter.congested()
 
-    async def get_task(self, namespace: str, name: str) -> dict[str, Any]:
+    async def get_task(self, namespace: str, name: str) -> bytes:
         await self._limiter.take()
         try:
             response = await self._custom.get_namespaced_custom_object(
@@ -149,7 +152,7 @@ class KubeWriter:
         except ApiException as exc:
             _raise_for(exc)
             raise
-        return await json_body(response)
+        return await checked_body(response)
 
     async def patch_task_annotations(
         self,
@@ -159,7 +162,7 @@ class KubeWriter:
         resource_version: str,
         annotations: dict[str, str | None],
         labels: dict[str, str | None] | None = None,
-    ) -> dict[str, Any]:
+    ) -> bytes:
         await self._limiter.take()
         metadata: dict[str, Any] = {"resourceVersion": resource_version, "annotations": annotations}
         if labels:
@@ -168,14 +171,14 @@ class KubeWriter:
 
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> bytes:
         await self._limiter.take()
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
         return await self._merge_patch(namespace, name, body, subresource="status")
 
     async def _merge_patch(
         self, namespace: str, name: str, body: dict[str, Any], *, subresource: str | None = None
-    ) -> dict[str, Any]:
+    ) -> bytes:
         """A JSON merge patch of a Task (or its status); the body's resourceVersion makes it
         compare-and-swap: 409 Conflict when the Task moved on."""
         patch = (
@@ -198,7 +201,7 @@ class KubeWriter:
         except ApiException as exc:
             _raise_for(exc)
             raise
-        return await json_body(response)
+        return await checked_body(response)
 
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool:
         """Create the pod; False when it already exists (an earlier try made it)."""
@@ -236,7 +239,7 @@ class KubeWriter:
 
     async def record_event(
         self,
-        task: dict[str, Any],
+        task: ObjectRef,
         *,
         type_: str,
         reason: str,
@@ -244,23 +247,22 @@ class KubeWriter:
     ) -> None:
         """A core/v1 Event on the Task; failures are logged, never raised (best effort)."""
         await self._event_limiter.take()
-        metadata = task.get("metadata", {})
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        namespace = metadata.get("namespace", "default")
+        namespace = task.namespace
         body = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "generateName": f"{metadata.get('name', 'task')}.",
+                "generateName": f"{task.name or 'task'}.",
                 "namespace": namespace,
             },
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": KIND,
-                "name": metadata.get("name"),
+                "name": task.name,
                 "namespace": namespace,
-                "uid": metadata.get("uid"),
-                "resourceVersion": metadata.get("resourceVersion"),
+                "uid": task.uid,
+                "resourceVersion": task.resource_version,
             },
             "reason": reason,
             "message": message[:1024],
@@ -278,4 +280,4 @@ class KubeWriter:
             )
             await checked_body(response)
         except (ApiException, ApiError) as exc:
-            logger.warning("could not record event %s on %s: %s", reason, metadata.get("name"), exc)
+            logger.warning("could not record event %s on %s: %s", reason, task.name, exc)

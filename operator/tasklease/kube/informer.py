@@ -1,23 +1,26 @@
-"""A lean Task informer: list, then watch, raw JSON bodies to a callback (client-go's reflector).
+"""Lean informers: list, then watch, raw JSON bodies to a callback (client-go's reflector).
 
 kopf put every Task event through its whole machinery (a per-object worker, causes, handler
 invocation, a per-object memory) before the reconciler saw it: two thirds of the operator's
 CPU per heartbeat, about 2.6 KiB per Task, and 2 ms per Task listed after a restart
 (docs/performance.md). The reconciler needs none of it: it wants each event's body, in order.
+The same holds for runner pods (a few events per attempt, one kopf memory per pod for as long
+as the pod exists) and pool runners' Leases.
 
-One `TaskInformer` per watched namespace (or one for the whole cluster):
+One `Informer` per kind of object (`TASKS`, `RUNNER_PODS`, `POOL_RUNNER_LEASES`) and watched
+namespace (or one for the whole cluster):
 
 - LIST in pages (`limit`, `continue`), each item delivered as ("ADDED", body);
 - WATCH from the list's resourceVersion with bookmarks and a server-side timeout; a watch
   that ends normally resumes from the last resourceVersion seen (bookmarks included), so a
   quiet namespace does not fall out of the API server's window;
 - 410 Gone (the version the watch would resume from is no longer kept): LIST again and
-  deliver ("DELETED", key only) for every Task the consumer was told about and the new list
-  lacks; only the keys are kept for that, never bodies (`KeyView`);
+  deliver ("DELETED", key only) for every object the consumer was told about and the new
+  list lacks; only the keys are kept for that, never bodies (`KeyView`);
 - connection errors: capped exponential backoff, one warning per outage.
 
 Bodies go through `json.loads` once, never through the generated client's models, and lose
-`metadata.managedFields` (often larger than the rest of a Task, and read by nobody) before
+`metadata.managedFields` (often larger than the rest of an object, and read by nobody) before
 they are handed on. The callback runs on the event loop, in stream order, and must be cheap.
 """
 
@@ -31,20 +34,64 @@ import logging
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final, Literal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
 
-from tasklease.api.models import GROUP, PLURAL, VERSION
-from tasklease.kube.client import json_body
+from tasklease.api.models import GROUP, PLURAL, POOL_RUNNER_ROLE, ROLE_LABEL, VERSION
 from tasklease.kube.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
-TaskKey = tuple[str, str]  # (namespace, name)
+ObjectKey = tuple[str, str]  # (namespace, name) of any namespaced object
 Deliver = Callable[[str, dict[str, Any]], None]
+# The generated client's list call for a namespace (None: all namespaces); called with the
+# query parameters (limit, watch, resource_version, ...) and `_preload_content=False`.
+Lister = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Watched:
+    """A kind of object an informer lists and watches."""
+
+    what: str  # for logs: "Tasks", "runner pods"
+    lister: Callable[[k8s.ApiClient, str | None], Lister]
+    label_selector: str | None = None
+
+
+def _list_tasks(api: k8s.ApiClient, namespace: str | None) -> Lister:
+    custom = k8s.CustomObjectsApi(api)
+    if namespace:
+        return functools.partial(
+            custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+        )
+    return functools.partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+
+
+def _list_pods(api: k8s.ApiClient, namespace: str | None) -> Lister:
+    core = k8s.CoreV1Api(api)
+    if namespace:
+        return functools.partial(core.list_namespaced_pod, namespace)
+    return core.list_pod_for_all_namespaces  # type: ignore[no-any-return]
+
+
+def _list_leases(api: k8s.ApiClient, namespace: str | None) -> Lister:
+    coordination = k8s.CoordinationV1Api(api)
+    if namespace:
+        return functools.partial(coordination.list_namespaced_lease, namespace)
+    return coordination.list_lease_for_all_namespaces  # type: ignore[no-any-return]
+
+
+TASKS: Final = Watched("Tasks", _list_tasks)
+# Every pod with our role label: the runner pods of Tasks and the pool runners.
+RUNNER_PODS: Final = Watched("runner pods", _list_pods, label_selector=ROLE_LABEL)
+# The Leases pool runners renew (ReportTaskRunnerHeartbeat).
+POOL_RUNNER_LEASES: Final = Watched(
+    "pool runner Leases", _list_leases, label_selector=f"{ROLE_LABEL}={POOL_RUNNER_ROLE}"
+)
 
 ADDED: Final = "ADDED"
 MODIFIED: Final = "MODIFIED"
@@ -88,14 +135,14 @@ def status_error(code: Any, message: str) -> Exception:
     return ApiError(code if isinstance(code, int) else 0, message)
 
 
-def deleted_body(key: TaskKey) -> dict[str, Any]:
+def deleted_body(key: ObjectKey) -> dict[str, Any]:
     """The body of a deletion noticed by a relist: the object itself is gone, only its key
     is known (client-go's DeletedFinalStateUnknown)."""
     return {"metadata": {"namespace": key[0], "name": key[1]}}
 
 
 class KeyView:
-    """The keys of the Tasks the consumer was told exist, kept so that a relist can tell it
+    """The keys of the objects the consumer was told exist, kept so that a relist can tell it
     which ones were deleted while the watch was down.
 
     A relist that fails half way leaves the keys it delivered in the view (the consumer has
@@ -103,9 +150,9 @@ class KeyView:
     """
 
     def __init__(self) -> None:
-        self._known: set[TaskKey] = set()
-        self._listed: set[TaskKey] | None = None
-        # One string object per namespace, not one per Task.
+        self._known: set[ObjectKey] = set()
+        self._listed: set[ObjectKey] | None = None
+        # One string object per namespace, not one per object.
         self._namespaces: dict[str, str] = {}
 
     def __len__(self) -> int:
@@ -114,13 +161,13 @@ class KeyView:
     def __contains__(self, key: object) -> bool:
         return key in self._known
 
-    def key(self, body: dict[str, Any]) -> TaskKey:
+    def key(self, body: dict[str, Any]) -> ObjectKey:
         metadata = body.get("metadata") or {}
         namespace = str(metadata.get("namespace", ""))
         namespace = self._namespaces.setdefault(namespace, sys.intern(namespace))
         return namespace, str(metadata.get("name", ""))
 
-    def watched(self, event_type: str, key: TaskKey) -> None:
+    def watched(self, event_type: str, key: ObjectKey) -> None:
         if event_type == DELETED:
             self._known.discard(key)
         else:
@@ -129,8 +176,8 @@ class KeyView:
     def begin_list(self) -> None:
         self._listed = set()
 
-    def listed(self, key: TaskKey) -> str:
-        """Record a listed Task; the event type to deliver it with."""
+    def listed(self, key: ObjectKey) -> str:
+        """Record a listed object; the event type to deliver it with."""
         assert self._listed is not None, "listed() outside a list"
         self._listed.add(key)
         if key in self._known:
@@ -138,7 +185,7 @@ class KeyView:
         self._known.add(key)
         return ADDED
 
-    def end_list(self) -> list[TaskKey]:
+    def end_list(self) -> list[ObjectKey]:
         """The list is complete: the keys known before it and absent from it, now deleted."""
         assert self._listed is not None, "end_list() without begin_list()"
         vanished = sorted(self._known - self._listed)
@@ -188,8 +235,9 @@ class Retry:
         return lasted
 
 
-class TaskInformer:
-    """Tasks of one namespace (`namespace=None`: of all namespaces), delivered to `deliver`.
+class Informer:
+    """Objects of one kind (`watched`) in one namespace (`namespace=None`: in all
+    namespaces), delivered to `deliver`.
 
     `start()` runs it in the background; `stop()` ends it. A stopped informer keeps its view
     and the last resourceVersion, so starting it again resumes the watch where it stopped
@@ -201,10 +249,13 @@ class TaskInformer:
         api: k8s.ApiClient,
         deliver: Deliver,
         *,
+        watched: Watched,
         namespace: str | None = None,
         page_size: int = PAGE_SIZE,
     ) -> None:
-        self._custom = k8s.CustomObjectsApi(api)
+        self._lister = watched.lister(api, namespace)
+        self._label_selector = watched.label_selector
+        self._what = watched.what
         self._deliver = deliver
         self._namespace = namespace
         self._page_size = page_size
@@ -220,7 +271,9 @@ class TaskInformer:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"task-informer {self._where}")
+            self._task = asyncio.create_task(
+                self._run(), name=f"informer of {self._what} in {self._where}"
+            )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -238,8 +291,12 @@ class TaskInformer:
         await self._synced.wait()
 
     @property
+    def what(self) -> str:
+        return self._what
+
+    @property
     def known(self) -> int:
-        """How many Tasks the consumer was told exist (and not told are gone)."""
+        """How many objects the consumer was told exist (and not told are gone)."""
         return len(self._view)
 
     @property
@@ -256,7 +313,7 @@ class TaskInformer:
                     await self._list()
                 quiet = await self._watch()
             except Expired as expired:
-                logger.info("Tasks in %s: %s; listing them again", self._where, expired)
+                logger.info("%s in %s: %s; listing them again", self._what, self._where, expired)
                 self._resource_version = None
                 if self._listed_at is not None and time.monotonic() - self._listed_at < 1.0:
                     # Expired right after a fresh list: something is off; do not hammer.
@@ -267,13 +324,14 @@ class TaskInformer:
                 expected = isinstance(error, _CONNECTION_ERRORS)
                 if first or not expected:
                     logger.warning(
-                        "watching Tasks in %s failed (%s); retrying with backoff",
+                        "watching %s in %s failed (%s); retrying with backoff",
+                        self._what,
                         self._where,
                         str(error) or type(error).__name__,
                         exc_info=not expected,
                     )
                 else:
-                    logger.debug("Tasks in %s: still failing: %s", self._where, error)
+                    logger.debug("%s in %s: still failing: %s", self._what, self._where, error)
                 await asyncio.sleep(delay)
                 continue
             if quiet:
@@ -282,30 +340,15 @@ class TaskInformer:
     def _recovered(self) -> None:
         lasted = self._retry.succeeded()
         if lasted is not None:
-            logger.info("watching Tasks in %s again after %.1fs", self._where, lasted)
+            logger.info("watching %s in %s again after %.1fs", self._what, self._where, lasted)
 
     async def _request(self, request_timeout: aiohttp.ClientTimeout, **params: Any) -> Any:
-        """A LIST or WATCH of Tasks; the raw aiohttp response, raising for anything but 200."""
-        if self._namespace:
-            call = self._custom.list_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self._namespace,
-                PLURAL,
-                _preload_content=False,
-                _request_timeout=request_timeout,
-                **params,
-            )
-        else:
-            call = self._custom.list_cluster_custom_object(
-                GROUP,
-                VERSION,
-                PLURAL,
-                _preload_content=False,
-                _request_timeout=request_timeout,
-                **params,
-            )
-        response = await call
+        """A LIST or WATCH; the raw aiohttp response, raising for anything but 200."""
+        if self._label_selector:
+            params["label_selector"] = self._label_selector
+        response = await self._lister(
+            _preload_content=False, _request_timeout=request_timeout, **params
+        )
         if response.status != 200:
             data = await response.read()
             response.release()
@@ -398,46 +441,19 @@ class TaskInformer:
             self._deliver(event_type, body)
         except Exception:
             # The consumer's bug must not stop the informer (every later event would be
-            # lost); its state for this Task is refreshed by the Task's next event.
-            logger.exception("handling %s of a Task failed", event_type)
+            # lost); its state for this object is refreshed by the object's next event.
+            logger.exception("handling %s of one of the %s failed", event_type, self._what)
 
 
-async def list_objects(
-    api: k8s.ApiClient,
-    *,
-    resource: Literal["pods", "leases"],
-    namespace: str | None,
-    label_selector: str,
-    page_size: int = PAGE_SIZE,
-) -> AsyncIterator[dict[str, Any]]:
-    """Every pod or Lease (coordination.k8s.io/v1) of a namespace, or of all, matching the
-    selector: one LIST in pages, raw bodies without managedFields."""
-    if resource == "pods":
-        core = k8s.CoreV1Api(api)
-        fetch = (
-            functools.partial(core.list_namespaced_pod, namespace)
-            if namespace
-            else core.list_pod_for_all_namespaces
-        )
-    else:
-        coordination = k8s.CoordinationV1Api(api)
-        fetch = (
-            functools.partial(coordination.list_namespaced_lease, namespace)
-            if namespace
-            else coordination.list_lease_for_all_namespaces
-        )
-    timeout = aiohttp.ClientTimeout(sock_connect=_CONNECT_TIMEOUT_S, sock_read=_LIST_READ_TIMEOUT_S)
-    token: str | None = None
-    while True:
-        params: dict[str, Any] = {"label_selector": label_selector, "limit": page_size}
-        if token:
-            params["_continue"] = token
-        page = await json_body(
-            await fetch(_preload_content=False, _request_timeout=timeout, **params)
-        )
-        for item in page.get("items") or ():
-            (item.get("metadata") or {}).pop("managedFields", None)
-            yield item
-        token = (page.get("metadata") or {}).get("continue")
-        if not token:
-            return
+class TaskInformer(Informer):
+    """The Tasks of one namespace (or of all)."""
+
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        deliver: Deliver,
+        *,
+        namespace: str | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        super().__init__(api, deliver, watched=TASKS, namespace=namespace, page_size=page_size)

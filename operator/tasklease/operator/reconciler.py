@@ -1,12 +1,19 @@
 """The reconciler: watch events in, the pure core's decisions out to the API server.
 
-kopf delivers watch events (`task_seen`, `pod_seen`); they only update an in-memory cache
-and mark the Task's key dirty, so kopf's handlers stay thin and never block. Workers take
-dirty keys one at a time per key (`WorkQueue`), ask the core what to do and perform the
-writes. The deadline queue marks a key dirty again when the core asked to be woken.
+The informers deliver watch events (`task_seen`, `pod_seen`, `runner_lease_seen`); they only
+update an in-memory cache and mark the Task's key dirty, so they stay cheap and never block.
+Workers take dirty keys one at a time per key (`WorkQueue`), parse the Task, ask the core
+what to do and perform the writes. The deadline queue marks a key dirty again when the core
+asked to be woken.
 
 A heartbeat therefore costs one cache update, one `observe` and one deadline move: no API
 write (design: "a heartbeat must not cost the operator a write").
+
+A Task waiting for a worker is held as its JSON (bytes), not as decoded objects: after a
+bulk create, or while hand-outs wait for the client-side rate limit, thousands of keys wait
+at once, and decoded bodies (a few thousand small objects each) would raise the operator's
+memory high-water mark to that many Tasks' worth for good, since CPython's allocator rarely
+returns the arenas such a burst leaves behind (docs/performance.md, "Memory").
 
 Nothing here is needed to continue after a restart: all state is on the Task, and the
 cache is rebuilt from kopf's initial listing (design invariant 4).
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import pydantic_core
 from pydantic import ValidationError
 
 from tasklease.api.models import (
@@ -34,6 +43,7 @@ from tasklease.api.models import (
     Task,
 )
 from tasklease.kube.errors import Conflict, Gone
+from tasklease.kube.refs import ObjectRef
 from tasklease.lease.core import (
     CONDITION_INVALID,
     Clock,
@@ -71,7 +81,10 @@ _MAX_DEFER_S = 60.0
 
 
 class Writer(Protocol):
-    async def get_task(self, namespace: str, name: str) -> dict[str, Any]: ...
+    """The API calls the reconciler makes (tasklease.kube.client.KubeWriter); Task reads and
+    writes answer with the Task's JSON."""
+
+    async def get_task(self, namespace: str, name: str) -> bytes: ...
     async def patch_task_annotations(
         self,
         namespace: str,
@@ -80,14 +93,14 @@ class Writer(Protocol):
         resource_version: str,
         annotations: dict[str, str | None],
         labels: dict[str, str | None] | None = None,
-    ) -> dict[str, Any]: ...
+    ) -> bytes: ...
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
-    ) -> dict[str, Any]: ...
+    ) -> bytes: ...
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool: ...
     async def delete_pod(self, namespace: str, name: str) -> bool: ...
     async def record_event(
-        self, task: dict[str, Any], *, type_: str, reason: str, message: str
+        self, task: ObjectRef, *, type_: str, reason: str, message: str
     ) -> None: ...
     def congested(self) -> bool: ...
 
@@ -96,22 +109,22 @@ class Writer(Protocol):
 class _Entry:
     """What the operator keeps per Task between events: a few hundred bytes.
 
-    The raw body and the parsed Task are held only from the watch event until the key has
-    been reconciled, then dropped (`_forget_body`): tens of thousands of idle leases must
-    not cost tens of thousands of full objects. A reconcile that finds no body (a deadline
-    is near) reads the Task afresh, a moment before the deadline (`_PREFETCH_S`), and keeps
-    that body until the deadline's decision.
+    The body is held only as JSON and only until a worker takes the key (`raw`): tens of
+    thousands of idle leases must not cost tens of thousands of full objects. A reconcile
+    that finds no body (a deadline is near) reads the Task afresh, a moment before the
+    deadline (`_PREFETCH_S`), and keeps that body (as JSON again) until the deadline's
+    decision; so does a reconcile whose bookkeeping write is put off.
     """
 
-    body: dict[str, Any] | None
-    task: Task | None = None
+    key: TaskKey  # the one key object of this Task in every queue and index
+    raw: bytes | None = None  # the newest body no worker has taken yet (JSON)
+    raw_seen_at: float = 0.0  # when it came (monotonic): a report in it was seen then
     invalid: str | None = None
     sighting: Sighting | None = None
     phase: Phase | None = None  # of the last parsed version, for metrics
     holder: str | None = None  # lease holder of the last parsed version
-    events: int = 0  # watch events seen; tells a reconcile whether a newer body came in
     pods: dict[str, PodState] = field(default_factory=dict)
-    deleting: set[str] = field(default_factory=set)
+    deleting: set[str] | None = None  # pods we asked to delete (a set only when there are)
     pod_created_for_epoch: int = 0
     expired_at: float | None = None  # a lease deadline passed; the replacement is pending
     indexed_holder: str | None = None  # the pool runner `held_by` lists this task under
@@ -184,28 +197,25 @@ class Reconciler:
     # --- events in (from the Task informer and kopf's handlers; must stay cheap) -----------
 
     def task_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
-        # The informer hands bodies over without managedFields and never reuses them.
+        # The informer hands bodies over without managedFields.
         metadata = body.get("metadata", {})
         key: TaskKey = (metadata.get("namespace", ""), metadata.get("name", ""))
         if event_type == "DELETED":
             gone = self._entries.pop(key, None)
             if gone is not None:
-                gone.task = None
-                self._index_holder(key, gone)
+                self._index_holder(gone, None)
             self._orphan_pods.pop(key, None)
             self._deferred.pop(key, None)
             self._deadlines.schedule(key, None)
             return
         entry = self._entries.get(key)
         if entry is None:
-            entry = _Entry(body=body, pods=self._orphan_pods.pop(key, {}))
+            entry = _Entry(key=key, pods=self._orphan_pods.pop(key, {}))
             self._entries[key] = entry
-        else:
-            entry.body = body
-        entry.events += 1
-        self._parse(entry)
-        self._index_holder(key, entry)
-        self._queue.add(key)
+        # Parsed by the worker that takes the key, with the time it came (see module doc).
+        entry.raw = pydantic_core.to_json(body)
+        entry.raw_seen_at = self._monotonic()
+        self._queue.add(entry.key)
 
     def pod_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
         metadata = body.get("metadata", {})
@@ -237,6 +247,8 @@ class Reconciler:
         entry = self._entries.get(key)
         pods = entry.pods if entry is not None else self._orphan_pods.setdefault(key, {})
         pods[state.name] = state
+        if entry is not None:
+            key = entry.key
         # The current holder's pod starting or running changes nothing the core decides
         # on; only its end, or any other pod, does. Skipping the rest saves a read of the
         # Task per hand-out (its body is not cached between events).
@@ -308,12 +320,11 @@ class Reconciler:
         )
         return PodState(name=holder, epoch=task.lease.epoch, gone=True, message=message), None
 
-    def _index_holder(self, key: TaskKey, entry: _Entry) -> None:
-        """Keep `held_by` (pool runner -> its tasks) in step with the lease annotations."""
+    def _index_holder(self, entry: _Entry, current: str | None) -> None:
+        """Keep `held_by` (pool runner -> its tasks) in step with the lease annotations:
+        `current` is the pool runner holding the Task now, None for none (or a pod)."""
+        key = entry.key
         previous = entry.indexed_holder
-        current = (
-            entry.task.lease.holder if entry.task is not None and entry.task.is_pool_task else None
-        )
         if previous == current:
             return
         if previous is not None:
@@ -328,22 +339,29 @@ class Reconciler:
 
     # --- work -----------------------------------------------------------------------------
 
-    def _parse(self, entry: _Entry) -> None:
-        assert entry.body is not None
+    def _parse(self, entry: _Entry, raw: bytes, *, seen_at: float) -> Task | None:
+        """The Task in `raw`, folded into the entry's sighting as seen at `seen_at`; None
+        when it is invalid (`entry.invalid` says why)."""
         try:
-            task = Task.model_validate(entry.body)
+            task = Task.model_validate_json(raw)
         except ValidationError as error:
-            entry.task = None
             entry.invalid = describe_validation_error(error)
-            return
-        entry.task = task
+            return None
         entry.invalid = None
         entry.phase = task.status.phase
         entry.holder = task.lease.holder
-        sighting = observe(entry.sighting, task, now=self._monotonic())
+        self._index_holder(entry, task.lease.holder if task.is_pool_task else None)
+        sighting = observe(entry.sighting, task, now=seen_at)
         if sighting.epoch == entry.pod_created_for_epoch and not sighting.pod_ensured:
             sighting = dataclasses.replace(sighting, pod_ensured=True)
         entry.sighting = sighting
+        return task
+
+    def _keep(self, entry: _Entry, raw: bytes) -> None:
+        """Hold a body already seen for the key's next reconcile, unless a newer one came."""
+        if entry.raw is None:
+            # Seeing it again changes nothing (`observe` of a version already folded in).
+            entry.raw, entry.raw_seen_at = raw, self._monotonic()
 
     async def _work(self) -> None:
         while True:
@@ -366,23 +384,21 @@ class Reconciler:
         if entry is None:
             return
         namespace, name = key
-        events_at_start = entry.events
-        if entry.body is None:
+        raw, entry.raw = entry.raw, None
+        if raw is not None:
+            task = self._parse(entry, raw, seen_at=entry.raw_seen_at)
+        else:
             try:
-                entry.body = await self._writer.get_task(namespace, name)
+                raw = await self._writer.get_task(namespace, name)
             except Gone:
                 return  # its DELETED event is on its way
             if self._entries.get(key) is not entry:
                 return
-            if entry.body is not None:
-                self._parse(entry)
-                self._index_holder(key, entry)
+            task = self._parse(entry, raw, seen_at=self._monotonic())
         for _ in range(_MAX_STEPS_PER_RECONCILE):
-            if entry.task is None:
-                await self._report_invalid(entry)
-                self._forget_body(entry, events_at_start)
+            if task is None:
+                await self._report_invalid(entry, raw)
                 return
-            task = entry.task
             assert entry.sighting is not None
             clock = Clock(monotonic=self._monotonic(), wall=self._wall())
             if task.is_pool_task:
@@ -400,26 +416,26 @@ class Reconciler:
                 if wake_at is not None and wake_at - self._monotonic() <= _PREFETCH_S:
                     # Due within the prefetch window: keep the body, so that the decision
                     # at the deadline writes at once instead of reading the Task first.
+                    self._keep(entry, raw)
                     self._deadlines.schedule(key, wake_at)
                     return
                 # Bodies are not kept between events (memory), so a deadline needs a read;
                 # it is made this much early, off the path from deadline to replacement.
                 self._deadlines.schedule(key, None if wake_at is None else wake_at - _PREFETCH_S)
-                self._forget_body(entry, events_at_start)
                 return
             if decision.deferrable and self._busy():
                 deferred_since = self._deferred.setdefault(key, self._monotonic())
                 if self._monotonic() - deferred_since < _MAX_DEFER_S:
                     # The body stays: reading it again would spend the budget this waits for.
+                    self._keep(entry, raw)
                     return
             self._deferred.pop(key, None)
             logger.info("task %s/%s: %s", namespace, name, decision.why)
-            assert entry.body is not None
             try:
-                body = await self._execute(entry.body, decision)
+                raw = await self._execute(task, decision) or raw
             except Conflict:
                 try:
-                    body = await self._writer.get_task(namespace, name)
+                    raw = await self._writer.get_task(namespace, name)
                 except Gone:
                     return
             if self._entries.get(key) is not entry:
@@ -429,9 +445,7 @@ class Reconciler:
                 if isinstance(action, CreatePod):
                     labels = action.manifest["metadata"]["labels"]
                     entry.pod_created_for_epoch = int(labels[EPOCH_LABEL])
-            entry.body = body
-            self._parse(entry)
-            self._index_holder(key, entry)
+            task = self._parse(entry, raw, seen_at=self._monotonic())
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
 
     def _busy(self) -> bool:
@@ -455,13 +469,6 @@ class Reconciler:
                 keys = list(self._deferred)
             for key in keys:
                 self._queue.add(key)
-
-    def _forget_body(self, entry: _Entry, events_at_start: int) -> None:
-        """Drop the body and parsed Task once reconciled, unless a newer event came in
-        meanwhile (its key is dirty again and will be reconciled with that body)."""
-        if entry.events == events_at_start:
-            entry.body = None
-            entry.task = None
 
     def _account(self, entry: _Entry, task: Task, decision: Decision) -> None:
         """Metrics of an executed decision (a refused CAS never gets here)."""
@@ -497,26 +504,31 @@ class Reconciler:
             ages.append(now - seen)
         return ages
 
-    async def _execute(self, body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-        metadata = body["metadata"]
-        namespace, name = metadata["namespace"], metadata["name"]
+    async def _execute(self, task: Task, decision: Decision) -> bytes | None:
+        """Perform the decision's actions in order; the Task's JSON after the last write of
+        it (None when the decision wrote no Task)."""
+        namespace, name = task.namespace, task.name
+        resource_version = str(task.metadata.get("resourceVersion", ""))
+        written: bytes | None = None
         for action in decision.actions:
             match action:
                 case PatchLease(annotations=annotations, labels=labels):
-                    body = await self._writer.patch_task_annotations(
+                    written = await self._writer.patch_task_annotations(
                         namespace,
                         name,
-                        resource_version=body["metadata"]["resourceVersion"],
+                        resource_version=resource_version,
                         annotations=annotations,
                         labels=labels,
                     )
+                    resource_version = _resource_version(written)
                 case PatchStatus(status=status):
-                    body = await self._writer.patch_task_status(
+                    written = await self._writer.patch_task_status(
                         namespace,
                         name,
-                        resource_version=body["metadata"]["resourceVersion"],
+                        resource_version=resource_version,
                         status=status,
                     )
+                    resource_version = _resource_version(written)
                 case CreatePod(manifest=manifest):
                     await self._writer.create_pod(namespace, manifest)
                 case DeletePod(name=pod_name):
@@ -525,10 +537,13 @@ class Reconciler:
                     # failed delete is retried by the stale-pod sweep).
                     self._in_background(self._writer.delete_pod(namespace, pod_name))
                 case RecordEvent(type=type_, reason=reason, message=message):
+                    about = ObjectRef(namespace, name, task.uid, resource_version)
                     self._in_background(
-                        self._writer.record_event(body, type_=type_, reason=reason, message=message)
+                        self._writer.record_event(
+                            about, type_=type_, reason=reason, message=message
+                        )
                     )
-        return body
+        return written
 
     async def _stop_stale_pods(self, entry: _Entry, task: Task, clock: Clock) -> float | None:
         """Delete runner pods that lost the lease; return when to look again (monotonic)."""
@@ -538,7 +553,7 @@ class Reconciler:
                 if pod.epoch < task.lease.epoch:
                     del entry.pods[pod.name]  # nothing more to learn from it
                 continue
-            if pod.name in entry.deleting:
+            if entry.deleting is not None and pod.name in entry.deleting:
                 continue
             when = when_to_stop_pod(task, pod)
             if when is None:
@@ -547,15 +562,22 @@ class Reconciler:
                 at = clock.monotonic_at(when)
                 next_check = at if next_check is None else min(next_check, at)
                 continue
+            if entry.deleting is None:
+                entry.deleting = set()
             entry.deleting.add(pod.name)
             logger.info("deleting stale runner pod %s/%s", task.namespace, pod.name)
             await self._writer.delete_pod(task.namespace, pod.name)
         return next_check
 
-    async def _report_invalid(self, entry: _Entry) -> None:
+    async def _report_invalid(self, entry: _Entry, raw: bytes) -> None:
         """Say on the object what is wrong, once per generation and message."""
-        body = entry.body or {}
-        metadata = body.get("metadata", {})
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        metadata = body.get("metadata") or {}
         message = entry.invalid or "invalid"
         generation = metadata.get("generation")
         conditions = list((body.get("status") or {}).get("conditions") or [])
@@ -599,7 +621,7 @@ class Reconciler:
         except (Conflict, Gone):
             return  # a newer version is on its way through the watch
         await self._writer.record_event(
-            body, type_="Warning", reason="InvalidSpec", message=message
+            ObjectRef.of(metadata), type_="Warning", reason="InvalidSpec", message=message
         )
 
     def _in_background(self, coroutine: Any) -> None:
@@ -611,3 +633,10 @@ class Reconciler:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning("background write failed: %s", task.exception())
+
+
+def _resource_version(raw: bytes) -> str:
+    """metadata.resourceVersion of a Task's JSON: what the next compare-and-swap write of the
+    same decision is made against."""
+    # No string cache: it would keep strings of every Task written alive in the parser.
+    return str(pydantic_core.from_json(raw, cache_strings=False)["metadata"]["resourceVersion"])
