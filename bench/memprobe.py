@@ -168,6 +168,13 @@ def report(folder: Path, tasks: int, rss: list[int], *, top: int = 20) -> str:
             f"{stat.size_diff / tasks / 1024:8.2f} {stat.count_diff / tasks:7.1f}  "
             f"{stat.traceback[0].filename}"
         )
+    lines += ["", "by line (KiB per Task, blocks per Task):"]
+    for stat in after.compare_to(before, "lineno")[:top]:
+        frame = stat.traceback[0]
+        lines.append(
+            f"{stat.size_diff / tasks / 1024:8.2f} {stat.count_diff / tasks:7.1f}  "
+            f"{frame.filename}:{frame.lineno}"
+        )
     lines += ["", "by allocation site, innermost frames last:"]
     for stat in after.compare_to(before, "traceback")[:top]:
         lines.append(

@@ -13,6 +13,7 @@ compactly while a key waits for a worker).
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import json
 import logging
 import time
@@ -34,8 +35,22 @@ FIELD_MANAGER = "tasklease-operator"
 MERGE_PATCH = "application/merge-patch+json"
 
 
+# asyncio gives every TLS connection a read buffer of `SSLProtocol.max_size` (256 KiB),
+# zero-filled and so resident from the start. With a connection per reconcile worker and per
+# watch that was 5 MiB, more than the records of a thousand Tasks, and it grew with the load
+# (connections open as writes queue). A TLS record is at most 16 KiB, and our responses are a
+# few KiB; list pages are read in several reads instead of one.
+TLS_READ_BUFFER_BYTES = 64 * 1024
+
+
+def use_small_tls_read_buffers() -> None:
+    if asyncio.sslproto.SSLProtocol.max_size > TLS_READ_BUFFER_BYTES:
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
+
+
 async def api_client(*, qps_hint: int | None = None) -> k8s.ApiClient:
     """An API client from the in-cluster service account, else from KUBECONFIG."""
+    use_small_tls_read_buffers()
     configuration = k8s.Configuration()
     try:
         k8s_config.load_incluster_config(client_configuration=configuration)

@@ -55,8 +55,11 @@ class WorkQueue(Generic[K]):
 class DeadlineQueue(Generic[K]):
     """Calls `on_due(key)` when a key's deadline (monotonic seconds) is reached.
 
-    Each key has at most one live deadline; scheduling it again replaces the previous one
-    (old heap entries are skipped lazily when they surface).
+    Each key has at most one live deadline; scheduling it again replaces the previous one.
+    Most reschedules move a deadline later (every heartbeat moves its lease's deadline), and
+    those cost no heap entry: the key's earlier entry stays, and when it surfaces the key
+    goes back into the heap at its current deadline. So the heap holds about one entry per
+    key, however often the deadlines move, instead of one per heartbeat until they surface.
     """
 
     def __init__(
@@ -66,49 +69,70 @@ class DeadlineQueue(Generic[K]):
         self._clock = clock
         self._heap: list[tuple[float, int, K]] = []
         self._deadline: dict[K, float] = {}
+        # The earliest heap entry of each key that has one: entries of the key at other
+        # times were superseded by an earlier deadline and are dropped when they surface.
+        self._entry_at: dict[K, float] = {}
         self._sequence = 0
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._deadline)
 
+    @property
+    def heap_size(self) -> int:
+        """Entries in the heap, superseded ones included (for tests and memory figures)."""
+        return len(self._heap)
+
     def schedule(self, key: K, at: float | None) -> None:
         """Set (or with None, clear) the deadline of `key`."""
         if at is None:
-            self._deadline.pop(key, None)
-            return
-        if self._deadline.get(key) == at:
+            self._deadline.pop(key, None)  # its entry is dropped when it surfaces
             return
         self._deadline[key] = at
+        entry_at = self._entry_at.get(key)
+        if entry_at is not None and entry_at <= at:
+            return  # an entry surfaces by then and puts the key back at `at`
+        self._push(key, at)
+
+    def _push(self, key: K, at: float) -> None:
+        self._entry_at[key] = at
         self._sequence += 1
         heapq.heappush(self._heap, (at, self._sequence, key))
         if self._heap[0][2] == key and self._heap[0][0] == at:
             self._changed.set()  # a new earliest deadline: re-arm the sleep
-        if len(self._heap) > 4 * len(self._deadline) + 1024:
-            self._compact()
 
-    def _compact(self) -> None:
-        self._heap = [(at, seq, k) for at, seq, k in self._heap if self._deadline.get(k) == at]
-        heapq.heapify(self._heap)
-
-    def next_deadline(self) -> float | None:
+    def _surface(self) -> tuple[float, K] | None:
+        """Pop superseded entries, and entries of keys whose deadline moved later (they go
+        back in at their deadline), until the top entry is a key's deadline; that one."""
         while self._heap:
             at, _, key = self._heap[0]
-            if self._deadline.get(key) == at:
-                return at
+            if self._entry_at.get(key) != at:
+                heapq.heappop(self._heap)  # superseded by an earlier entry of the key
+                continue
+            deadline = self._deadline.get(key)
+            if deadline == at:
+                return at, key
             heapq.heappop(self._heap)
+            del self._entry_at[key]
+            if deadline is not None:
+                self._push(key, deadline)
         return None
+
+    def next_deadline(self) -> float | None:
+        top = self._surface()
+        return None if top is None else top[0]
 
     def fire_due(self) -> int:
         """Hand every due key to `on_due`; returns how many fired."""
         now = self._clock()
         fired = 0
-        while self._heap and self._heap[0][0] <= now:
-            at, _, key = heapq.heappop(self._heap)
-            if self._deadline.get(key) == at:
-                del self._deadline[key]
-                self._on_due(key)
-                fired += 1
+        while (top := self._surface()) is not None and top[0] <= now:
+            _, key = top
+            heapq.heappop(self._heap)
+            del self._entry_at[key]
+            del self._deadline[key]
+            self._on_due(key)
+            fired += 1
         return fired
 
     async def run(self) -> None:

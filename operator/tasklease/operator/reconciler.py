@@ -25,9 +25,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -122,8 +123,7 @@ class _Entry:
     invalid: str | None = None
     sighting: Sighting | None = None
     phase: Phase | None = None  # of the last parsed version, for metrics
-    holder: str | None = None  # lease holder of the last parsed version
-    pods: dict[str, PodState] = field(default_factory=dict)
+    pods: tuple[PodState, ...] = ()  # runner pods seen (by name; one or two, rarely more)
     deleting: set[str] | None = None  # pods we asked to delete (a set only when there are)
     pod_created_for_epoch: int = 0
     expired_at: float | None = None  # a lease deadline passed; the replacement is pending
@@ -171,7 +171,7 @@ class Reconciler:
         self._entries: dict[TaskKey, _Entry] = {}
         self._runners: dict[tuple[str, str], _PoolRunner] = {}
         self._held_by: dict[tuple[str, str], set[TaskKey]] = {}
-        self._orphan_pods: dict[TaskKey, dict[str, PodState]] = {}
+        self._orphan_pods: dict[TaskKey, tuple[PodState, ...]] = {}
         self._queue: WorkQueue[TaskKey] = WorkQueue()
         self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(self._queue.add, clock=monotonic)
         self._tasks: list[asyncio.Task[None]] = []
@@ -210,7 +210,7 @@ class Reconciler:
             return
         entry = self._entries.get(key)
         if entry is None:
-            entry = _Entry(key=key, pods=self._orphan_pods.pop(key, {}))
+            entry = _Entry(key=key, pods=self._orphan_pods.pop(key, ()))
             self._entries[key] = entry
         # Parsed by the worker that takes the key, with the time it came (see module doc).
         entry.raw = pydantic_core.to_json(body)
@@ -238,28 +238,26 @@ class Reconciler:
         state = PodState(
             name=metadata.get("name", ""),
             epoch=int(epoch_text),
-            phase=status.get("phase") or "Pending",
+            # One string object per phase, not one per pod.
+            phase=sys.intern(str(status.get("phase") or "Pending")),
             gone=event_type == "DELETED",
             terminating=metadata.get("deletionTimestamp") is not None,
             reason=status.get("reason"),
             message=status.get("message"),
         )
         entry = self._entries.get(key)
-        pods = entry.pods if entry is not None else self._orphan_pods.setdefault(key, {})
-        pods[state.name] = state
-        if entry is not None:
-            key = entry.key
-        # The current holder's pod starting or running changes nothing the core decides
-        # on; only its end, or any other pod, does. Skipping the rest saves a read of the
-        # Task per hand-out (its body is not cached between events).
-        settled_holder = (
-            entry is not None
-            and state.name == entry.holder
-            and state.epoch == (entry.sighting.epoch if entry.sighting else -1)
-            and not (state.gone or state.terminating or state.terminated)
+        if entry is None:
+            self._orphan_pods[key] = _with_pod(self._orphan_pods.get(key, ()), state)
+            return
+        entry.pods = _with_pod(entry.pods, state)
+        # The current epoch's pod starting or running changes nothing the core decides on;
+        # only its end, or any other pod, does. Skipping the rest saves a read of the Task
+        # per hand-out (its body is not cached between events).
+        settled_holder = state.epoch == (entry.sighting.epoch if entry.sighting else -1) and not (
+            state.gone or state.terminating or state.terminated
         )
-        if entry is not None and not settled_holder:
-            self._queue.add(key)
+        if not settled_holder:
+            self._queue.add(entry.key)
 
     def runner_lease_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
         """A pool runner's own Lease (ReportTaskRunnerHeartbeat) was written or deleted."""
@@ -349,7 +347,6 @@ class Reconciler:
             return None
         entry.invalid = None
         entry.phase = task.status.phase
-        entry.holder = task.lease.holder
         self._index_holder(entry, task.lease.holder if task.is_pool_task else None)
         sighting = observe(entry.sighting, task, now=seen_at)
         if sighting.epoch == entry.pod_created_for_epoch and not sighting.pod_ensured:
@@ -377,7 +374,7 @@ class Reconciler:
                 self._queue.done(key)
 
     def _pod_for(self, entry: _Entry, epoch: int) -> PodState | None:
-        return next((p for p in entry.pods.values() if p.epoch == epoch), None)
+        return next((p for p in entry.pods if p.epoch == epoch), None)
 
     async def _reconcile(self, key: TaskKey) -> None:
         entry = self._entries.get(key)
@@ -548,10 +545,11 @@ class Reconciler:
     async def _stop_stale_pods(self, entry: _Entry, task: Task, clock: Clock) -> float | None:
         """Delete runner pods that lost the lease; return when to look again (monotonic)."""
         next_check: float | None = None
-        for pod in list(entry.pods.values()):
+        for pod in entry.pods:
             if pod.gone:
                 if pod.epoch < task.lease.epoch:
-                    del entry.pods[pod.name]  # nothing more to learn from it
+                    # Nothing more to learn from it.
+                    entry.pods = tuple(p for p in entry.pods if p is not pod)
                 continue
             if entry.deleting is not None and pod.name in entry.deleting:
                 continue
@@ -633,6 +631,12 @@ class Reconciler:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning("background write failed: %s", task.exception())
+
+
+def _with_pod(pods: tuple[PodState, ...], state: PodState) -> tuple[PodState, ...]:
+    """`pods` with `state` in place of the pod of the same name (a tuple: most Tasks have one
+    pod, and a one-item tuple is a quarter of a one-item dict)."""
+    return (*(pod for pod in pods if pod.name != state.name), state)
 
 
 def _resource_version(raw: bytes) -> str:

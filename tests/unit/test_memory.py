@@ -1,12 +1,17 @@
-"""The operator's malloc_trim binding gives freed heap pages back (glibc), or says it cannot."""
+"""The operator's memory settings: malloc_trim gives freed heap pages back (glibc), or says
+it cannot; TLS connections get small read buffers."""
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.sslproto
 import os
 import platform
+import ssl
 
 import pytest
 
+from tasklease.kube.client import TLS_READ_BUFFER_BYTES, use_small_tls_read_buffers
 from tasklease.operator.memory import malloc_trim
 
 MIB = 1 << 20
@@ -34,3 +39,16 @@ def test_malloc_trim_returns_pages_freed_in_the_middle_of_the_heap() -> None:
     after = rss_bytes()
     assert before - after > 32 * MIB, (before // MIB, after // MIB)
     del pin
+
+
+def test_tls_connections_get_small_read_buffers() -> None:
+    """asyncio zero-fills a read buffer per TLS connection; ours are 64 KiB, not 256 KiB."""
+    use_small_tls_read_buffers()
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = asyncio.sslproto.SSLProtocol(
+            loop, asyncio.Protocol(), ssl.create_default_context(), None
+        )
+        assert len(protocol.get_buffer(-1)) == TLS_READ_BUFFER_BYTES
+    finally:
+        loop.close()
