@@ -212,10 +212,9 @@ def test_operator_rbac_is_scoped_and_exact(setup: Setup) -> None:
     ]
     for verb, resource in refused:
         assert not setup.can_i(operator, verb, resource, ns), f"{verb} {resource}"
-    # Cluster-wide, only what kopf reads to follow CRDs and namespaces.
-    assert setup.can_i(operator, "list", "customresourcedefinitions.apiextensions.k8s.io")
-    assert setup.can_i(operator, "watch", "namespaces")
-    assert not setup.can_i(operator, "get", "customresourcedefinitions.apiextensions.k8s.io")
+    # Nothing cluster-wide: kopf follows neither CRDs nor namespaces (scanning is off).
+    assert not setup.can_i(operator, "list", "customresourcedefinitions.apiextensions.k8s.io")
+    assert not setup.can_i(operator, "watch", "namespaces")
     assert not setup.can_i(operator, "create", "customresourcedefinitions.apiextensions.k8s.io")
     assert not setup.can_i(operator, "list", "tasks.tasklease.io")
     assert not setup.can_i(operator, "list", "pods")

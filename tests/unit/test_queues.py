@@ -168,3 +168,52 @@ def test_a_key_dirtied_while_processed_comes_back_after_done_and_not_before() ->
         assert await queue.get() == "a"
 
     asyncio.run(scenario())
+
+
+def test_urgent_keys_are_taken_before_keys_that_came_earlier() -> None:
+    async def scenario() -> list[str]:
+        queue: WorkQueue[str] = WorkQueue()
+        for key in ("a", "b", "c"):
+            queue.add(key)
+        queue.add("deadline", urgent=True)
+        taken = []
+        while len(queue):
+            key = await queue.get()
+            taken.append(key)
+            queue.done(key)
+        return taken
+
+    assert asyncio.run(scenario()) == ["deadline", "a", "b", "c"]
+
+
+def test_a_waiting_key_made_urgent_jumps_the_queue_and_is_taken_once() -> None:
+    async def scenario() -> list[str]:
+        queue: WorkQueue[str] = WorkQueue()
+        for key in ("a", "b", "c"):
+            queue.add(key)
+        queue.add("c", urgent=True)
+        assert len(queue) == 3
+        taken = []
+        while len(queue):
+            key = await queue.get()
+            taken.append(key)
+            queue.done(key)
+        # The urgent lane's stale twin of "c" is skipped, not handed out a second time.
+        queue.add("d")
+        taken.append(await asyncio.wait_for(queue.get(), timeout=5))
+        return taken
+
+    assert asyncio.run(scenario()) == ["c", "a", "b", "d"]
+
+
+def test_a_key_made_urgent_while_processed_comes_back_urgent() -> None:
+    async def scenario() -> list[str]:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add("a")
+        key = await queue.get()
+        queue.add("b")
+        queue.add("a", urgent=True)  # its deadline came while a worker held it
+        queue.done(key)
+        return [await queue.get(), await queue.get()]
+
+    assert asyncio.run(scenario()) == ["a", "b"]

@@ -64,6 +64,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # kopf peering would pause kopf's watchers only, and kopf watches nothing here: a standby
     # is our leader election's business (tasklease.kube.leader).
     settings.peering.standalone = True
+    # No handler of kopf's watches a resource, so kopf has no use for following CRDs and
+    # namespaces as they come and go; without this it would list and watch both, and the
+    # operator would need cluster-wide permissions for nothing.
+    settings.scanning.disabled = True
 
 
 @kopf.on.startup()

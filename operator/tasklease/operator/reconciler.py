@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -173,7 +174,10 @@ class Reconciler:
         self._held_by: dict[tuple[str, str], set[TaskKey]] = {}
         self._orphan_pods: dict[TaskKey, tuple[PodState, ...]] = {}
         self._queue: WorkQueue[TaskKey] = WorkQueue()
-        self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(self._queue.add, clock=monotonic)
+        # A deadline's key goes ahead of everything the watches brought meanwhile.
+        self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(
+            functools.partial(self._queue.add, urgent=True), clock=monotonic
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         # Tasks whose only pending write is bookkeeping (the status after a hand-out), put
@@ -249,15 +253,38 @@ class Reconciler:
         if entry is None:
             self._orphan_pods[key] = _with_pod(self._orphan_pods.get(key, ()), state)
             return
+        previous = next((pod for pod in entry.pods if pod.name == state.name), None)
         entry.pods = _with_pod(entry.pods, state)
-        # The current epoch's pod starting or running changes nothing the core decides on;
-        # only its end, or any other pod, does. Skipping the rest saves a read of the Task
-        # per hand-out (its body is not cached between events).
-        settled_holder = state.epoch == (entry.sighting.epoch if entry.sighting else -1) and not (
-            state.gone or state.terminating or state.terminated
-        )
-        if not settled_holder:
+        if self._pod_change_matters(entry, previous, state):
             self._queue.add(entry.key)
+
+    def _pod_change_matters(
+        self, entry: _Entry, previous: PodState | None, state: PodState
+    ) -> bool:
+        """Whether a pod event can change a decision about its Task. Most cannot, and each
+        one that queues the Task costs a worker a reconcile and often a read of the Task
+        (bodies are not kept between events): a reassignment alone brings half a dozen.
+        The core looks at the current epoch's pod only for its end, and at older pods only
+        to delete them."""
+        if state == previous:
+            return False  # a change of something we do not read (conditions, IPs, ...)
+        if entry.sighting is None:
+            return True
+        current = entry.sighting.epoch
+        ended = state.gone or state.terminating or state.terminated
+        if state.epoch >= current:
+            # The holder's pod (or the next one, of a hand-out whose lease write has not
+            # been seen yet) starting or running.
+            return ended
+        # A replaced runner's pod.
+        if state.gone:
+            entry.pods = tuple(pod for pod in entry.pods if pod is not state)
+            if entry.deleting is not None:
+                entry.deleting.discard(state.name)
+                if not entry.deleting:
+                    entry.deleting = None
+            return False
+        return not (entry.deleting is not None and state.name in entry.deleting)
 
     def runner_lease_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
         """A pool runner's own Lease (ReportTaskRunnerHeartbeat) was written or deleted."""
