@@ -170,18 +170,23 @@ def test_a_key_dirtied_while_processed_comes_back_after_done_and_not_before() ->
     asyncio.run(scenario())
 
 
+async def drain(queue: WorkQueue[str]) -> list[str]:
+    """Take and finish every waiting key; the order they were taken in."""
+    taken = []
+    while len(queue):
+        key = await queue.get()
+        taken.append(key)
+        queue.done(key)
+    return taken
+
+
 def test_urgent_keys_are_taken_before_keys_that_came_earlier() -> None:
     async def scenario() -> list[str]:
         queue: WorkQueue[str] = WorkQueue()
         for key in ("a", "b", "c"):
             queue.add(key)
         queue.add("deadline", urgent=True)
-        taken = []
-        while len(queue):
-            key = await queue.get()
-            taken.append(key)
-            queue.done(key)
-        return taken
+        return await drain(queue)
 
     assert asyncio.run(scenario()) == ["deadline", "a", "b", "c"]
 
@@ -193,11 +198,7 @@ def test_a_waiting_key_made_urgent_jumps_the_queue_and_is_taken_once() -> None:
             queue.add(key)
         queue.add("c", urgent=True)
         assert len(queue) == 3
-        taken = []
-        while len(queue):
-            key = await queue.get()
-            taken.append(key)
-            queue.done(key)
+        taken = await drain(queue)
         # The urgent lane's stale twin of "c" is skipped, not handed out a second time.
         queue.add("d")
         taken.append(await asyncio.wait_for(queue.get(), timeout=5))
