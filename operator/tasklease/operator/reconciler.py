@@ -16,7 +16,7 @@ memory high-water mark to that many Tasks' worth for good, since CPython's alloc
 returns the arenas such a burst leaves behind (docs/performance.md, "Memory").
 
 Nothing here is needed to continue after a restart: all state is on the Task, and the
-cache is rebuilt from kopf's initial listing (design invariant 4).
+cache is rebuilt from the informers' initial listings (design invariant 4).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class Reconciler:
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
 
-    # --- events in (from the Task informer and kopf's handlers; must stay cheap) -----------
+    # --- events in (from the informers; must stay cheap) -----------------------------------
 
     def task_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
         # The informer hands bodies over without managedFields.
@@ -254,6 +254,10 @@ class Reconciler:
             self._orphan_pods[key] = _with_pod(self._orphan_pods.get(key, ()), state)
             return
         previous = next((pod for pod in entry.pods if pod.name == state.name), None)
+        if state.gone and entry.sighting is not None and state.epoch < entry.sighting.epoch:
+            # A replaced runner's pod is gone: nothing more to learn from it or to do.
+            _forget_pod(entry, state.name)
+            return
         entry.pods = _with_pod(entry.pods, state)
         if self._pod_change_matters(entry, previous, state):
             self._queue.add(entry.key)
@@ -276,14 +280,7 @@ class Reconciler:
             # The holder's pod (or the next one, of a hand-out whose lease write has not
             # been seen yet) starting or running.
             return ended
-        # A replaced runner's pod.
-        if state.gone:
-            entry.pods = tuple(pod for pod in entry.pods if pod is not state)
-            if entry.deleting is not None:
-                entry.deleting.discard(state.name)
-                if not entry.deleting:
-                    entry.deleting = None
-            return False
+        # A replaced runner's pod, still there: to delete, unless we already asked.
         return not (entry.deleting is not None and state.name in entry.deleting)
 
     def runner_lease_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -575,8 +572,7 @@ class Reconciler:
         for pod in entry.pods:
             if pod.gone:
                 if pod.epoch < task.lease.epoch:
-                    # Nothing more to learn from it.
-                    entry.pods = tuple(p for p in entry.pods if p is not pod)
+                    _forget_pod(entry, pod.name)  # nothing more to learn from it
                 continue
             if entry.deleting is not None and pod.name in entry.deleting:
                 continue
@@ -658,6 +654,14 @@ class Reconciler:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning("background write failed: %s", task.exception())
+
+
+def _forget_pod(entry: _Entry, name: str) -> None:
+    entry.pods = tuple(pod for pod in entry.pods if pod.name != name)
+    if entry.deleting is not None:
+        entry.deleting.discard(name)
+        if not entry.deleting:
+            entry.deleting = None
 
 
 def _with_pod(pods: tuple[PodState, ...], state: PodState) -> tuple[PodState, ...]:
