@@ -22,7 +22,14 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
     ).start()
     try:
         wait_for("the metrics endpoint", lambda: _try_scrape(port), timeout=30)
-        before = scrape(port)
+        synced = {
+            f'tasklease_informer_synced{{namespace="{cluster.namespace}",resource="{resource}"}}'
+            for resource in ("tasks", "pods", "leases")
+        }
+        before = wait_for(
+            "every informer to have listed",
+            lambda: all((s := scrape(port)).get(name) == 1 for name in synced) and s,
+        )
         assert before["tasklease_handouts_total"] == 0
 
         cluster.create_task("counted", ackTimeout="2s", reportProgressTimeout="30s")

