@@ -829,6 +829,16 @@ class Bench:
         figures["detection_p99_s"] = percentile(delays, 99)
         self.found.notes["detection_samples"] = len(delays)
         self.found.notes["detection_max_s"] = max(delays) if delays else None
+        # Per victim, in wall-clock time, to read beside the operator's log.
+        self.found.notes["detection_by_task"] = {
+            r.task: {
+                "deadline": _wall(r.deadline),
+                "pod_seen": _wall(r.seen),
+                "delay_s": round(r.seen - r.deadline, 3),
+            }
+            for r in gen.reassignments
+            if r.victim and r.deadline is not None
+        }
         self.found.notes["detection_min_s"] = min(delays) if delays else None
         samples = await self.metrics() or {}
         count = samples.get("tasklease_reassignment_delay_seconds_count", 0.0)
