@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -183,3 +184,32 @@ def parse_prometheus(text: str) -> dict[str, float]:
 def metric_sum(samples: Mapping[str, float], name: str) -> float:
     """The sum over all label sets of metric `name`."""
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def request_latency_by_kind(
+    before: Mapping[str, float], after: Mapping[str, float]
+) -> dict[str, dict[str, float]]:
+    """What the API server answered between two scrapes of its /metrics, by verb and
+    resource ("POST pods", "PATCH tasks/status"): how many requests and their mean latency
+    (`apiserver_request_duration_seconds`, which excludes watches), busiest first."""
+    totals: dict[str, list[float]] = {}
+    for part, index in (("_count", 0), ("_sum", 1)):
+        prefix = f"apiserver_request_duration_seconds{part}{{"
+        for key, value in after.items():
+            if not key.startswith(prefix):
+                continue
+            labels = dict(_LABEL.findall(key[len(prefix) - 1 :]))
+            resource = labels.get("resource", "")
+            if labels.get("subresource"):
+                resource += "/" + labels["subresource"]
+            kind = f"{labels.get('verb', '?')} {resource}"
+            totals.setdefault(kind, [0.0, 0.0])[index] += value - before.get(key, 0.0)
+    found = {
+        kind: {"count": count, "mean_ms": round(total / count * 1000, 1)}
+        for kind, (count, total) in totals.items()
+        if count > 0
+    }
+    return dict(sorted(found.items(), key=lambda item: -item[1]["count"]))

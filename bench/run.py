@@ -77,6 +77,7 @@ from bench.report import (
     per_thousand,
     percentile,
     ratio,
+    request_latency_by_kind,
     result_json,
 )
 
@@ -334,6 +335,11 @@ class Bench:
         if samples is None or not any(k.startswith("tasklease_tasks{") for k in samples):
             return None
         return metric_sum(samples, "tasklease_tasks")
+
+    async def apiserver_samples(self) -> dict[str, float]:
+        """The API server's own /metrics (as the admin)."""
+        status, data = await self.gen.api.call("GET", "/metrics")
+        return parse_prometheus(data.decode()) if status == 200 else {}
 
     async def all_synced(self) -> bool:
         """Every informer of the operator (Tasks, runner pods, pool runners' Leases) has
@@ -811,6 +817,7 @@ class Bench:
             f"detection: stopping the heartbeats of {count} runners; their leases expire "
             f"{s.timeout_s:.0f}s after their last report"
         )
+        requests_before = await self.apiserver_samples()
         before = self._cpu()
         events = gen.stop_heartbeats(victims)
         try:
@@ -823,6 +830,14 @@ class Bench:
             log(f"detection: {left} of {count} stopped runners were never replaced")
             self.found.notes["detection_not_replaced"] = left
         self._record_cpu("detection", self._cpu().minus(before))
+        # Every request the API server answered meanwhile (the stopped runners' replacements,
+        # their aftermath, the other runners' heartbeats): where a slow reassignment waited.
+        requests = request_latency_by_kind(requests_before, await self.apiserver_samples())
+        self.found.notes["apiserver_requests_in_detection"] = requests
+        log(
+            "detection: API server requests meanwhile: "
+            + ", ".join(f"{k} {v['count']:.0f} x {v['mean_ms']}ms" for k, v in requests.items())
+        )
         delays = gen.detection_delays()
         figures = self.found.figures
         figures["detection_p50_s"] = percentile(delays, 50)

@@ -20,6 +20,7 @@ from bench.report import (
     per_thousand,
     percentile,
     ratio,
+    request_latency_by_kind,
     result_json,
     round_figure,
     verdict,
@@ -176,3 +177,35 @@ def test_bench_tasks_satisfy_the_models() -> None:
     task = Task.model_validate(manifest)
     assert task.spec.report_progress_timeout.total_seconds() == 60
     assert task.spec.heartbeat_interval.total_seconds() == 5
+
+
+def test_request_latency_by_kind_is_the_difference_of_two_scrapes() -> None:
+    def sample(part: str, verb: str, resource: str, subresource: str = "") -> str:
+        return (
+            f'apiserver_request_duration_seconds_{part}{{component="apiserver",'
+            f'group="",resource="{resource}",scope="namespace",subresource="{subresource}",'
+            f'verb="{verb}",version="v1"}}'
+        )
+
+    before = {
+        sample("count", "POST", "pods"): 1000.0,
+        sample("sum", "POST", "pods"): 20.0,
+        sample("count", "PATCH", "tasks", "status"): 10.0,
+        sample("sum", "PATCH", "tasks", "status"): 0.1,
+    }
+    after = {
+        **before,
+        sample("count", "POST", "pods"): 1050.0,
+        sample("sum", "POST", "pods"): 25.0,  # 50 more, 5 s between them: 100 ms each
+        sample("count", "PATCH", "tasks", "status"): 110.0,
+        sample("sum", "PATCH", "tasks", "status"): 0.6,
+        sample("count", "GET", "tasks"): 7.0,  # first seen in the second scrape
+        sample("sum", "GET", "tasks"): 0.07,
+    }
+    found = request_latency_by_kind(before, after)
+    assert found == {
+        "PATCH tasks/status": {"count": 100.0, "mean_ms": 5.0},
+        "POST pods": {"count": 50.0, "mean_ms": 100.0},
+        "GET tasks": {"count": 7.0, "mean_ms": 10.0},
+    }
+    assert list(found) == ["PATCH tasks/status", "POST pods", "GET tasks"]  # busiest first

@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -477,7 +477,7 @@ class Reconciler:
             self._deferred.pop(key, None)
             logger.info("task %s/%s: %s", namespace, name, decision.why)
             try:
-                raw = await self._execute(task, decision) or raw
+                raw = await self._execute(entry, task, decision) or raw
             except Conflict:
                 try:
                     raw = await self._writer.get_task(namespace, name)
@@ -549,7 +549,7 @@ class Reconciler:
             ages.append(now - seen)
         return ages
 
-    async def _execute(self, task: Task, decision: Decision) -> bytes | None:
+    async def _execute(self, entry: _Entry, task: Task, decision: Decision) -> bytes | None:
         """Perform the decision's actions in order; the Task's JSON after the last write of
         it (None when the decision wrote no Task)."""
         namespace, name = task.namespace, task.name
@@ -580,7 +580,7 @@ class Reconciler:
                     # Off the critical path: the lease already fences the old runner, and
                     # the replacement should not wait for its predecessor's deletion (a
                     # failed delete is retried by the stale-pod sweep).
-                    self._in_background(self._writer.delete_pod(namespace, pod_name))
+                    self._in_background(self._delete_pod(entry, namespace, pod_name))
                 case RecordEvent(type=type_, reason=reason, message=message):
                     about = ObjectRef(namespace, name, task.uid, resource_version)
                     self._in_background(
@@ -607,12 +607,30 @@ class Reconciler:
                 at = clock.monotonic_at(when)
                 next_check = at if next_check is None else min(next_check, at)
                 continue
-            if entry.deleting is None:
-                entry.deleting = set()
-            entry.deleting.add(pod.name)
             logger.info("deleting stale runner pod %s/%s", task.namespace, pod.name)
-            await self._writer.delete_pod(task.namespace, pod.name)
+            await self._delete_pod(entry, task.namespace, pod.name)
         return next_check
+
+    def _delete_pod(self, entry: _Entry, namespace: str, name: str) -> Coroutine[Any, Any, None]:
+        """Delete a runner pod once. The name is marked at once, before the deletion is
+        awaited (often in the background): pod events of its going and the stale-pod sweep
+        skip a name asked for. Before, a reassignment's deletion was followed at once by the
+        sweep's, awaited by a worker: 92 deletions of 50 pods, 160 ms each, in one bench
+        burst of expiries. A deletion that fails is forgotten, so that the sweep tries again."""
+        if entry.deleting is None:
+            entry.deleting = set()
+        entry.deleting.add(name)
+        return self._delete_marked_pod(entry, namespace, name)
+
+    async def _delete_marked_pod(self, entry: _Entry, namespace: str, name: str) -> None:
+        try:
+            await self._writer.delete_pod(namespace, name)
+        except BaseException:
+            if entry.deleting is not None:
+                entry.deleting.discard(name)
+                if not entry.deleting:
+                    entry.deleting = None
+            raise
 
     async def _report_invalid(self, entry: _Entry, raw: bytes) -> None:
         """Say on the object what is wrong, once per generation and message."""

@@ -1,10 +1,12 @@
-"""The reconciler against the real API server, fed bodies older than what it already knows.
+"""Requests the reconciler must not make, against the real API server.
 
-The watch delivers the echo of the operator's own first write after its second write has
-returned; such a body is history. Acting on it used to cost a write refused with 409 and a
-read, per echo (three status writes logged per reassignment in the benchmark), and observing
-it could take an older report for a new one. The reconciler runs in the test's event loop
-with a real writer that records its calls; its inputs are real bodies read from the API.
+Bodies older than what it already knows: the watch delivers the echo of the operator's own
+first write after its second write has returned; such a body is history. Acting on it used
+to cost a write refused with 409 and a read, per echo (three status writes logged per
+reassignment in the benchmark), and observing it could take an older report for a new one.
+A replaced runner's pod is deleted once, not once by the reassignment and again by the
+stale-pod sweep. The reconciler runs in the test's event loop with a real writer that
+records its calls; its inputs are real bodies read from the API.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class RecordingWriter(KubeWriter):
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool:
         return await self._noted("create_pod", super().create_pod(namespace, manifest))
 
+    async def delete_pod(self, namespace: str, name: str) -> bool:
+        return await self._noted("delete_pod", super().delete_pod(namespace, name))
+
 
 def _raw_task(cluster: Cluster, name: str) -> dict[str, Any]:
     response = cluster.custom.get_namespaced_custom_object(
@@ -99,7 +104,7 @@ async def _quiet(writer: RecordingWriter, *, for_s: float = 0.7) -> None:
 
 
 async def _handed_out(
-    cluster: Cluster, kubeconfig: Path, name: str
+    cluster: Cluster, kubeconfig: Path, name: str, spec: dict[str, Any] = CALM_SPEC
 ) -> tuple[Reconciler, RecordingWriter, dict[str, Any]]:
     """A reconciler that has handed out Task `name` (created here) and settled; the Task's
     body as created."""
@@ -107,7 +112,7 @@ async def _handed_out(
     writer = RecordingWriter(api)
     reconciler = Reconciler(writer, workers=1)
     reconciler.start()
-    await in_thread(cluster.create_task, name, **CALM_SPEC)
+    await in_thread(cluster.create_task, name, **spec)
     created = await in_thread(_raw_task, cluster, name)
     reconciler.task_seen("ADDED", created)
     await _until(
@@ -170,6 +175,34 @@ def test_an_old_body_with_a_reason_to_decide_reads_the_task_first(
             await _quiet(writer)
             # Decided on the Task as it is now, so no write was made against an old version.
             assert writer.calls[calls_before] == "get_task"
+            assert writer.refused == []
+        finally:
+            await reconciler.stop()
+            await writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_replaced_runners_pod_is_deleted_once(cluster: Cluster, control_plane: Any) -> None:
+    async def scenario() -> None:
+        # Nobody acknowledges: the lease is taken back after ackTimeout, and the pod of a
+        # runner that may still be running is deleted.
+        reconciler, writer, _ = await _handed_out(
+            cluster,
+            control_plane.kubeconfig,
+            "unacked",
+            {"ackTimeout": "2s", "reportProgressTimeout": "120s"},
+        )
+        try:
+            reconciler.pod_seen("ADDED", await in_thread(_raw_pod, cluster, "unacked-1"))
+            await _until(
+                "the next attempt to be handed out",
+                lambda: (
+                    cluster.task("unacked")["metadata"]["annotations"].get(EPOCH_ANNOTATION) == "2"
+                ),
+            )
+            await _quiet(writer)
+            assert writer.calls.count("delete_pod") == 1, writer.calls
             assert writer.refused == []
         finally:
             await reconciler.stop()
