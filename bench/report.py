@@ -194,7 +194,8 @@ def request_latency_by_kind(
 ) -> dict[str, dict[str, float]]:
     """What the API server answered between two scrapes of its /metrics, by verb and
     resource ("POST pods", "PATCH tasks/status"): how many requests and their mean latency
-    (`apiserver_request_duration_seconds`, which excludes watches), busiest first."""
+    (`apiserver_request_duration_seconds`), busiest first. Watches are left out: their
+    "latency" is how long they stayed open."""
     totals: dict[str, list[float]] = {}
     for part, index in (("_count", 0), ("_sum", 1)):
         prefix = f"apiserver_request_duration_seconds{part}{{"
@@ -202,6 +203,8 @@ def request_latency_by_kind(
             if not key.startswith(prefix):
                 continue
             labels = dict(_LABEL.findall(key[len(prefix) - 1 :]))
+            if labels.get("verb") in ("WATCH", "CONNECT"):
+                continue
             resource = labels.get("resource", "")
             if labels.get("subresource"):
                 resource += "/" + labels["subresource"]

@@ -201,6 +201,8 @@ def test_request_latency_by_kind_is_the_difference_of_two_scrapes() -> None:
         sample("sum", "PATCH", "tasks", "status"): 0.6,
         sample("count", "GET", "tasks"): 7.0,  # first seen in the second scrape
         sample("sum", "GET", "tasks"): 0.07,
+        sample("count", "WATCH", "pods"): 1.0,  # a watch that ended: not a request's latency
+        sample("sum", "WATCH", "pods"): 300.0,
     }
     found = request_latency_by_kind(before, after)
     assert found == {
