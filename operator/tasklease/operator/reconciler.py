@@ -626,10 +626,7 @@ class Reconciler:
         try:
             await self._writer.delete_pod(namespace, name)
         except BaseException:
-            if entry.deleting is not None:
-                entry.deleting.discard(name)
-                if not entry.deleting:
-                    entry.deleting = None
+            _unmark_deleting(entry, name)
             raise
 
     async def _report_invalid(self, entry: _Entry, raw: bytes) -> None:
@@ -700,6 +697,10 @@ class Reconciler:
 
 def _forget_pod(entry: _Entry, name: str) -> None:
     entry.pods = tuple(pod for pod in entry.pods if pod.name != name)
+    _unmark_deleting(entry, name)
+
+
+def _unmark_deleting(entry: _Entry, name: str) -> None:
     if entry.deleting is not None:
         entry.deleting.discard(name)
         if not entry.deleting:
