@@ -42,6 +42,7 @@ class RecordingWriter(KubeWriter):
         super().__init__(*args, **kwargs)
         self.calls: list[str] = []
         self.refused: list[str] = []
+        self.deleted: list[str] = []  # pod names, once per deletion asked for
 
     async def _noted(self, name: str, call: Awaitable[T]) -> T:
         self.calls.append(name)
@@ -66,6 +67,7 @@ class RecordingWriter(KubeWriter):
         return await self._noted("create_pod", super().create_pod(namespace, manifest))
 
     async def delete_pod(self, namespace: str, name: str) -> bool:
+        self.deleted.append(name)
         return await self._noted("delete_pod", super().delete_pod(namespace, name))
 
 
@@ -202,7 +204,9 @@ def test_a_replaced_runners_pod_is_deleted_once(cluster: Cluster, control_plane:
                 ),
             )
             await _quiet(writer)
-            assert writer.calls.count("delete_pod") == 1, writer.calls
+            # Counted by name: nobody acknowledges epoch 2 either, so on a slow machine its
+            # own ackTimeout may pass meanwhile and unacked-2 go the same way.
+            assert writer.deleted.count("unacked-1") == 1, (writer.calls, writer.refused)
             assert writer.refused == []
         finally:
             await reconciler.stop()
