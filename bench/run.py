@@ -349,6 +349,17 @@ class Bench:
         synced = [v for k, v in samples.items() if k.startswith("tasklease_informer_synced{")]
         return bool(synced) and all(v == 1 for v in synced)
 
+    async def wait_listed(self, *, interval: float) -> float:
+        """Until the (re)started operator has listed everything it watches; then (monotonic)."""
+        self.operator_listed_at = await wait_for(
+            "the restarted operator to list everything it watches",
+            self.all_synced,
+            within=max(120.0, self.s.tasks / 100),
+            interval=interval,
+            check=self.operator.check,
+        )
+        return self.operator_listed_at
+
     async def running(self) -> float:
         samples = await self.metrics() or {}
         return samples.get('tasklease_tasks{phase="Running"}', 0.0)
@@ -725,13 +736,7 @@ class Bench:
             )
             # Tracking every Task is not the end of its catch-up: at 50,000 the listing of
             # the runner pods went on into the next round and made it a measure of that.
-            self.operator_listed_at = await wait_for(
-                "the restarted operator to list everything it watches",
-                self.all_synced,
-                within=max(120.0, s.tasks / 100),
-                interval=0.2,
-                check=self.operator.check,
-            )
+            await self.wait_listed(interval=0.2)
         caught_up = await self.settle_operator()
         rate = stored / elapsed
         log(
@@ -850,6 +855,7 @@ class Bench:
         figures["detection_p99_s"] = percentile(delays, 99)
         self.found.notes["detection_samples"] = len(delays)
         self.found.notes["detection_max_s"] = max(delays) if delays else None
+        self.found.notes["detection_min_s"] = min(delays) if delays else None
         # Per victim, in wall-clock time, to read beside the operator's log.
         self.found.notes["detection_by_task"] = {
             r.task: {
@@ -860,7 +866,6 @@ class Bench:
             for r in gen.reassignments
             if r.victim and r.deadline is not None
         }
-        self.found.notes["detection_min_s"] = min(delays) if delays else None
         samples = await self.metrics() or {}
         count = samples.get("tasklease_reassignment_delay_seconds_count", 0.0)
         if count:
@@ -909,14 +914,8 @@ class Bench:
         self.found.figures["restart_resume_s"] = done - started
         self.found.notes["restart_metrics_up_s"] = up - started
         log(f"restart: tracking all {s.tasks} Tasks {done - started:.2f}s after the restart")
-        everything = await wait_for(
-            "the restarted operator to list everything it watches",
-            self.all_synced,
-            within=max(120.0, s.tasks / 100),
-            interval=0.05,
-            check=self.operator.check,
-        )
-        self.found.notes["restart_all_listed_s"] = everything - started
+        listed = await self.wait_listed(interval=0.05)
+        self.found.notes["restart_all_listed_s"] = listed - started
         self.phase(gen, "after restart")
         before = self._cpu()
         rss_samples = []

@@ -12,9 +12,10 @@ records its calls; its inputs are real bodies read from the API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,35 +106,46 @@ async def _quiet(writer: RecordingWriter, *, for_s: float = 0.7) -> None:
         await asyncio.sleep(for_s)
 
 
+@contextlib.asynccontextmanager
 async def _handed_out(
     cluster: Cluster, kubeconfig: Path, name: str, spec: dict[str, Any] = CALM_SPEC
-) -> tuple[Reconciler, RecordingWriter, dict[str, Any]]:
-    """A reconciler that has handed out Task `name` (created here) and settled; the Task's
-    body as created."""
-    api = await api_client(kubeconfig)
-    writer = RecordingWriter(api)
+) -> AsyncIterator[tuple[Reconciler, RecordingWriter, dict[str, Any]]]:
+    """A reconciler that has handed out Task `name` (created here) and settled, its writer,
+    and the Task's body as created; stopped on the way out."""
+    writer = RecordingWriter(await api_client(kubeconfig))
     reconciler = Reconciler(writer, workers=1)
     reconciler.start()
-    await in_thread(cluster.create_task, name, **spec)
-    created = await in_thread(_raw_task, cluster, name)
-    reconciler.task_seen("ADDED", created)
+    try:
+        await in_thread(cluster.create_task, name, **spec)
+        created = await in_thread(_raw_task, cluster, name)
+        reconciler.task_seen("ADDED", created)
+        await _until(
+            "the hand-out to be recorded",
+            lambda: (
+                (task := cluster.task(name)).get("status", {}).get("phase") == "Assigned"
+                and task["metadata"]["annotations"].get(EPOCH_ANNOTATION) == "1"
+            ),
+        )
+        await _quiet(writer)
+        yield reconciler, writer, created
+    finally:
+        await reconciler.stop()
+        await writer.close()
+
+
+async def _next_attempt(cluster: Cluster, name: str) -> None:
     await _until(
-        "the hand-out to be recorded",
-        lambda: (
-            (task := cluster.task(name)).get("status", {}).get("phase") == "Assigned"
-            and task["metadata"]["annotations"].get(EPOCH_ANNOTATION) == "1"
-        ),
+        "the next attempt to be handed out",
+        lambda: cluster.task(name)["metadata"]["annotations"].get(EPOCH_ANNOTATION) == "2",
     )
-    await _quiet(writer)
-    return reconciler, writer, created
 
 
 def test_a_body_older_than_one_decided_on_is_not_acted_on(
     cluster: Cluster, control_plane: Any
 ) -> None:
     async def scenario() -> None:
-        reconciler, writer, created = await _handed_out(cluster, control_plane.kubeconfig, "echo")
-        try:
+        async with _handed_out(cluster, control_plane.kubeconfig, "echo") as handed_out:
+            reconciler, writer, created = handed_out
             version_before = cluster.task("echo")["metadata"]["resourceVersion"]
             calls_before = list(writer.calls)
             # The Task as it was created: no lease. Taken for news, it would be handed
@@ -143,9 +155,6 @@ def test_a_body_older_than_one_decided_on_is_not_acted_on(
             assert writer.calls == calls_before
             assert writer.refused == []
             assert cluster.task("echo")["metadata"]["resourceVersion"] == version_before
-        finally:
-            await reconciler.stop()
-            await writer.close()
 
     asyncio.run(scenario())
 
@@ -154,8 +163,8 @@ def test_an_old_body_with_a_reason_to_decide_reads_the_task_first(
     cluster: Cluster, control_plane: Any
 ) -> None:
     async def scenario() -> None:
-        reconciler, writer, created = await _handed_out(cluster, control_plane.kubeconfig, "woken")
-        try:
+        async with _handed_out(cluster, control_plane.kubeconfig, "woken") as handed_out:
+            reconciler, writer, created = handed_out
             # The runner pod fails (as the kubelet would say); its event and the stale
             # body both wait for the worker.
             await in_thread(
@@ -168,19 +177,11 @@ def test_an_old_body_with_a_reason_to_decide_reads_the_task_first(
             calls_before = len(writer.calls)
             reconciler.task_seen("MODIFIED", created)
             reconciler.pod_seen("MODIFIED", failed_pod)
-            await _until(
-                "the next attempt to be handed out",
-                lambda: (
-                    cluster.task("woken")["metadata"]["annotations"].get(EPOCH_ANNOTATION) == "2"
-                ),
-            )
+            await _next_attempt(cluster, "woken")
             await _quiet(writer)
             # Decided on the Task as it is now, so no write was made against an old version.
             assert writer.calls[calls_before] == "get_task"
             assert writer.refused == []
-        finally:
-            await reconciler.stop()
-            await writer.close()
 
     asyncio.run(scenario())
 
@@ -189,27 +190,15 @@ def test_a_replaced_runners_pod_is_deleted_once(cluster: Cluster, control_plane:
     async def scenario() -> None:
         # Nobody acknowledges: the lease is taken back after ackTimeout, and the pod of a
         # runner that may still be running is deleted.
-        reconciler, writer, _ = await _handed_out(
-            cluster,
-            control_plane.kubeconfig,
-            "unacked",
-            {"ackTimeout": "2s", "reportProgressTimeout": "120s"},
-        )
-        try:
+        unacked = {"ackTimeout": "2s", "reportProgressTimeout": "120s"}
+        async with _handed_out(cluster, control_plane.kubeconfig, "unacked", unacked) as handed_out:
+            reconciler, writer, _ = handed_out
             reconciler.pod_seen("ADDED", await in_thread(_raw_pod, cluster, "unacked-1"))
-            await _until(
-                "the next attempt to be handed out",
-                lambda: (
-                    cluster.task("unacked")["metadata"]["annotations"].get(EPOCH_ANNOTATION) == "2"
-                ),
-            )
+            await _next_attempt(cluster, "unacked")
             await _quiet(writer)
             # Counted by name: nobody acknowledges epoch 2 either, so on a slow machine its
             # own ackTimeout may pass meanwhile and unacked-2 go the same way.
             assert writer.deleted.count("unacked-1") == 1, (writer.calls, writer.refused)
             assert writer.refused == []
-        finally:
-            await reconciler.stop()
-            await writer.close()
 
     asyncio.run(scenario())

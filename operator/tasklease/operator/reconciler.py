@@ -612,11 +612,11 @@ class Reconciler:
         return next_check
 
     def _delete_pod(self, entry: _Entry, namespace: str, name: str) -> Coroutine[Any, Any, None]:
-        """Delete a runner pod once. The name is marked at once, before the deletion is
-        awaited (often in the background): pod events of its going and the stale-pod sweep
-        skip a name asked for. Before, a reassignment's deletion was followed at once by the
-        sweep's, awaited by a worker: 92 deletions of 50 pods, 160 ms each, in one bench
-        burst of expiries. A deletion that fails is forgotten, so that the sweep tries again."""
+        """Delete a runner pod once. The name is marked now, before the deletion is awaited
+        (often in the background), because the next reconcile's stale-pod sweep runs before a
+        background deletion has started, and would delete the pod a second time (and wait
+        for it: docs/design.md, "What the benchmark changed"). Pod events of its going skip a
+        marked name too. A deletion that fails is unmarked, so that the sweep tries again."""
         if entry.deleting is None:
             entry.deleting = set()
         entry.deleting.add(name)
