@@ -112,8 +112,8 @@ def histogram_quantile_bound(samples: Mapping[str, float], name: str, q: float) 
     buckets = []
     for key, value in samples.items():
         if key.startswith(f'{name}_bucket{{le="'):
-            bound = key.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((math.inf if bound == "+Inf" else float(bound), value))
+            label = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if label == "+Inf" else float(label), value))
     if not buckets:
         return None
     buckets.sort()
@@ -200,8 +200,9 @@ class OperatorProcess:
 class Profiler:
     """py-spy on the operator, one recording at a time (`--profile DIR`)."""
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, *, native: bool = False) -> None:
         self.folder = folder
+        self.native = native
         self.outputs: dict[str, Path] = {}
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -222,10 +223,12 @@ class Profiler:
             "--rate",
             "100",
             "--nolineno",
-            # Only the thread holding the GIL: CPU spent in Python. Without it, threads
-            # parked in a queue or select() (thread pools, the metrics server) show up as
-            # busy on this kernel.
-            "--gil",
+            # By default only the thread holding the GIL: CPU spent in Python. Without it,
+            # threads parked in a queue or select() (thread pools, the metrics server) show
+            # up as busy on this kernel. Native: every thread, named, with C frames (TLS,
+            # the HTTP parser, pydantic_core), which run partly without the GIL; read the
+            # main thread's stacks and leave out those ending in select().
+            *(["--native", "--threads"] if self.native else ["--gil"]),
             "--format",
             "raw",
             "--output",
@@ -272,6 +275,7 @@ class Settings:
     jobs: bool
     output_dir: Path
     profile: bool
+    profile_native: bool
     seed: int
     apiserver_args: list[str]
     kcm_args: list[str]
@@ -295,7 +299,10 @@ class Bench:
         self.operator = operator
         self.metrics_port = int(operator.env["TASKLEASE_METRICS_PORT"])
         self.found = Findings()
-        self.profiler = Profiler(settings.output_dir / "profiles" if settings.profile else None)
+        self.profiler = Profiler(
+            settings.output_dir / "profiles" if settings.profile else None,
+            native=settings.profile_native,
+        )
         self.pids: dict[str, int] = {}
         self.steady_operator_s_per_report = 0.002
         self.operator_listed_at = 0.0  # monotonic: every informer of the last restart listed
@@ -867,10 +874,10 @@ class Bench:
             if r.victim and r.deadline is not None
         }
         samples = await self.metrics() or {}
-        count = samples.get("tasklease_reassignment_delay_seconds_count", 0.0)
-        if count:
+        reassignments = samples.get("tasklease_reassignment_delay_seconds_count", 0.0)
+        if reassignments:
             total = samples.get("tasklease_reassignment_delay_seconds_sum", 0.0)
-            self.found.notes["operator_deadline_to_pod_mean_s"] = total / count
+            self.found.notes["operator_deadline_to_pod_mean_s"] = total / reassignments
             self.found.notes["operator_deadline_to_pod_p99_le_s"] = histogram_quantile_bound(
                 samples, "tasklease_reassignment_delay_seconds", 0.99
             )
@@ -1189,6 +1196,11 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--profile", action="store_true", help="also record py-spy profiles of the operator"
     )
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: every thread, with C frames (TLS, parsers), not only Python's",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     timeout = args.timeout if args.timeout is not None else auto_timeout(args.tasks, args.qps)
@@ -1224,7 +1236,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         concurrency=args.concurrency,
         jobs=not args.no_jobs,
         output_dir=args.output_dir.resolve(),
-        profile=args.profile,
+        profile=args.profile or args.profile_native,
+        profile_native=args.profile_native,
         seed=args.seed,
         apiserver_args=apiserver_args,
         kcm_args=kcm_args,

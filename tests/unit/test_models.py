@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -386,3 +389,62 @@ def test_phase_is_final(phase: Phase) -> None:
 
 def test_result_statuses_are_the_aws_ones() -> None:
     assert {status.value for status in ResultStatus} == {"FINISHED", "FAILED", "FALSE"}
+
+
+def _with(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `body` with the value at a dotted path replaced."""
+    changed = copy.deepcopy(body)
+    *parents, leaf = path.split(".")
+    target: Any = changed
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    target[leaf] = value
+    return changed
+
+
+# The reconciler parses a watched body as decoded (a worker takes it at once) or as JSON
+# (it waited behind a backlog): the two must never disagree about a Task.
+_BODIES_AS_WATCHED: list[tuple[str, dict[str, Any]]] = [
+    ("realistic", realistic_task()),
+    ("no status", {k: v for k, v in realistic_task().items() if k != "status"}),
+    ("numbers as strings", _with(realistic_task(), "spec.retry.maxAttempts", "5")),
+    ("a bad duration", _with(realistic_task(), "spec.ackTimeout", "2 minutes")),
+    ("a duration as a number", _with(realistic_task(), "spec.ackTimeout", 120)),
+    ("a restarting runner", _with(realistic_task(), "spec.template.spec.restartPolicy", "Always")),
+    ("an unknown phase", _with(realistic_task(), "status.phase", "Dancing")),
+    ("a time as a number", _with(realistic_task(), "status.progress.reportTime", 1718072400)),
+    ("a garbled time", _with(realistic_task(), "status.progress.reportTime", "yesterday")),
+    ("a list for a map", _with(realistic_task(), "spec.parameters", ["a"])),
+    ("null spec", _with(realistic_task(), "spec", None)),
+]
+
+
+_WORDED_PER_INPUT = {"dict_type", "model_type"}
+
+
+@pytest.mark.parametrize(
+    "body", [b for _, b in _BODIES_AS_WATCHED], ids=[n for n, _ in _BODIES_AS_WATCHED]
+)
+def test_a_body_parses_the_same_decoded_and_as_json(body: dict[str, Any]) -> None:
+    def outcome(parse: Callable[[], Task]) -> Any:
+        try:
+            return parse().model_dump(mode="json")
+        except ValidationError as error:
+            # Where a map was expected pydantic words it per input ("a valid dictionary",
+            # "an object"); the API server's schema refuses such a Task before we see it.
+            return [
+                (e["loc"], e["type"], None if e["type"] in _WORDED_PER_INPUT else e["msg"])
+                for e in error.errors()
+            ]
+
+    as_json = outcome(lambda: Task.model_validate_json(json.dumps(body)))
+    decoded = outcome(lambda: Task.model_validate(body))
+
+    assert decoded == as_json
+
+
+def test_the_lease_is_read_once_per_task() -> None:
+    task = Task.model_validate(realistic_task())
+
+    assert task.lease is task.lease
+    assert task.lease == Task.model_validate(realistic_task()).lease

@@ -9,11 +9,15 @@ asked to be woken.
 A heartbeat therefore costs one cache update, one `observe` and one deadline move: no API
 write (design: "a heartbeat must not cost the operator a write").
 
-A Task waiting for a worker is held as its JSON (bytes), not as decoded objects: after a
-bulk create, or while hand-outs wait for the client-side rate limit, thousands of keys wait
-at once, and decoded bodies (a few thousand small objects each) would raise the operator's
-memory high-water mark to that many Tasks' worth for good, since CPython's allocator rarely
-returns the arenas such a burst leaves behind (docs/performance.md, "Memory").
+A Task waiting behind a backlog is held as its JSON (bytes), not as decoded objects: after
+a bulk create, or while hand-outs wait for the client-side rate limit, thousands of keys
+wait at once, and decoded bodies (a few thousand small objects each) would raise the
+operator's memory high-water mark to that many Tasks' worth for good, since CPython's
+allocator rarely returns the arenas such a burst leaves behind (docs/performance.md,
+"Memory"). When fewer keys wait than there are workers (a steady stream of heartbeats), a
+worker takes the body at once, and it is handed over as the informer decoded it: encoding
+it to JSON only for the worker to parse that again was a fifth of the reconciler's CPU per
+heartbeat (`python -m bench.event_path`).
 
 Nothing here is needed to continue after a restart: all state is on the Task, and the
 cache is rebuilt from the informers' initial listings (design invariant 4).
@@ -67,6 +71,9 @@ from tasklease.operator.queues import DeadlineQueue, WorkQueue
 logger = logging.getLogger(__name__)
 
 TaskKey = tuple[str, str]  # (namespace, name)
+# A Task's body as the reconciler holds it: JSON, or decoded (from the watch, for a worker
+# that takes it at once). Both parse to the same Task (tests/unit/test_models.py).
+Body = bytes | dict[str, Any]
 
 # A decision loop that keeps producing writes is a bug, not a workload: stop and retry later.
 _MAX_STEPS_PER_RECONCILE = 8
@@ -111,15 +118,15 @@ class Writer(Protocol):
 class _Entry:
     """What the operator keeps per Task between events: a few hundred bytes.
 
-    The body is held only as JSON and only until a worker takes the key (`raw`): tens of
-    thousands of idle leases must not cost tens of thousands of full objects. A reconcile
-    that finds no body (a deadline is near) reads the Task afresh, a moment before the
-    deadline (`_PREFETCH_S`), and keeps that body (as JSON again) until the deadline's
+    The body is held only until a worker takes the key (`raw`; as JSON when a backlog
+    waits): tens of thousands of idle leases must not cost tens of thousands of full
+    objects. A reconcile that finds no body (a deadline is near) reads the Task afresh, a
+    moment before the deadline (`_PREFETCH_S`), and keeps that body until the deadline's
     decision; so does a reconcile whose bookkeeping write is put off.
     """
 
     key: TaskKey  # the one key object of this Task in every queue and index
-    raw: bytes | None = None  # the newest body no worker has taken yet (JSON)
+    raw: Body | None = None  # the newest body no worker has taken yet
     raw_seen_at: float = 0.0  # when it came (monotonic): a report in it was seen then
     raw_version: int = 0  # its resourceVersion (0: not comparable, or a body kept on purpose)
     # The newest resourceVersion a worker parsed: an event older than that (the echo of our
@@ -224,7 +231,7 @@ class Reconciler:
             entry = _Entry(key=key, pods=self._orphan_pods.pop(key, ()))
             self._entries[key] = entry
         # Parsed by the worker that takes the key, with the time it came (see module doc).
-        entry.raw = pydantic_core.to_json(body)
+        entry.raw = body if len(self._queue) < self._workers else pydantic_core.to_json(body)
         entry.raw_seen_at = self._monotonic()
         entry.raw_version = comparable_version(metadata.get("resourceVersion"))
         self._queue.add(entry.key)
@@ -377,11 +384,15 @@ class Reconciler:
 
     # --- work -----------------------------------------------------------------------------
 
-    def _parse(self, entry: _Entry, raw: bytes, *, seen_at: float) -> Task | None:
+    def _parse(self, entry: _Entry, raw: Body, *, seen_at: float) -> Task | None:
         """The Task in `raw`, folded into the entry's sighting as seen at `seen_at`; None
         when it is invalid (`entry.invalid` says why)."""
         try:
-            task = Task.model_validate_json(raw)
+            task = (
+                Task.model_validate_json(raw)
+                if isinstance(raw, bytes)
+                else Task.model_validate(raw)
+            )
         except ValidationError as error:
             entry.invalid = describe_validation_error(error)
             return None
@@ -397,7 +408,7 @@ class Reconciler:
         entry.sighting = sighting
         return task
 
-    def _keep(self, entry: _Entry, raw: bytes) -> None:
+    def _keep(self, entry: _Entry, raw: Body) -> None:
         """Hold a body already seen for the key's next reconcile, unless a newer one came."""
         if entry.raw is None:
             # Seeing it again changes nothing (`observe` of a version already folded in).
@@ -629,12 +640,14 @@ class Reconciler:
             _unmark_deleting(entry, name)
             raise
 
-    async def _report_invalid(self, entry: _Entry, raw: bytes) -> None:
+    async def _report_invalid(self, entry: _Entry, raw: Body) -> None:
         """Say on the object what is wrong, once per generation and message."""
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = {}
+        body: Any = raw
+        if isinstance(raw, bytes):
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = {}
         if not isinstance(body, dict):
             body = {}
         metadata = body.get("metadata") or {}
