@@ -50,7 +50,7 @@ def wait_for(
 ) -> T:
     """Poll until `probe` returns something truthy; fail naming `what` and the last value."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = probe()
         if last:
@@ -112,15 +112,17 @@ class Cluster:
 
     def wait_epoch(self, name: str, epoch: int, *, timeout: float = 30.0) -> dict[str, Any]:
         """Wait until the hand-out of `epoch` is complete (status caught up, phase Assigned+)."""
-        return wait_for(
+        handed_out: dict[str, Any] = wait_for(
             f"task {name} to be handed out with epoch {epoch}",
             lambda: (
-                (s := self.status(name)).get("epoch") == epoch
+                s
+                if (s := self.status(name)).get("epoch") == epoch
                 and s.get("phase") in ("Assigned", "Running")
-                and s
+                else None
             ),
             timeout=timeout,
         )
+        return handed_out
 
     def pods(self, task_name: str) -> list[Any]:
         listed = self.core.list_namespaced_pod(

@@ -391,11 +391,12 @@ class Setup:
         return wait_for(f"task {name} to be offered to the pool", offered, timeout=timeout)
 
     def wait_phase(self, name: str, phase: str, *, timeout: float = 30) -> dict[str, Any]:
-        return wait_for(
+        status: dict[str, Any] = wait_for(
             f"task {name} to reach phase {phase}",
-            lambda: (s := self.task(name).get("status") or {}).get("phase") == phase and s,
+            lambda: s if (s := self.task(name).get("status") or {}).get("phase") == phase else None,
             timeout=timeout,
         )
+        return status
 
     def can_i(self, user: str, verb: str, resource: str, namespace: str | None = None) -> bool:
         resource, _, subresource = resource.partition("/")
@@ -529,7 +530,7 @@ def _wait_until_policies_are_active(setup: Setup) -> None:
         try:
             leases.create_namespaced_lease(ns, body)
         except ApiException as error:
-            return error.status == 403
+            return bool(error.status == 403)
         client.CoordinationV1Api(setup.admin).delete_namespaced_lease("not-mine", ns)
         return False
 
@@ -941,16 +942,15 @@ def test_admission_refuses_malformed_claims_and_releases(setup: Setup) -> None:
         with task:
             assert task.progress(percent=100)
     setup.wait_phase("by-the-book", "Succeeded")
+
     # A finished task is off the pool (no claimable label): nobody may claim it again.
-    done = wait_for(
-        "the finished task to be off the pool",
-        lambda: (
-            (t := setup.task("by-the-book"))
-            and CLAIMABLE_LABEL not in t["metadata"]["labels"]
-            and HOLDER_ANNOTATION not in t["metadata"]["annotations"]
-            and t
-        ),
-    )
+    def off_the_pool() -> dict[str, Any] | None:
+        task = setup.task("by-the-book")
+        metadata = task["metadata"]
+        off = CLAIMABLE_LABEL not in metadata["labels"]
+        return task if off and HOLDER_ANNOTATION not in metadata["annotations"] else None
+
+    done = wait_for("the finished task to be off the pool", off_the_pool)
     refusal = patch_task(api, ns, "by-the-book", unfenced_claim(_epoch(done), pod_a))
     assert refusal is not None and refusal.status == 403
     assert (
@@ -965,7 +965,7 @@ def test_admission_refuses_malformed_claims_and_releases(setup: Setup) -> None:
 def test_admission_confines_pool_runners_to_their_own_lease(setup: Setup) -> None:
     pod_a, pod_b = setup.pods_for("lease")
     ns = setup.namespace
-    body = {
+    body: dict[str, Any] = {
         "metadata": {"name": pod_a, "labels": {ROLE_LABEL: POOL_RUNNER_ROLE}},
         "spec": {"holderIdentity": pod_a, "leaseDurationSeconds": 15},
     }

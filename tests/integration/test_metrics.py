@@ -26,10 +26,12 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
             f'tasklease_informer_synced{{namespace="{cluster.namespace}",resource="{resource}"}}'
             for resource in ("tasks", "pods", "leases")
         }
-        before = wait_for(
-            "every informer to have listed",
-            lambda: all((s := scrape(port)).get(name) == 1 for name in synced) and s,
-        )
+
+        def listed() -> dict[str, float] | None:
+            samples = scrape(port)
+            return samples if all(samples.get(name) == 1 for name in synced) else None
+
+        before = wait_for("every informer to have listed", listed)
         assert before["tasklease_handouts_total"] == 0
 
         cluster.create_task("counted", ackTimeout="2s", reportProgressTimeout="30s")
@@ -38,15 +40,17 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
         assert scrape(port)['tasklease_tasks{phase="Assigned"}'] == 1
 
         cluster.wait_epoch("counted", 2, timeout=20)  # nobody acknowledged: reassigned
+
         # The attempt's end and the next hand-out are two executed decisions: wait for both.
-        after = wait_for(
-            "the reassignment and the new hand-out to be counted",
-            lambda: (
-                (s := scrape(port)).get("tasklease_handouts_total") == 2
-                and s.get("tasklease_reassignment_delay_seconds_count") == 1
-                and s
-            ),
-        )
+        def reassigned() -> dict[str, float] | None:
+            samples = scrape(port)
+            counted = (
+                samples.get("tasklease_handouts_total") == 2
+                and samples.get("tasklease_reassignment_delay_seconds_count") == 1
+            )
+            return samples if counted else None
+
+        after = wait_for("the reassignment and the new hand-out to be counted", reassigned)
         assert after['tasklease_reassignments_total{reason="AckTimeout"}'] == 1
         assert after["tasklease_handouts_total"] == 2
         assert after['tasklease_attempts_ended_total{outcome="AckTimeout"}'] == 1
@@ -61,10 +65,12 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
             assert running["tasklease_report_age_seconds_count"] == 1
             runner.progress(percent=100)
         cluster.wait_phase("counted", "Succeeded")
-        done = wait_for(
-            "the success to be counted",
-            lambda: (s := scrape(port)).get('tasklease_tasks{phase="Succeeded"}') and s,
-        )
+
+        def succeeded() -> dict[str, float] | None:
+            samples = scrape(port)
+            return samples if samples.get('tasklease_tasks{phase="Succeeded"}') else None
+
+        done = wait_for("the success to be counted", succeeded)
         assert done['tasklease_attempts_ended_total{outcome="Succeeded"}'] == 1
     finally:
         operator.stop()

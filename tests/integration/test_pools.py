@@ -46,15 +46,18 @@ def create_pool_task(cluster: Cluster, name: str, **spec: Any) -> None:
 
 
 def wait_claimable(cluster: Cluster, name: str, *, timeout: float = 30) -> dict[str, Any]:
-    return wait_for(
+    claimable: dict[str, Any] = wait_for(
         f"task {name} to be offered to the pool",
         lambda: (
-            (t := cluster.task(name))["metadata"].get("labels", {}).get(CLAIMABLE_LABEL) == "true"
+            t
+            if (t := cluster.task(name))["metadata"].get("labels", {}).get(CLAIMABLE_LABEL)
+            == "true"
             and "tasklease.io/holder" not in t["metadata"].get("annotations", {})
-            and t
+            else None
         ),
         timeout=timeout,
     )
+    return claimable
 
 
 def pool_runner(cluster: Cluster, name: str, **kwargs: Any) -> PoolRunner:

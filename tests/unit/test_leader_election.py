@@ -109,7 +109,7 @@ async def _nothing() -> None:
 def test_timings_must_let_the_leader_give_up_before_its_lease_runs_out() -> None:
     with pytest.raises(ValueError, match="renew_deadline_s < lease_duration_s"):
         LeaderElector(
-            object(),  # type: ignore[arg-type]  # no request is made
+            object(),  # no request is made
             namespace="ns",
             name="lease",
             identity="me_1",

@@ -47,7 +47,7 @@ def test_tls_connections_get_small_read_buffers() -> None:
     loop = asyncio.new_event_loop()
     try:
         protocol = asyncio.sslproto.SSLProtocol(
-            loop, asyncio.Protocol(), ssl.create_default_context(), None
+            loop, asyncio.Protocol(), ssl.create_default_context(), loop.create_future()
         )
         assert len(protocol.get_buffer(-1)) == TLS_READ_BUFFER_BYTES
     finally:

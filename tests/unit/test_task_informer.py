@@ -160,7 +160,7 @@ class Recorder:
 
 def informer(recorder: Recorder) -> TaskInformer:
     # The API client is only stored until a request is made; none is made here.
-    return TaskInformer(object(), recorder, namespace="ns")  # type: ignore[arg-type]
+    return TaskInformer(object(), recorder, namespace="ns")
 
 
 def test_expired_error_event_means_relist() -> None:
@@ -214,7 +214,7 @@ def test_a_failing_consumer_does_not_stop_the_informer(caplog: pytest.LogCapture
     def broken(event_type: str, body: dict[str, Any]) -> None:
         raise RuntimeError("consumer bug")
 
-    watching = TaskInformer(object(), broken, namespace="ns")  # type: ignore[arg-type]
+    watching = TaskInformer(object(), broken, namespace="ns")
     watching._apply({"type": ADDED, "object": body("a", "10")})
     assert watching.resource_version == "10"
     assert "consumer bug" in caplog.text
