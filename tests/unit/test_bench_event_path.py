@@ -28,3 +28,9 @@ def test_a_pass_whose_heartbeats_need_a_write_fails(monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(RuntimeError, match="write"):
         asyncio.run(event_path.one_pass(tasks=5, rounds=1, workers=2))
+
+
+def test_a_small_listing_is_taken_in_without_a_write() -> None:
+    seconds = asyncio.run(event_path.listing_pass(tasks=30, workers=4))
+
+    assert seconds > 0
