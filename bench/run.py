@@ -41,7 +41,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -373,38 +373,53 @@ class Bench:
         samples = await self.metrics() or {}
         return samples.get('tasklease_tasks{phase="Running"}', 0.0)
 
-    async def settle_operator(self, *, within: float = 60.0) -> float:
-        """Wait until the operator has caught up with what it missed (a restart's listing, a
-        push's burst): its CPU over a 2 s window is back to what the heartbeats flowing then
-        cost it in the steady window (x1.5, +0.05 cores). Returns the seconds it took."""
+    async def _settle(
+        self,
+        what: str,
+        quiet: Callable[[CpuDelta, float], bool],
+        *,
+        within: float,
+        operator_running: bool,
+    ) -> float:
+        """Wait until `quiet(cpu over 2 s, reports acknowledged per second then)` holds;
+        the seconds it took (at most `within`, and then a line says so)."""
         started = time.monotonic()
-        per_report_s = self.steady_operator_s_per_report
         while time.monotonic() - started < within:
-            self.operator.check()
+            if operator_running:
+                self.operator.check()
             before = self._cpu()
             acked = self.gen.counters.reports_acked
             await asyncio.sleep(2.0)
             delta = self._cpu().minus(before)
-            rate = (self.gen.counters.reports_acked - acked) / delta.seconds
-            if delta.cores("operator") <= 1.5 * per_report_s * rate + 0.05:
+            if quiet(delta, (self.gen.counters.reports_acked - acked) / delta.seconds):
                 return time.monotonic() - started
-        log(f"operator still busy after {within:.0f}s; going on")
+        log(f"{what} still busy after {within:.0f}s; going on")
         return time.monotonic() - started
 
-    async def settle_apiserver(self, *, within: float = 60.0) -> float:
+    async def settle_operator(self, *, within: float = 60.0) -> float:
+        """Wait until the operator has caught up with what it missed (a restart's listing, a
+        push's burst): its CPU over a 2 s window is back to what the heartbeats flowing then
+        cost it in the steady window (x1.5, +0.05 cores). Returns the seconds it took."""
+        per_report_s = self.steady_operator_s_per_report
+        return await self._settle(
+            "operator",
+            lambda delta, rate: delta.cores("operator") <= 1.5 * per_report_s * rate + 0.05,
+            within=within,
+            operator_running=True,
+        )
+
+    async def settle_apiserver(self, *, operator_running: bool, within: float = 60.0) -> float:
         """Wait until kube-apiserver + etcd are back to what the steady heartbeats cost them
         (over 2 s: x1.2, +0.1 cores): a push leaves them work to finish (its watch events,
         etcd's compaction of its writes), and a push that starts before that is done is
         slower for it. Returns the seconds it took."""
-        started = time.monotonic()
-        while time.monotonic() - started < within:
-            before = self._cpu()
-            await asyncio.sleep(2.0)
-            delta = self._cpu().minus(before)
-            if delta.total(APISERVER) / delta.seconds <= 1.2 * self.steady_apiserver_cores + 0.1:
-                return time.monotonic() - started
-        log(f"API server still busy after {within:.0f}s; going on")
-        return time.monotonic() - started
+        steady = 1.2 * self.steady_apiserver_cores + 0.1
+        return await self._settle(
+            "API server",
+            lambda delta, _rate: delta.total(APISERVER) / delta.seconds <= steady,
+            within=within,
+            operator_running=operator_running,
+        )
 
     # --- phases ---------------------------------------------------------------------------
 
@@ -745,12 +760,11 @@ class Bench:
             # the "alone" figure lower and erratic. Killed, its watches are gone.
             self.operator.kill()
             await asyncio.sleep(0.5)
-        # Every push starts from an API server that finished the last one. Before this, a
-        # push with the operator often came 2 s after the previous push, and a push alone
-        # only after the operator's restart and listing (17 s at 10,000 Tasks): at 10,000
-        # the pushes that followed a push at once stored 157-183 reports/s, the others
-        # 244-289, and the ratio (0.64) measured the order, not the operator.
-        settled = await self.settle_apiserver()
+        # Every push starts from an API server that finished the last one: otherwise only
+        # the pushes with the operator follow a push at once (a push alone follows the
+        # operator's restart and listing), and at 10,000 Tasks the ratio measured that order
+        # (docs/performance.md, session 5).
+        settled = await self.settle_apiserver(operator_running=not alone)
         before = self._cpu()
         started = time.monotonic()
         stored = await gen.push(s.push_s, concurrency=s.push_concurrency)
@@ -791,9 +805,8 @@ class Bench:
         # API server, whatever share of the machine it got.
         efficiency: dict[str, list[float]] = {"alone": [], "with": []}
         # One push left out, with the operator attached: the first push after the steady
-        # window met an API server still working off what the heartbeats had queued (on a
-        # day when the steady rate alone kept it busy, 164 reports/s against 243-268 in the
-        # later pushes with the operator, at 90 reports per CPU-second against 139-153).
+        # window met an API server still working off what the heartbeats had queued
+        # (docs/performance.md, session 5).
         warmup_rate, warmup = await self._push(gen, alone=False)
         self._record_cpu("push warm-up (left out)", warmup)
         self.found.notes["headroom_warmup_per_s"] = round(warmup_rate)

@@ -231,7 +231,7 @@ class Reconciler:
             entry = _Entry(key=key, pods=self._orphan_pods.pop(key, ()))
             self._entries[key] = entry
         # Parsed by the worker that takes the key, with the time it came (see module doc).
-        entry.raw = body if len(self._queue) < self._workers else pydantic_core.to_json(body)
+        entry.raw = pydantic_core.to_json(body) if self._backlogged() else body
         entry.raw_seen_at = self._monotonic()
         entry.raw_version = comparable_version(metadata.get("resourceVersion"))
         self._queue.add(entry.key)
@@ -509,7 +509,12 @@ class Reconciler:
         keys, e.g. a bulk create: a worker that writes a status is a worker not handing
         out; with 16 workers and two round trips per hand-out, the benchmark's hand-out
         rate at 10,000 Tasks was bounded by workers, not by the budget)."""
-        return self._writer.congested() or len(self._queue) >= self._workers
+        return self._writer.congested() or self._backlogged()
+
+    def _backlogged(self) -> bool:
+        """As many keys wait as there are workers, or more: a key queued now is not taken
+        at once."""
+        return len(self._queue) >= self._workers
 
     async def _release_deferred(self) -> None:
         """Back to the queue with the put-off writes once nothing waits any more, or once
