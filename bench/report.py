@@ -189,16 +189,22 @@ def metric_sum(samples: Mapping[str, float], name: str) -> float:
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+APISERVER_REQUESTS = "apiserver_request_duration_seconds"
+# The operator's own view of the same requests (tasklease.operator.metrics): its wait for an
+# answer, beside the API server's time to give it.
+OPERATOR_REQUESTS = "tasklease_api_request_duration_seconds"
+
+
 def request_latency_by_kind(
-    before: Mapping[str, float], after: Mapping[str, float]
+    before: Mapping[str, float], after: Mapping[str, float], *, metric: str = APISERVER_REQUESTS
 ) -> dict[str, dict[str, float]]:
-    """What the API server answered between two scrapes of its /metrics, by verb and
-    resource ("POST pods", "PATCH tasks/status"): how many requests and their mean latency
-    (`apiserver_request_duration_seconds`), busiest first. Watches are left out: their
-    "latency" is how long they stayed open."""
+    """The requests of histogram `metric` between two scrapes, by verb and resource ("POST
+    pods", "PATCH tasks/status", "PATCH tasks 409" for a status code other than 2xx where the
+    metric has one): how many and their mean latency, busiest first. Watches are left out:
+    their "latency" is how long they stayed open."""
     totals: dict[str, list[float]] = {}
     for part, index in (("_count", 0), ("_sum", 1)):
-        prefix = f"apiserver_request_duration_seconds{part}{{"
+        prefix = f"{metric}{part}{{"
         for key, value in after.items():
             if not key.startswith(prefix):
                 continue
@@ -209,6 +215,8 @@ def request_latency_by_kind(
             if labels.get("subresource"):
                 resource += "/" + labels["subresource"]
             kind = f"{labels.get('verb', '?')} {resource}"
+            if not labels.get("code", "2").startswith("2"):
+                kind += f" {labels['code']}"
             totals.setdefault(kind, [0.0, 0.0])[index] += value - before.get(key, 0.0)
     found = {
         kind: {"count": count, "mean_ms": round(total / count * 1000, 1)}

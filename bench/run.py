@@ -67,6 +67,7 @@ from bench.procstat import (
     snapshot,
 )
 from bench.report import (
+    OPERATOR_REQUESTS,
     RESULT_KEYS,
     figures_table,
     format_table,
@@ -885,6 +886,7 @@ class Bench:
             f"{s.timeout_s:.0f}s after their last report"
         )
         requests_before = await self.apiserver_samples()
+        operator_before = await self.metrics() or {}
         before = self._cpu()
         events = gen.stop_heartbeats(victims)
         try:
@@ -922,14 +924,35 @@ class Bench:
             for r in gen.reassignments
             if r.victim and r.deadline is not None
         }
-        samples = await self.metrics() or {}
-        reassignments = samples.get("tasklease_reassignment_delay_seconds_count", 0.0)
-        if reassignments:
-            total = samples.get("tasklease_reassignment_delay_seconds_sum", 0.0)
-            self.found.notes["operator_deadline_to_pod_mean_s"] = total / reassignments
-            self.found.notes["operator_deadline_to_pod_p99_le_s"] = histogram_quantile_bound(
-                samples, "tasklease_reassignment_delay_seconds", 0.99
+        # The operator's own account of the same reassignments, from its deadline (its last
+        # sighting of a report + the timeout): the decision (its timer and queue), then the
+        # API server's answers as the operator waited for them, and any client-side budget.
+        operator_samples = await self.metrics() or {}
+        phase = {k: v - operator_before.get(k, 0.0) for k, v in operator_samples.items()}
+        notes = self.found.notes
+        for figure, metric in (
+            ("operator_deadline_to_pod", "tasklease_reassignment_delay_seconds"),
+            ("operator_deadline_to_decision", "tasklease_expiry_decision_delay_seconds"),
+        ):
+            observed = phase.get(f"{metric}_count", 0.0)
+            if observed:
+                notes[f"{figure}_mean_s"] = phase.get(f"{metric}_sum", 0.0) / observed
+                notes[f"{figure}_p99_le_s"] = histogram_quantile_bound(phase, metric, 0.99)
+        notes["operator_requests_in_detection"] = request_latency_by_kind(
+            operator_before, operator_samples, metric=OPERATOR_REQUESTS
+        )
+        throttled = phase.get('tasklease_api_throttle_seconds_count{budget="requests"}', 0.0)
+        notes["operator_throttled_requests_in_detection"] = throttled
+        log(
+            "detection: the operator's view: deadline to decision "
+            f"{format_value(notes.get('operator_deadline_to_decision_mean_s'))}s mean, "
+            f"to pod {format_value(notes.get('operator_deadline_to_pod_mean_s'))}s mean; "
+            f"{throttled:.0f} requests waited for the client-side budget; requests "
+            + ", ".join(
+                f"{k} {v['count']:.0f} x {v['mean_ms']}ms"
+                for k, v in notes["operator_requests_in_detection"].items()
             )
+        )
         log(
             f"detection: {len(delays)} samples, p50 {format_value(figures['detection_p50_s'])}s, "
             f"p99 {format_value(figures['detection_p99_s'])}s"

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from subprocess import CompletedProcess
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
+
+from tests.waiting import wait_for
 
 if TYPE_CHECKING:  # imported lazily: `-m "not cluster"` runs need no `local` extra
     from tasklease.controlplane import Binaries, ControlPlane
@@ -110,17 +111,6 @@ def kube_config(control_plane: ControlPlane) -> Iterator[Any]:
     client.close()
 
 
-def wait_for(
-    condition: Callable[[], bool], *, timeout: float = 30.0, interval: float = 0.1
-) -> None:
-    """Poll `condition` until true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s: {condition}")
-        time.sleep(interval)
-
-
 @pytest.fixture
 def namespace(kube_config: Any) -> Iterator[str]:
     """A fresh namespace `t-<random>` whose `default` ServiceAccount exists (Pods can be
@@ -141,7 +131,12 @@ def namespace(kube_config: Any) -> Iterator[str]:
             raise
         return True
 
-    wait_for(has_default_service_account, timeout=30.0, interval=0.05)
+    wait_for(
+        "the namespace's default ServiceAccount",
+        has_default_service_account,
+        timeout=30.0,
+        interval=0.05,
+    )
     yield name
     with contextlib.suppress(ApiException):
         core.delete_namespace(name, propagation_policy="Background")

@@ -13,9 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,8 +23,11 @@ from kubernetes.client.exceptions import ApiException
 from tasklease.api.models import GROUP, PLURAL, VERSION
 from tasklease.controlplane.process import die_with_parent
 from tasklease.runner import Identity, TaskLease
+from tests.waiting import wait_for
 
 T = TypeVar("T")
+
+__all__ = ["wait_for"]  # re-exported: the integration tests import it from here
 
 # Short lease timings so the suite stays fast; each test overrides what it exercises.
 FAST_SPEC: dict[str, Any] = {
@@ -43,20 +44,6 @@ RUNNER_TEMPLATE: dict[str, Any] = {
         ]
     }
 }
-
-
-def wait_for(
-    what: str, probe: Callable[[], T | None], *, timeout: float = 30.0, interval: float = 0.1
-) -> T:
-    """Poll until `probe` returns something truthy; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
 
 
 class Cluster:

@@ -17,18 +17,11 @@ import pytest
 
 from tasklease.controlplane import Binaries, ControlPlane, ControlPlaneError
 from tasklease.controlplane.cluster import COMPONENTS
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 TASK_CRD = "tasks.tasklease.io"
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.1)
 
 
 def gone(kubectl: Any, *args: str) -> Callable[[], bool]:
@@ -72,7 +65,7 @@ def test_namespace_deletion_removes_its_objects(kubectl: Any, namespace: str) ->
 
     # The namespace controller waits a fixed 5 s before emptying a namespace; the namespace
     # object goes only after everything in it is gone.
-    wait_for(gone(kubectl, "namespace", namespace), timeout=60)
+    wait_for("the namespace to go", gone(kubectl, "namespace", namespace), timeout=60)
 
 
 def test_garbage_collector_deletes_dependents(kubectl: Any, namespace: str) -> None:
@@ -93,14 +86,17 @@ def test_garbage_collector_deletes_dependents(kubectl: Any, namespace: str) -> N
 
     kubectl("delete", "configmap", "owner", "-n", namespace)
 
-    wait_for(gone(kubectl, "configmap", "dependent", "-n", namespace))
+    wait_for("the garbage collector", gone(kubectl, "configmap", "dependent", "-n", namespace))
 
 
 def test_default_service_account_is_created(kubectl: Any) -> None:
     namespace = f"t-sa-{os.getpid()}-{time.monotonic_ns() % 100_000}"
     kubectl("create", "namespace", namespace)
     try:
-        wait_for(lambda: not gone(kubectl, "serviceaccount", "default", "-n", namespace)())
+        wait_for(
+            "the default ServiceAccount",
+            lambda: not gone(kubectl, "serviceaccount", "default", "-n", namespace)(),
+        )
 
         # Its tokens are signed and accepted: the service-account key and issuer line up.
         token = kubectl("create", "token", "default", "-n", namespace).stdout.strip()
@@ -132,6 +128,7 @@ def test_rbac_applies_to_impersonated_users(kubectl: Any, namespace: str) -> Non
         "create", "rolebinding", "alice-view", "-n", namespace, "--clusterrole=view", "--user=alice"
     )
     wait_for(
+        "alice to be allowed to view",
         lambda: (
             kubectl("get", "configmaps", "-n", namespace, "--as=alice", check=False).returncode == 0
         ),
@@ -179,6 +176,7 @@ def test_no_process_left_behind_after_stop(
         )
     try:
         wait_for(
+            "the control plane to be up, or its command to end",
             lambda: up.poll() is not None or "export KUBECONFIG=" in stdout_path.read_text(),
             timeout=120,
         )
@@ -189,7 +187,7 @@ def test_no_process_left_behind_after_stop(
         up.send_signal(stop_signal)
         returncode = up.wait(timeout=60)
 
-        wait_for(lambda: component_pids(state_dir) == [], timeout=10)
+        wait_for("every component to exit", lambda: component_pids(state_dir) == [], timeout=10)
         if stop_signal == signal.SIGTERM:
             assert returncode == 0, stderr_path.read_text()
             assert not state_dir.exists()

@@ -57,6 +57,27 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
         assert after["tasklease_reassignment_delay_seconds_count"] == 1
         assert after["tasklease_reassignment_delay_seconds_sum"] < 5
         assert after['tasklease_attempt_duration_seconds_count{outcome="AckTimeout"}'] == 1
+        # The operator's part of that delay, and the API server's answers it waited for.
+        assert after["tasklease_expiry_decision_delay_seconds_count"] == 1
+        assert (
+            after["tasklease_expiry_decision_delay_seconds_sum"]
+            <= after["tasklease_reassignment_delay_seconds_sum"]
+        )
+        requests = "tasklease_api_request_duration_seconds_count"
+        deleted = f'{requests}{{code="200",resource="pods",verb="DELETE"}}'
+        events = f'{requests}{{code="201",resource="events",verb="POST"}}'
+
+        def answered() -> dict[str, float] | None:
+            # The old pod's deletion and the Events are made in the background.
+            samples = scrape(port)
+            return samples if samples.get(deleted, 0) >= 1 and samples.get(events, 0) >= 3 else None
+
+        writes = wait_for("the background requests to be answered", answered)
+        assert writes[f'{requests}{{code="201",resource="pods",verb="POST"}}'] == 2
+        # Two leases written (epochs 1 and 2), the attempt's first pod deleted once.
+        assert writes[f'{requests}{{code="200",resource="tasks",verb="PATCH"}}'] == 2
+        assert writes[deleted] == 1
+        assert writes[f'{requests}{{code="200",resource="tasks/status",verb="PATCH"}}'] >= 2
 
         with cluster.runner("counted", epoch=2) as runner:
             cluster.wait_phase("counted", "Running")

@@ -23,6 +23,7 @@ import pytest
 
 from tasklease.api.models import EPOCH_ANNOTATION, GROUP, PLURAL, VERSION
 from tasklease.kube.client import KubeWriter
+from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.operator.reconciler import Reconciler
 from tests.integration.support import Cluster
 from tests.integration.test_task_informer import api_client, in_thread
@@ -200,5 +201,73 @@ def test_a_replaced_runners_pod_is_deleted_once(cluster: Cluster, control_plane:
             # own ackTimeout may pass meanwhile and unacked-2 go the same way.
             assert writer.deleted.count("unacked-1") == 1, (writer.calls, writer.refused)
             assert writer.refused == []
+
+    asyncio.run(scenario())
+
+
+class NotedRequests:
+    """A tasklease.kube.client.RequestObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str]] = []
+
+    def api_request(self, *, verb: str, resource: str, code: str, seconds: float) -> None:
+        assert 0.0 <= seconds < 30.0
+        self.requests.append((verb, resource, code))
+
+    def api_throttled(self, *, budget: str, seconds: float) -> None:
+        pass
+
+
+def test_refusals_reach_the_reconciler_in_its_terms_and_the_observer_with_their_code(
+    cluster: Cluster, control_plane: Any
+) -> None:
+    async def scenario() -> None:
+        noted = NotedRequests()
+        writer = KubeWriter(await api_client(control_plane.kubeconfig), observer=noted)
+        try:
+            await in_thread(cluster.create_task, "refused", **CALM_SPEC)
+            body = await writer.get_task(cluster.namespace, "refused")
+            version = json.loads(body)["metadata"]["resourceVersion"]
+            written = await writer.patch_task_annotations(
+                cluster.namespace, "refused", resource_version=version, annotations={"a": "1"}
+            )
+            assert json.loads(written)["metadata"]["annotations"]["a"] == "1"
+            with pytest.raises(Conflict):  # the version it was decided on is gone
+                await writer.patch_task_status(
+                    cluster.namespace, "refused", resource_version=version, status={}
+                )
+            with pytest.raises(Gone):
+                await writer.get_task(cluster.namespace, "no-such-task")
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "refused-pod"},
+                "spec": {"containers": [{"name": "main", "image": "runner:dev"}]},
+            }
+            assert await writer.create_pod(cluster.namespace, pod) is True
+            assert await writer.create_pod(cluster.namespace, pod) is False  # exists
+            assert await writer.delete_pod(cluster.namespace, "refused-pod") is True
+            with pytest.raises(ApiError) as refused:  # invalid: the schema names the field
+                await writer.patch_task_status(
+                    cluster.namespace,
+                    "refused",
+                    resource_version=json.loads(written)["metadata"]["resourceVersion"],
+                    status={"phase": "Sideways"},
+                )
+            assert refused.value.status == 422
+            assert "phase" in refused.value.message
+        finally:
+            await writer.close()
+        assert noted.requests == [
+            ("GET", "tasks", "200"),
+            ("PATCH", "tasks", "200"),
+            ("PATCH", "tasks/status", "409"),
+            ("GET", "tasks", "404"),
+            ("POST", "pods", "201"),
+            ("POST", "pods", "409"),
+            ("DELETE", "pods", "200"),
+            ("PATCH", "tasks/status", "422"),
+        ]
 
     asyncio.run(scenario())

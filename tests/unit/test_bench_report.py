@@ -11,6 +11,7 @@ import pytest
 from bench.flame import frame_key, parse_collapsed, render, short_path, summarize
 from bench.loadgen import heartbeat_body, heartbeat_prefix, rfc3339_micro, task_manifest
 from bench.report import (
+    OPERATOR_REQUESTS,
     RESULT_KEYS,
     figures_table,
     format_table,
@@ -211,3 +212,29 @@ def test_request_latency_by_kind_is_the_difference_of_two_scrapes() -> None:
         "GET tasks": {"count": 7.0, "mean_ms": 10.0},
     }
     assert list(found) == ["PATCH tasks/status", "POST pods", "GET tasks"]  # busiest first
+
+
+def test_the_operators_requests_are_told_apart_by_status_code_when_refused() -> None:
+    def sample(part: str, verb: str, resource: str, code: str) -> str:
+        return (
+            f'tasklease_api_request_duration_seconds_{part}{{code="{code}",'
+            f'resource="{resource}",verb="{verb}"}}'
+        )
+
+    before = {
+        sample("count", "PATCH", "tasks", "200"): 5.0,
+        sample("sum", "PATCH", "tasks", "200"): 1.0,
+    }
+    after = {
+        sample("count", "PATCH", "tasks", "200"): 9.0,
+        sample("sum", "PATCH", "tasks", "200"): 1.4,
+        sample("count", "PATCH", "tasks", "409"): 2.0,
+        sample("sum", "PATCH", "tasks", "409"): 0.5,
+        sample("count", "POST", "pods", "201"): 4.0,
+        sample("sum", "POST", "pods", "201"): 0.2,
+    }
+    assert request_latency_by_kind(before, after, metric=OPERATOR_REQUESTS) == {
+        "PATCH tasks": {"count": 4.0, "mean_ms": 100.0},
+        "POST pods": {"count": 4.0, "mean_ms": 50.0},
+        "PATCH tasks 409": {"count": 2.0, "mean_ms": 250.0},
+    }

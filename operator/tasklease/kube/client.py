@@ -17,9 +17,9 @@ import asyncio.sslproto
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
@@ -100,12 +100,18 @@ class TokenBucket:
     fairness would otherwise throttle every client of it, runners' heartbeats included."""
 
     def __init__(
-        self, *, qps: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        qps: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._qps = qps
         self._burst = float(burst)
         self._tokens = float(burst)
         self._clock = clock
+        self._sleep = sleep
         self._stamp = clock()
         self._lock = asyncio.Lock()
         self._waiting = 0
@@ -113,23 +119,52 @@ class TokenBucket:
     def _refill(self) -> float:
         return min(self._burst, self._tokens + (self._clock() - self._stamp) * self._qps)
 
-    async def take(self) -> None:
+    async def take(self) -> float:
+        """Spend one request's budget, waiting for it if need be; the seconds waited (0.0
+        when the budget was there)."""
         self._waiting += 1
+        asked_at = self._clock()
+        # The lock is held only across a sleep: held now, it means a queue to wait in.
+        waits = self._lock.locked()
         try:
             async with self._lock:
                 self._tokens = self._refill()
                 self._stamp = self._clock()
                 if self._tokens < 1.0:
-                    await asyncio.sleep((1.0 - self._tokens) / self._qps)
+                    waits = True
+                    await self._sleep((1.0 - self._tokens) / self._qps)
                     self._tokens = 1.0
                     self._stamp = self._clock()
                 self._tokens -= 1.0
         finally:
             self._waiting -= 1
+        return self._clock() - asked_at if waits else 0.0
 
     def congested(self) -> bool:
         """Whether a request made now would wait: the budget is spent or others queue."""
         return self._waiting > 0 or self._refill() < 1.0
+
+
+class RequestObserver(Protocol):
+    """Where the writer reports each request (tasklease.operator.metrics.OperatorMetrics):
+    which of a slow reassignment's seconds went to the client-side budget and which to the
+    API server's answers."""
+
+    def api_request(self, *, verb: str, resource: str, code: str, seconds: float) -> None: ...
+
+    def api_throttled(self, *, budget: str, seconds: float) -> None: ...
+
+
+class _Unobserved:
+    def api_request(self, *, verb: str, resource: str, code: str, seconds: float) -> None:
+        pass
+
+    def api_throttled(self, *, budget: str, seconds: float) -> None:
+        pass
+
+
+# What `code` says of a request that got no HTTP answer (connection refused or reset).
+NO_ANSWER = "none"
 
 
 class KubeWriter:
@@ -141,12 +176,14 @@ class KubeWriter:
         *,
         limiter: TokenBucket | None = None,
         event_limiter: TokenBucket | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self._api = api
         self._limiter = limiter or TokenBucket(qps=1e9, burst=1 << 30)
         # Events have their own budget, as client-go's event recorder has: they are best
         # effort and must never delay a hand-out or a reassignment.
         self._event_limiter = event_limiter or TokenBucket(qps=1e9, burst=1 << 30)
+        self._observer: RequestObserver = observer or _Unobserved()
         self._custom = k8s.CustomObjectsApi(api)
         self._core = k8s.CoreV1Api(api)
         self._events = k8s.CoreV1Api(api)
@@ -158,16 +195,39 @@ class KubeWriter:
         """Whether writes now wait for the client-side rate limit (see TokenBucket)."""
         return self._limiter.congested()
 
-    async def get_task(self, namespace: str, name: str) -> bytes:
-        await self._limiter.take()
+    async def _budget(self, limiter: TokenBucket, budget: str) -> None:
+        waited = await limiter.take()
+        if waited > 0.0:
+            self._observer.api_throttled(budget=budget, seconds=waited)
+
+    async def _call(self, verb: str, resource: str, request: Awaitable[Any]) -> bytes:
+        """Send a request and read its answer: the body, or Conflict, Gone or ApiError.
+        Timed from sending to the last byte of the answer (not the budget's wait)."""
+        started = time.monotonic()
+        code = NO_ANSWER
         try:
-            response = await self._custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            try:
+                response = await request
+            except ApiException as exc:
+                code = str(exc.status)
+                _raise_for(exc)
+                raise ApiError(exc.status, str(exc.reason)) from exc
+            code = str(response.status)
+            return await checked_body(response)
+        finally:
+            self._observer.api_request(
+                verb=verb, resource=resource, code=code, seconds=time.monotonic() - started
             )
-        except ApiException as exc:
-            _raise_for(exc)
-            raise
-        return await checked_body(response)
+
+    async def get_task(self, namespace: str, name: str) -> bytes:
+        await self._budget(self._limiter, "requests")
+        return await self._call(
+            "GET",
+            PLURAL,
+            self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            ),
+        )
 
     async def patch_task_annotations(
         self,
@@ -178,7 +238,6 @@ class KubeWriter:
         annotations: dict[str, str | None],
         labels: dict[str, str | None] | None = None,
     ) -> bytes:
-        await self._limiter.take()
         metadata: dict[str, Any] = {"resourceVersion": resource_version, "annotations": annotations}
         if labels:
             metadata["labels"] = labels
@@ -187,7 +246,6 @@ class KubeWriter:
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
     ) -> bytes:
-        await self._limiter.take()
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
         return await self._merge_patch(namespace, name, body, subresource="status")
 
@@ -196,13 +254,16 @@ class KubeWriter:
     ) -> bytes:
         """A JSON merge patch of a Task (or its status); the body's resourceVersion makes it
         compare-and-swap: 409 Conflict when the Task moved on."""
+        await self._budget(self._limiter, "requests")
         patch = (
             self._custom.patch_namespaced_custom_object_status
             if subresource == "status"
             else self._custom.patch_namespaced_custom_object
         )
-        try:
-            response = await patch(
+        return await self._call(
+            "PATCH",
+            f"{PLURAL}/status" if subresource == "status" else PLURAL,
+            patch(
                 GROUP,
                 VERSION,
                 namespace,
@@ -212,42 +273,33 @@ class KubeWriter:
                 field_manager=FIELD_MANAGER,
                 _content_type=MERGE_PATCH,
                 _preload_content=False,
-            )
-        except ApiException as exc:
-            _raise_for(exc)
-            raise
-        return await checked_body(response)
+            ),
+        )
 
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool:
         """Create the pod; False when it already exists (an earlier try made it)."""
-        await self._limiter.take()
+        await self._budget(self._limiter, "requests")
         try:
-            response = await self._core.create_namespaced_pod(
-                namespace, manifest, field_manager=FIELD_MANAGER, _preload_content=False
+            await self._call(
+                "POST",
+                "pods",
+                self._core.create_namespaced_pod(
+                    namespace, manifest, field_manager=FIELD_MANAGER, _preload_content=False
+                ),
             )
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        try:
-            await checked_body(response)
         except Conflict:
             return False
         return True
 
     async def delete_pod(self, namespace: str, name: str) -> bool:
         """Delete the pod with its own grace period; False when it was already gone."""
-        await self._limiter.take()
+        await self._budget(self._limiter, "requests")
         try:
-            response = await self._core.delete_namespaced_pod(
-                name, namespace, _preload_content=False
+            await self._call(
+                "DELETE",
+                "pods",
+                self._core.delete_namespaced_pod(name, namespace, _preload_content=False),
             )
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        try:
-            await checked_body(response)
         except Gone:
             return False
         return True
@@ -261,7 +313,7 @@ class KubeWriter:
         message: str,
     ) -> None:
         """A core/v1 Event on the Task; failures are logged, never raised (best effort)."""
-        await self._event_limiter.take()
+        await self._budget(self._event_limiter, "events")
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         namespace = task.namespace
         body = {
@@ -290,9 +342,10 @@ class KubeWriter:
             "count": 1,
         }
         try:
-            response = await self._events.create_namespaced_event(
-                namespace, body, _preload_content=False
+            await self._call(
+                "POST",
+                "events",
+                self._events.create_namespaced_event(namespace, body, _preload_content=False),
             )
-            await checked_body(response)
-        except (ApiException, ApiError) as exc:
+        except (Conflict, Gone, ApiError) as exc:
             logger.warning("could not record event %s on %s: %s", reason, task.name, exc)

@@ -78,12 +78,13 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
     # the workers' own, so that long-lived watches never take a connection a write is
     # waiting for; one more for the election.
     api = await api_client(qps_hint=operator.workers + 3 * len(namespaces) + 1)
+    metrics = OperatorMetrics()
     writer = KubeWriter(
         api,
         limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
         event_limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
+        observer=metrics,
     )
-    metrics = OperatorMetrics()
     reconciler = Reconciler(writer, workers=operator.workers, metrics=metrics)
     metrics.attach(reconciler)
     if operator.metrics_port:

@@ -25,6 +25,8 @@ from tasklease.lease.core import Decision
 REPORT_AGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0)
 # Detection latency: the goal is well under a second.
 DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# One API request: milliseconds when the API server is idle, seconds when it is saturated.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 
 
@@ -78,6 +80,32 @@ class OperatorMetrics:
             buckets=DELAY_BUCKETS,
             registry=self.registry,
         )
+        # The first part of the one above: what the operator itself took (its timer, its
+        # queue, a read when it held no body) before the API server's answers (the next two).
+        self.expiry_decision_delay = Histogram(
+            "tasklease_expiry_decision_delay_seconds",
+            "From a lease deadline passing to the operator's decision to end the attempt.",
+            buckets=DELAY_BUCKETS,
+            registry=self.registry,
+        )
+        self.api_request_duration = Histogram(
+            "tasklease_api_request_duration_seconds",
+            "The operator's requests to the API server (reads and writes; not its watches), "
+            "from sending to the last byte of the answer, by verb, resource and HTTP status "
+            '(code "none": no answer).',
+            ["verb", "resource", "code"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.api_throttle = Histogram(
+            "tasklease_api_throttle_seconds",
+            "Waits for the client-side rate limit (TASKLEASE_API_QPS and TASKLEASE_API_BURST) "
+            'before a request, by budget ("requests" or "events"); requests that did not '
+            "wait are not counted.",
+            ["budget"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
 
     def attach(self, cache: TaskCache) -> None:
         """Export per-Task figures computed from `cache` at scrape time."""
@@ -106,6 +134,17 @@ class OperatorMetrics:
 
     def replacement_created(self, *, late_by_s: float) -> None:
         self.reassignment_delay.observe(max(late_by_s, 0.0))
+
+    def expiry_decided(self, *, late_by_s: float) -> None:
+        self.expiry_decision_delay.observe(max(late_by_s, 0.0))
+
+    # tasklease.kube.client.RequestObserver
+
+    def api_request(self, *, verb: str, resource: str, code: str, seconds: float) -> None:
+        self.api_request_duration.labels(verb, resource, code).observe(seconds)
+
+    def api_throttled(self, *, budget: str, seconds: float) -> None:
+        self.api_throttle.labels(budget).observe(seconds)
 
 
 class _CacheCollector(Collector):

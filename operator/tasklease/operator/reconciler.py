@@ -496,7 +496,7 @@ class Reconciler:
                     return
             if self._entries.get(key) is not entry:
                 return  # deleted meanwhile
-            self._account(entry, task, decision)
+            self._account(entry, task, decision, decided_at=clock.monotonic)
             for action in decision.actions:
                 if isinstance(action, CreatePod):
                     labels = action.manifest["metadata"]["labels"]
@@ -531,7 +531,7 @@ class Reconciler:
             for key in keys:
                 self._wake(key)
 
-    def _account(self, entry: _Entry, task: Task, decision: Decision) -> None:
+    def _account(self, entry: _Entry, task: Task, decision: Decision, *, decided_at: float) -> None:
         """Metrics of an executed decision (a refused CAS never gets here)."""
         if decision.expired_at is not None and decision.retrying:
             entry.expired_at = decision.expired_at
@@ -539,6 +539,8 @@ class Reconciler:
             entry.expired_at = None
             return
         self._metrics.decision_executed(task, decision, now=self._wall())
+        if decision.expired_at is not None:
+            self._metrics.expiry_decided(late_by_s=decided_at - decision.expired_at)
         if decision.handed_out is not None and entry.expired_at is not None:
             self._metrics.replacement_created(late_by_s=self._monotonic() - entry.expired_at)
             entry.expired_at = None
