@@ -626,6 +626,9 @@ class Bench:
         gen.handout_target = s.tasks
         gen.hold_acks = True
         log(f"hand-out: creating {s.tasks} Tasks in {NAMESPACE}")
+        if self.profiler.enabled:
+            log("profiling the hand-out")
+            self.profiler.start("hand-out", self.operator.pid)
         before = self._cpu()
         bodies = (
             json.dumps(
@@ -656,6 +659,7 @@ class Bench:
             check=self.operator.check,
         )
         self._record_cpu("hand-out", self._cpu().minus(before))
+        self.profiler.finish()
         assert gen.handout_last_seen is not None
         elapsed = gen.handout_last_seen - bulk.started
         self.found.figures["handout_per_s"] = s.tasks / elapsed

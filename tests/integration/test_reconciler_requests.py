@@ -16,13 +16,16 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pytest
+from kubernetes_asyncio.config import kube_config
 
 from tasklease.api.models import EPOCH_ANNOTATION, GROUP, PLURAL, VERSION
 from tasklease.kube.client import KubeWriter
+from tasklease.kube.client import api_client as operator_api_client
 from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.operator.reconciler import Reconciler
 from tests.integration.support import Cluster
@@ -31,6 +34,8 @@ from tests.integration.test_task_informer import api_client, in_thread
 pytestmark = pytest.mark.cluster
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 # Long enough that no deadline of the lease falls inside a test.
 CALM_SPEC: dict[str, Any] = {"ackTimeout": "60s", "reportProgressTimeout": "120s"}
@@ -219,14 +224,30 @@ class NotedRequests:
         pass
 
 
+class CountingExecutor(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted: list[str] = []
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        self.submitted.append(getattr(fn, "__qualname__", repr(fn)))
+        return super().submit(fn, *args, **kwargs)
+
+
 def test_refusals_reach_the_reconciler_in_its_terms_and_the_observer_with_their_code(
-    cluster: Cluster, control_plane: Any
+    cluster: Cluster, control_plane: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The operator's own client (kubernetes_asyncio reads KUBECONFIG once, when imported).
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(control_plane.kubeconfig))
+
     async def scenario() -> None:
         noted = NotedRequests()
-        writer = KubeWriter(await api_client(control_plane.kubeconfig), observer=noted)
+        writer = KubeWriter(await operator_api_client(), observer=noted)
+        await in_thread(cluster.create_task, "refused", **CALM_SPEC)
+        # aiohttp looks up .netrc and proxies in a thread per request unless told not to.
+        threads = CountingExecutor()
+        asyncio.get_running_loop().set_default_executor(threads)
         try:
-            await in_thread(cluster.create_task, "refused", **CALM_SPEC)
             body = await writer.get_task(cluster.namespace, "refused")
             version = json.loads(body)["metadata"]["resourceVersion"]
             written = await writer.patch_task_annotations(
@@ -259,6 +280,7 @@ def test_refusals_reach_the_reconciler_in_its_terms_and_the_observer_with_their_
             assert "phase" in refused.value.message
         finally:
             await writer.close()
+        assert threads.submitted == []
         assert noted.requests == [
             ("GET", "tasks", "200"),
             ("PATCH", "tasks", "200"),

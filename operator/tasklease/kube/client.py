@@ -21,9 +21,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from aiohttp.helpers import get_env_proxy_for_url
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
+from yarl import URL
 
 from tasklease.api.models import GROUP, KIND, PLURAL, VERSION
 from tasklease.kube.errors import ApiError, Conflict, Gone
@@ -58,7 +60,31 @@ async def api_client(*, qps_hint: int | None = None) -> k8s.ApiClient:
         await k8s_config.load_kube_config(client_configuration=configuration)
     if qps_hint:
         configuration.connection_pool_maxsize = qps_hint
-    return k8s.ApiClient(configuration)
+    if configuration.proxy is None:
+        configuration.proxy, configuration.proxy_headers = proxy_from_environment(
+            configuration.host
+        )
+    api = k8s.ApiClient(configuration)
+    # kubernetes_asyncio makes its aiohttp session with trust_env=True, and aiohttp then looks
+    # up ~/.netrc and the proxy variables on every request, each lookup in a thread: three
+    # times the CPU of a request without them in our process (700 against 220 us, measured
+    # with 16 in flight), twice its time, and a scan of the whole environment, which in a
+    # pod holds a variable per Service of the namespace. The proxy is read once above; a
+    # .netrc has no part in Kubernetes authentication (client-go ignores it too).
+    api.rest_client.pool_manager._trust_env = False
+    return api
+
+
+def proxy_from_environment(host: str) -> tuple[str | None, dict[str, str] | None]:
+    """The proxy HTTPS_PROXY/HTTP_PROXY/NO_PROXY name for `host` (the API server's URL), as
+    aiohttp with trust_env would have found it per request: its URL without credentials, and
+    a Proxy-Authorization header for those. (None, None): straight to the API server."""
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(host))
+    except LookupError:
+        return None, None
+    headers = {"Proxy-Authorization": auth.encode()} if auth is not None else None
+    return str(proxy.with_user(None)), headers
 
 
 async def checked_body(response: Any) -> bytes:
