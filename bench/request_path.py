@@ -22,16 +22,17 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
-
-from kubernetes_asyncio.config import kube_config
 
 from tasklease.kube.client import KubeWriter, api_client
 
 
-async def one_pass(*, requests: int, in_flight: int, trust_env: bool) -> tuple[float, float]:
+async def one_pass(
+    kubeconfig: Path, *, requests: int, in_flight: int, trust_env: bool
+) -> tuple[float, float]:
     """(CPU us, wall us) per request of one pass, after a warm-up that opens the connections."""
-    api = await api_client(qps_hint=in_flight)
+    api = await api_client(qps_hint=in_flight, kubeconfig=kubeconfig)
     api.rest_client.pool_manager._trust_env = trust_env
     writer = KubeWriter(api)
     slots = asyncio.Semaphore(in_flight)
@@ -53,13 +54,17 @@ async def one_pass(*, requests: int, in_flight: int, trust_env: bool) -> tuple[f
         await writer.close()
 
 
-async def measure(*, requests: int, in_flight: int, repeats: int, compare: bool) -> dict[str, Any]:
+async def measure(
+    kubeconfig: Path, *, requests: int, in_flight: int, repeats: int, compare: bool
+) -> dict[str, Any]:
     variants = [False, True] if compare else [False]
     passes: dict[bool, list[tuple[float, float]]] = {variant: [] for variant in variants}
     for _ in range(repeats):
         for trust_env in variants:
             passes[trust_env].append(
-                await one_pass(requests=requests, in_flight=in_flight, trust_env=trust_env)
+                await one_pass(
+                    kubeconfig, requests=requests, in_flight=in_flight, trust_env=trust_env
+                )
             )
     found: dict[str, Any] = {}
     for trust_env, results in passes.items():
@@ -84,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     from tasklease.controlplane import ControlPlane, obtain_binaries
 
     with ControlPlane.start(binaries=obtain_binaries(progress=sys.stderr)) as plane:
-        # kubernetes_asyncio reads KUBECONFIG once, when imported; point it at this plane.
-        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(plane.kubeconfig)
         found = asyncio.run(
             measure(
+                plane.kubeconfig,
                 requests=args.requests,
                 in_flight=args.in_flight,
                 repeats=args.repeats,

@@ -8,16 +8,14 @@ from typing import Any
 
 import pytest
 from bench.request_path import measure
-from kubernetes_asyncio.config import kube_config
 
 pytestmark = pytest.mark.cluster
 
 
-def test_request_path_measures_both_clients(
-    control_plane: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(control_plane.kubeconfig))
-    found = asyncio.run(measure(requests=40, in_flight=4, repeats=1, compare=True))
+def test_request_path_measures_both_clients(control_plane: Any) -> None:
+    found = asyncio.run(
+        measure(control_plane.kubeconfig, requests=40, in_flight=4, repeats=1, compare=True)
+    )
     assert set(found) == {
         "cpu_us_per_request",
         "wall_us_per_request",

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pytest
-from kubernetes_asyncio.config import kube_config
 
 from tasklease.api.models import EPOCH_ANNOTATION, GROUP, PLURAL, VERSION
 from tasklease.kube.client import KubeWriter
@@ -235,14 +234,13 @@ class CountingExecutor(ThreadPoolExecutor):
 
 
 def test_refusals_reach_the_reconciler_in_its_terms_and_the_observer_with_their_code(
-    cluster: Cluster, control_plane: Any, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster, control_plane: Any
 ) -> None:
-    # The operator's own client (kubernetes_asyncio reads KUBECONFIG once, when imported).
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(control_plane.kubeconfig))
-
     async def scenario() -> None:
         noted = NotedRequests()
-        writer = KubeWriter(await operator_api_client(), observer=noted)
+        # The operator's own client.
+        api = await operator_api_client(kubeconfig=control_plane.kubeconfig)
+        writer = KubeWriter(api, observer=noted)
         await in_thread(cluster.create_task, "refused", **CALM_SPEC)
         # aiohttp looks up .netrc and proxies in a thread per request unless told not to.
         threads = CountingExecutor()

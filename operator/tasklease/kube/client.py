@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp.helpers import get_env_proxy_for_url
@@ -50,14 +51,22 @@ def use_small_tls_read_buffers() -> None:
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
 
 
-async def api_client(*, qps_hint: int | None = None) -> k8s.ApiClient:
-    """An API client from the in-cluster service account, else from KUBECONFIG."""
+async def api_client(
+    *, qps_hint: int | None = None, kubeconfig: Path | None = None
+) -> k8s.ApiClient:
+    """An API client from `kubeconfig` if given, else the in-cluster service account, else
+    KUBECONFIG (which kubernetes_asyncio reads once, when imported)."""
     use_small_tls_read_buffers()
     configuration = k8s.Configuration()
-    try:
-        k8s_config.load_incluster_config(client_configuration=configuration)
-    except k8s_config.ConfigException:
-        await k8s_config.load_kube_config(client_configuration=configuration)
+    if kubeconfig is not None:
+        await k8s_config.load_kube_config(
+            config_file=str(kubeconfig), client_configuration=configuration
+        )
+    else:
+        try:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+        except k8s_config.ConfigException:
+            await k8s_config.load_kube_config(client_configuration=configuration)
     if qps_hint:
         configuration.connection_pool_maxsize = qps_hint
     if configuration.proxy is None:
