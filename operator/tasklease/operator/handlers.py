@@ -25,6 +25,7 @@ import kopf
 
 from tasklease.kube.client import KubeWriter, TokenBucket, api_client
 from tasklease.kube.leader import LeaderElector, candidate_identity
+from tasklease.operator.events import DEFAULT_SENDERS as EVENT_SENDERS
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.reconciler import Reconciler
 from tasklease.operator.workload import Workload
@@ -75,9 +76,9 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
     operator = OperatorSettings.from_env()
     namespaces: list[str | None] = [*operator.namespaces] or [None]
     # One connection per informer's watch (Tasks, runner pods, pool runner Leases) on top of
-    # the workers' own, so that long-lived watches never take a connection a write is
-    # waiting for; one more for the election.
-    api = await api_client(qps_hint=operator.workers + 3 * len(namespaces) + 1)
+    # the workers' and the event senders' own, so that long-lived watches never take a
+    # connection a write is waiting for; one more for the election.
+    api = await api_client(qps_hint=operator.workers + EVENT_SENDERS + 3 * len(namespaces) + 1)
     metrics = OperatorMetrics()
     writer = KubeWriter(
         api,
@@ -85,7 +86,9 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
         event_limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
         observer=metrics,
     )
-    reconciler = Reconciler(writer, workers=operator.workers, metrics=metrics)
+    reconciler = Reconciler(
+        writer, workers=operator.workers, event_senders=EVENT_SENDERS, metrics=metrics
+    )
     metrics.attach(reconciler)
     if operator.metrics_port:
         metrics.serve(operator.metrics_port)

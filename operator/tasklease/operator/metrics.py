@@ -107,6 +107,14 @@ class OperatorMetrics:
             registry=self.registry,
         )
 
+        self.events_dropped = Counter(
+            "tasklease_events_dropped",
+            "Events not recorded because too many waited to be sent (the queue holds 1,000; "
+            "a Warning displaces the oldest Normal Event), by type.",
+            ["type"],
+            registry=self.registry,
+        )
+
     def attach(self, cache: TaskCache) -> None:
         """Export per-Task figures computed from `cache` at scrape time."""
         self.registry.register(_CacheCollector(cache))
@@ -137,6 +145,9 @@ class OperatorMetrics:
 
     def expiry_decided(self, *, late_by_s: float) -> None:
         self.expiry_decision_delay.observe(max(late_by_s, 0.0))
+
+    def event_dropped(self, type_: str) -> None:
+        self.events_dropped.labels(type_).inc()
 
     # tasklease.kube.client.RequestObserver
 

@@ -65,6 +65,7 @@ from tasklease.lease.core import (
     observe,
     when_to_stop_pod,
 )
+from tasklease.operator.events import DEFAULT_SENDERS, EventQueue, PendingEvent
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.queues import DeadlineQueue, WorkQueue
 
@@ -174,6 +175,7 @@ class Reconciler:
         writer: Writer,
         *,
         workers: int = 8,
+        event_senders: int = DEFAULT_SENDERS,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: OperatorMetrics | None = None,
@@ -193,7 +195,13 @@ class Reconciler:
             functools.partial(self._wake, urgent=True), clock=monotonic
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # Pod deletions in the background (a replaced runner's; rare, one per reassignment).
         self._background: set[asyncio.Task[None]] = set()
+        self._events = EventQueue(
+            self._send_event,
+            senders=event_senders,
+            on_dropped=None if metrics is None else metrics.event_dropped,
+        )
         # Tasks whose only pending write is bookkeeping (the status after a hand-out), put
         # off while hand-outs and reassignments wait (see `_busy`), and since when.
         self._deferred: dict[TaskKey, float] = {}
@@ -201,6 +209,7 @@ class Reconciler:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._events.start()
         self._tasks.append(asyncio.create_task(self._deadlines.run(), name="deadlines"))
         self._tasks.append(asyncio.create_task(self._release_deferred(), name="deferred"))
         for index in range(self._workers):
@@ -211,6 +220,7 @@ class Reconciler:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
+        await self._events.stop()
 
     # --- events in (from the informers; must stay cheap) -----------------------------------
 
@@ -601,11 +611,7 @@ class Reconciler:
                     self._in_background(self._delete_pod(entry, namespace, pod_name))
                 case RecordEvent(type=type_, reason=reason, message=message):
                     about = ObjectRef(namespace, name, task.uid, resource_version)
-                    self._in_background(
-                        self._writer.record_event(
-                            about, type_=type_, reason=reason, message=message
-                        )
-                    )
+                    self._events.post(PendingEvent(about, type_, reason, message))
         return written
 
     async def _stop_stale_pods(self, entry: _Entry, task: Task, clock: Clock) -> float | None:
@@ -700,8 +706,11 @@ class Reconciler:
             )
         except (Conflict, Gone):
             return  # a newer version is on its way through the watch
+        self._events.post(PendingEvent(ObjectRef.of(metadata), "Warning", "InvalidSpec", message))
+
+    async def _send_event(self, event: PendingEvent) -> None:
         await self._writer.record_event(
-            ObjectRef.of(metadata), type_="Warning", reason="InvalidSpec", message=message
+            event.about, type_=event.type, reason=event.reason, message=event.message
         )
 
     def _in_background(self, coroutine: Any) -> None:
