@@ -738,6 +738,8 @@ class Bench:
         notes["rss_at_n_mib"] = rss / MIB
         notes["rss_at_n_by_kind_mib"] = rss_by_kind_mib(self.operator.pid)
         samples = await self.metrics() or {}
+        # Events the hand-out and acknowledgement bursts brought past the operator's queue.
+        notes["operator_events_dropped"] = metric_sum(samples, "tasklease_events_dropped_total")
         # Leases whose last report the operator saw more than ~2 intervals ago: it is
         # behind on its watch.
         bound = next((b for b in REPORT_AGE_BOUNDS if b >= 2 * s.heartbeat_s), None)
@@ -749,7 +751,7 @@ class Bench:
             f"steady: {heartbeats} heartbeats ({heartbeats / delta.seconds:.0f}/s); operator "
             f"{delta.cores('operator'):.2f} cores, apiserver+etcd "
             f"{delta.cores('kube-apiserver') + delta.cores('etcd'):.2f} cores; "
-            f"RSS {rss / MIB:.1f} MiB"
+            f"RSS {rss / MIB:.1f} MiB; {notes['operator_events_dropped']:.0f} Events dropped"
         )
         if self.profiler.enabled:
             log(f"profiling the steady state for {s.window_s:.0f}s")

@@ -27,7 +27,7 @@ from tasklease.kube.client import KubeWriter, TokenBucket, api_client
 from tasklease.kube.leader import LeaderElector, candidate_identity
 from tasklease.operator.events import DEFAULT_SENDERS as EVENT_SENDERS
 from tasklease.operator.metrics import OperatorMetrics
-from tasklease.operator.reconciler import Reconciler
+from tasklease.operator.reconciler import Reconciler, connections_needed
 from tasklease.operator.workload import Workload
 from tasklease.settings import OperatorSettings
 
@@ -76,9 +76,11 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
     operator = OperatorSettings.from_env()
     namespaces: list[str | None] = [*operator.namespaces] or [None]
     # One connection per informer's watch (Tasks, runner pods, pool runner Leases) on top of
-    # the workers' and the event senders' own, so that long-lived watches never take a
-    # connection a write is waiting for; one more for the election.
-    api = await api_client(qps_hint=operator.workers + EVENT_SENDERS + 3 * len(namespaces) + 1)
+    # the reconciler's own (workers, event senders, background deletions), so that
+    # long-lived watches never take a connection a write is waiting for; one more for the
+    # election.
+    connections = connections_needed(workers=operator.workers, event_senders=EVENT_SENDERS)
+    api = await api_client(qps_hint=connections + 3 * len(namespaces) + 1)
     metrics = OperatorMetrics()
     writer = KubeWriter(
         api,

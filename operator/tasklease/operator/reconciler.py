@@ -88,6 +88,16 @@ _PREFETCH_S = 1.0
 # they are put off.
 _DEFERRED_POLL_S = 0.25
 _MAX_DEFER_S = 60.0
+# Replaced runners' pods deleted in the background at once, at most. The others wait their
+# turn before their request is built: a burst of reassignments would otherwise queue its own
+# lease writes behind its deletions for a connection (aiohttp serves waiters in order).
+BACKGROUND_DELETIONS = 4
+
+
+def connections_needed(*, workers: int, event_senders: int = DEFAULT_SENDERS) -> int:
+    """Requests a Reconciler makes at once, at most: the API client's pool should have this
+    many connections beside its watches', so that no write waits for a connection."""
+    return workers + event_senders + BACKGROUND_DELETIONS
 
 
 class Writer(Protocol):
@@ -195,8 +205,9 @@ class Reconciler:
             functools.partial(self._wake, urgent=True), clock=monotonic
         )
         self._tasks: list[asyncio.Task[None]] = []
-        # Pod deletions in the background (a replaced runner's; rare, one per reassignment).
+        # Pod deletions in the background (a replaced runner's; one per reassignment).
         self._background: set[asyncio.Task[None]] = set()
+        self._deletion_slots = asyncio.Semaphore(BACKGROUND_DELETIONS)
         self._events = EventQueue(
             self._send_event,
             senders=event_senders,
@@ -608,7 +619,7 @@ class Reconciler:
                     # Off the critical path: the lease already fences the old runner, and
                     # the replacement should not wait for its predecessor's deletion (a
                     # failed delete is retried by the stale-pod sweep).
-                    self._in_background(self._delete_pod(entry, namespace, pod_name))
+                    self._in_background(self._in_turn(self._delete_pod(entry, namespace, pod_name)))
                 case RecordEvent(type=type_, reason=reason, message=message):
                     about = ObjectRef(namespace, name, task.uid, resource_version)
                     self._events.post(PendingEvent(about, type_, reason, message))
@@ -712,6 +723,10 @@ class Reconciler:
         await self._writer.record_event(
             event.about, type_=event.type, reason=event.reason, message=event.message
         )
+
+    async def _in_turn(self, deletion: Coroutine[Any, Any, None]) -> None:
+        async with self._deletion_slots:
+            await deletion
 
     def _in_background(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -1,0 +1,93 @@
+"""The reconciler's writes off the critical path (replaced pods' deletions, Events) hold a
+bounded number of requests at once, however large the burst that brings them: beyond that
+they wait before their request is built, and never take a connection a lease write needs.
+The writer here only counts and holds calls: what is tested is the reconciler's own
+concurrency, not the API server's answers (those are tests/integration's)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tasklease.lease.core import Decision, DeletePod, RecordEvent
+from tasklease.operator.events import DEFAULT_SENDERS
+from tasklease.operator.reconciler import (
+    BACKGROUND_DELETIONS,
+    Reconciler,
+    _Entry,
+    connections_needed,
+)
+from tests.unit.builders import make_task
+
+
+class HoldingWriter:
+    """Holds every delete and Event until `gate` opens; counts the most held at once."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.held = 0
+        self.most_held = 0
+        self.deleted: list[str] = []
+        self.events: list[str] = []
+
+    async def _hold(self) -> None:
+        self.held += 1
+        self.most_held = max(self.most_held, self.held)
+        try:
+            await self.gate.wait()
+        finally:
+            self.held -= 1
+
+    async def delete_pod(self, namespace: str, name: str) -> bool:
+        await self._hold()
+        self.deleted.append(name)
+        return True
+
+    async def record_event(self, task: Any, *, type_: str, reason: str, message: str) -> None:
+        await self._hold()
+        self.events.append(reason)
+
+    def congested(self) -> bool:
+        return False
+
+
+async def _settle(done: Any) -> None:
+    for _ in range(1000):
+        if done():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("did not settle")
+
+
+def test_a_burst_of_reassignments_holds_a_bounded_number_of_requests() -> None:
+    async def scenario() -> None:
+        writer = HoldingWriter()
+        reconciler = Reconciler(writer, workers=2)  # type: ignore[arg-type]
+        reconciler.start()
+        try:
+            task = make_task()
+            for index in range(50):
+                entry = _Entry(key=("ns", f"t{index}"))
+                decision = Decision(
+                    actions=(
+                        DeletePod(f"t{index}-1"),
+                        RecordEvent("Warning", "Expired", f"t{index} expired"),
+                    )
+                )
+                await reconciler._execute(entry, task, decision)
+            await _settle(lambda: writer.held >= BACKGROUND_DELETIONS + DEFAULT_SENDERS)
+            await asyncio.sleep(0.01)
+            # 50 deletions and 50 Events came; only the bounded few are requests now.
+            assert writer.most_held == BACKGROUND_DELETIONS + DEFAULT_SENDERS
+            writer.gate.set()
+            await _settle(lambda: len(writer.deleted) == 50 and len(writer.events) == 50)
+            assert sorted(writer.deleted) == sorted(f"t{index}-1" for index in range(50))
+        finally:
+            writer.gate.set()
+            await reconciler.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_connection_pool_covers_every_request_made_at_once() -> None:
+    assert connections_needed(workers=16) == 16 + DEFAULT_SENDERS + BACKGROUND_DELETIONS
