@@ -7,6 +7,8 @@ concurrency, not the API server's answers (those are tests/integration's)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from typing import Any
 
 from tasklease.lease.core import Decision, DeletePod, RecordEvent
@@ -91,3 +93,25 @@ def test_a_burst_of_reassignments_holds_a_bounded_number_of_requests() -> None:
 
 def test_the_connection_pool_covers_every_request_made_at_once() -> None:
     assert connections_needed(workers=16) == 16 + DEFAULT_SENDERS + BACKGROUND_DELETIONS
+
+
+def test_deletions_still_waiting_their_turn_are_dropped_quietly_on_stop() -> None:
+    async def scenario() -> None:
+        writer = HoldingWriter()
+        reconciler = Reconciler(writer, workers=1)  # type: ignore[arg-type]
+        reconciler.start()
+        task = make_task()
+        for index in range(BACKGROUND_DELETIONS + 3):
+            decision = Decision(actions=(DeletePod(f"t{index}-1"),))
+            await reconciler._execute(_Entry(key=("ns", f"t{index}")), task, decision)
+        await _settle(lambda: writer.held == BACKGROUND_DELETIONS)
+        await reconciler.stop()  # a replica that lost its leadership writes nothing more
+        writer.gate.set()
+        await asyncio.sleep(0)
+        assert writer.deleted == []
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(scenario())
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []

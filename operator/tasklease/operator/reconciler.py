@@ -227,7 +227,10 @@ class Reconciler:
             self._tasks.append(asyncio.create_task(self._work(), name=f"reconcile-{index}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        # Background deletions too: a burst's may queue for long, and a replica that lost
+        # its leadership must not write after its successor has begun (whose stale-pod
+        # sweep deletes what is left).
+        for task in (*self._tasks, *self._background):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
@@ -725,8 +728,13 @@ class Reconciler:
         )
 
     async def _in_turn(self, deletion: Coroutine[Any, Any, None]) -> None:
-        async with self._deletion_slots:
-            await deletion
+        try:
+            async with self._deletion_slots:
+                await deletion
+        finally:
+            # Stopped while it waited its turn: never started, and closed so that it is not
+            # reported as a coroutine never awaited.
+            deletion.close()
 
     def _in_background(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
