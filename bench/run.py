@@ -348,8 +348,13 @@ class Bench:
         return metric_sum(samples, "tasklease_tasks")
 
     async def apiserver_samples(self) -> dict[str, float]:
-        """The API server's own /metrics (as the admin)."""
-        status, data = await self.gen.api.call("GET", "/metrics")
+        """The API server's own /metrics (as the admin); empty when it does not answer in
+        time (a saturated API server at 50,000 Tasks did not, and the run died with it)."""
+        try:
+            status, data = await self.gen.api.call("GET", "/metrics")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log(f"the API server's /metrics did not answer ({exc!r}); its figures are left out")
+            return {}
         return parse_prometheus(data.decode()) if status == 200 else {}
 
     async def all_synced(self) -> bool:
@@ -907,7 +912,13 @@ class Bench:
         self._record_cpu("detection", self._cpu().minus(before))
         # Every request the API server answered meanwhile (the stopped runners' replacements,
         # their aftermath, the other runners' heartbeats): where a slow reassignment waited.
-        requests = request_latency_by_kind(requests_before, await self.apiserver_samples())
+        requests_after = await self.apiserver_samples()
+        # Without both scrapes the difference would be the whole run's requests.
+        requests = (
+            request_latency_by_kind(requests_before, requests_after)
+            if requests_before and requests_after
+            else {}
+        )
         self.found.notes["apiserver_requests_in_detection"] = requests
         log(
             "detection: API server requests meanwhile: "
