@@ -20,6 +20,7 @@ from tasklease.operator.reconciler import (
     connections_needed,
 )
 from tests.unit.builders import make_task
+from tests.waiting import run_until
 
 
 class HoldingWriter:
@@ -53,14 +54,6 @@ class HoldingWriter:
         return False
 
 
-async def _settle(done: Any) -> None:
-    for _ in range(1000):
-        if done():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("did not settle")
-
-
 def test_a_burst_of_reassignments_holds_a_bounded_number_of_requests() -> None:
     async def scenario() -> None:
         writer = HoldingWriter()
@@ -77,12 +70,17 @@ def test_a_burst_of_reassignments_holds_a_bounded_number_of_requests() -> None:
                     )
                 )
                 await reconciler._execute(entry, task, decision)
-            await _settle(lambda: writer.held >= BACKGROUND_DELETIONS + DEFAULT_SENDERS)
+            await run_until(
+                "deletions and Events held",
+                lambda: writer.held >= BACKGROUND_DELETIONS + DEFAULT_SENDERS,
+            )
             await asyncio.sleep(0.01)
             # 50 deletions and 50 Events came; only the bounded few are requests now.
             assert writer.most_held == BACKGROUND_DELETIONS + DEFAULT_SENDERS
             writer.gate.set()
-            await _settle(lambda: len(writer.deleted) == 50 and len(writer.events) == 50)
+            await run_until(
+                "all sent", lambda: len(writer.deleted) == 50 and len(writer.events) == 50
+            )
             assert sorted(writer.deleted) == sorted(f"t{index}-1" for index in range(50))
         finally:
             writer.gate.set()
@@ -104,7 +102,7 @@ def test_deletions_still_waiting_their_turn_are_dropped_quietly_on_stop() -> Non
         for index in range(BACKGROUND_DELETIONS + 3):
             decision = Decision(actions=(DeletePod(f"t{index}-1"),))
             await reconciler._execute(_Entry(key=("ns", f"t{index}")), task, decision)
-        await _settle(lambda: writer.held == BACKGROUND_DELETIONS)
+        await run_until("deletions held", lambda: writer.held == BACKGROUND_DELETIONS)
         await reconciler.stop()  # a replica that lost its leadership writes nothing more
         writer.gate.set()
         await asyncio.sleep(0)

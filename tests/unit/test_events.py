@@ -11,6 +11,7 @@ import pytest
 from tasklease.kube.refs import ObjectRef
 from tasklease.operator.events import EventQueue, PendingEvent
 from tasklease.operator.metrics import OperatorMetrics
+from tests.waiting import run_until
 
 
 def _event(name: str, type_: str = "Normal", reason: str = "Acknowledged") -> PendingEvent:
@@ -38,128 +39,121 @@ class _Sink:
 
 async def _drain(queue: EventQueue, sink: _Sink, expected: int) -> None:
     sink.gate.set()
-    for _ in range(1000):
-        if len(sink.sent) >= expected and len(queue) == 0:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"sent {len(sink.sent)} of {expected}")
+    await run_until(
+        f"{expected} Events sent", lambda: len(sink.sent) >= expected and len(queue) == 0
+    )
 
 
 def test_a_burst_beyond_capacity_is_dropped_and_counted() -> None:
-    asyncio.run(_test_a_burst_beyond_capacity_is_dropped_and_counted())
+    async def scenario() -> None:
+        sink = _Sink()
+        dropped: list[str] = []
+        queue = EventQueue(sink.send, senders=2, capacity=5, on_dropped=dropped.append)
+        queue.start()
+        try:
+            for index in range(20):
+                queue.post(_event(f"t{index}"))
+            await asyncio.sleep(0)
+            # Five queued, the rest dropped; then two taken by the senders (held at the gate).
+            assert dropped == ["Normal"] * 15
+            assert sink.in_flight == 2
+            assert len(queue) == 3
+            queue.post(_event("late"))
+            await _drain(queue, sink, 6)
+            assert sorted(sink.sent) == sorted([*(f"t{index}" for index in range(5)), "late"])
+            assert sink.most_in_flight == 2
+        finally:
+            await queue.stop()
 
-
-async def _test_a_burst_beyond_capacity_is_dropped_and_counted() -> None:
-    sink = _Sink()
-    dropped: list[str] = []
-    queue = EventQueue(sink.send, senders=2, capacity=5, on_dropped=dropped.append)
-    queue.start()
-    try:
-        for index in range(20):
-            queue.post(_event(f"t{index}"))
-        await asyncio.sleep(0)
-        # Five queued, the rest dropped; then two taken by the senders (held at the gate).
-        assert dropped == ["Normal"] * 15
-        assert sink.in_flight == 2
-        assert len(queue) == 3
-        queue.post(_event("late"))
-        await _drain(queue, sink, 6)
-        assert sorted(sink.sent) == sorted([*(f"t{index}" for index in range(5)), "late"])
-        assert sink.most_in_flight == 2
-    finally:
-        await queue.stop()
+    asyncio.run(scenario())
 
 
 def test_a_warning_displaces_the_oldest_normal_event_and_goes_first() -> None:
-    asyncio.run(_test_a_warning_displaces_the_oldest_normal_event_and_goes_first())
+    async def scenario() -> None:
+        sink = _Sink()
+        dropped: list[str] = []
+        queue = EventQueue(sink.send, senders=1, capacity=3, on_dropped=dropped.append)
+        for name in ("n1", "n2", "n3"):
+            queue.post(_event(name))
+        queue.post(_event("w1", "Warning", "Expired"))
+        assert dropped == ["Normal"]
+        queue.post(_event("w2", "Warning", "Expired"))
+        queue.post(_event("w3", "Warning", "Expired"))
+        # Full of Warnings: a new one has nothing to displace.
+        queue.post(_event("w4", "Warning", "Expired"))
+        assert dropped == ["Normal", "Normal", "Normal", "Warning"]
+        queue.post(_event("n4"))
+        assert dropped[-1] == "Normal"
+        queue.start()
+        try:
+            await _drain(queue, sink, 3)
+            assert sink.sent == ["w1", "w2", "w3"]
+        finally:
+            await queue.stop()
 
-
-async def _test_a_warning_displaces_the_oldest_normal_event_and_goes_first() -> None:
-    sink = _Sink()
-    dropped: list[str] = []
-    queue = EventQueue(sink.send, senders=1, capacity=3, on_dropped=dropped.append)
-    for name in ("n1", "n2", "n3"):
-        queue.post(_event(name))
-    queue.post(_event("w1", "Warning", "Expired"))
-    assert dropped == ["Normal"]
-    queue.post(_event("w2", "Warning", "Expired"))
-    queue.post(_event("w3", "Warning", "Expired"))
-    # Full of Warnings: a new one has nothing to displace.
-    queue.post(_event("w4", "Warning", "Expired"))
-    assert dropped == ["Normal", "Normal", "Normal", "Warning"]
-    queue.post(_event("n4"))
-    assert dropped[-1] == "Normal"
-    queue.start()
-    try:
-        await _drain(queue, sink, 3)
-        assert sink.sent == ["w1", "w2", "w3"]
-    finally:
-        await queue.stop()
+    asyncio.run(scenario())
 
 
 def test_a_failing_send_does_not_stop_the_sender(caplog: pytest.LogCaptureFixture) -> None:
-    asyncio.run(_test_a_failing_send_does_not_stop_the_sender(caplog))
+    async def scenario() -> None:
+        sent: list[str] = []
 
+        async def send(event: PendingEvent) -> None:
+            if event.about.name == "bad":
+                raise ConnectionResetError("the API server went away")
+            sent.append(event.about.name)
 
-async def _test_a_failing_send_does_not_stop_the_sender(caplog: pytest.LogCaptureFixture) -> None:
-    sent: list[str] = []
+        queue = EventQueue(send, senders=1, capacity=10)
+        queue.start()
+        try:
+            with caplog.at_level(logging.WARNING):
+                for name in ("a", "bad", "b"):
+                    queue.post(_event(name))
+                for _ in range(100):
+                    if len(sent) == 2:
+                        break
+                    await asyncio.sleep(0)
+            assert sent == ["a", "b"]
+            assert "could not record event Acknowledged on bad" in caplog.text
+        finally:
+            await queue.stop()
 
-    async def send(event: PendingEvent) -> None:
-        if event.about.name == "bad":
-            raise ConnectionResetError("the API server went away")
-        sent.append(event.about.name)
-
-    queue = EventQueue(send, senders=1, capacity=10)
-    queue.start()
-    try:
-        with caplog.at_level(logging.WARNING):
-            for name in ("a", "bad", "b"):
-                queue.post(_event(name))
-            for _ in range(100):
-                if len(sent) == 2:
-                    break
-                await asyncio.sleep(0)
-        assert sent == ["a", "b"]
-        assert "could not record event Acknowledged on bad" in caplog.text
-    finally:
-        await queue.stop()
+    asyncio.run(scenario())
 
 
 def test_drops_are_logged_at_most_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
-    asyncio.run(_test_drops_are_logged_at_most_once_a_minute(caplog))
+    async def scenario() -> None:
+        now = [0.0]
+        queue = EventQueue(_Sink().send, senders=1, capacity=1, clock=lambda: now[0])
+        queue.post(_event("kept"))
+        with caplog.at_level(logging.WARNING):
+            for index in range(5):
+                queue.post(_event(f"lost{index}"))
+            now[0] = 61.0
+            queue.post(_event("lost-later"))
+        lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        assert len(lines) == 2
+        assert lines[0].startswith("dropped 1 Event(s)")
+        assert lines[1].startswith("dropped 5 Event(s) (Normal Acknowledged on lost-later")
 
-
-async def _test_drops_are_logged_at_most_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
-    now = [0.0]
-    queue = EventQueue(_Sink().send, senders=1, capacity=1, clock=lambda: now[0])
-    queue.post(_event("kept"))
-    with caplog.at_level(logging.WARNING):
-        for index in range(5):
-            queue.post(_event(f"lost{index}"))
-        now[0] = 61.0
-        queue.post(_event("lost-later"))
-    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert len(lines) == 2
-    assert lines[0].startswith("dropped 1 Event(s)")
-    assert lines[1].startswith("dropped 5 Event(s) (Normal Acknowledged on lost-later")
+    asyncio.run(scenario())
 
 
 def test_stop_drops_what_is_queued_and_sends_nothing_after() -> None:
-    asyncio.run(_test_stop_drops_what_is_queued_and_sends_nothing_after())
+    async def scenario() -> None:
+        sink = _Sink()
+        queue = EventQueue(sink.send, senders=1, capacity=10)
+        queue.start()
+        for name in ("a", "b", "c"):
+            queue.post(_event(name))
+        await asyncio.sleep(0)
+        await queue.stop()
+        sink.gate.set()
+        await asyncio.sleep(0)
+        assert sink.sent == []
+        assert sink.in_flight == 0
 
-
-async def _test_stop_drops_what_is_queued_and_sends_nothing_after() -> None:
-    sink = _Sink()
-    queue = EventQueue(sink.send, senders=1, capacity=10)
-    queue.start()
-    for name in ("a", "b", "c"):
-        queue.post(_event(name))
-    await asyncio.sleep(0)
-    await queue.stop()
-    sink.gate.set()
-    await asyncio.sleep(0)
-    assert sink.sent == []
-    assert sink.in_flight == 0
+    asyncio.run(scenario())
 
 
 def test_needs_a_sender_and_room() -> None:
