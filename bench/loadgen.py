@@ -627,16 +627,21 @@ class Generator:
 
     def rephase(self) -> None:
         """Spread every live runner's next heartbeat uniformly over one interval from now,
-        but never later than one interval after its last stored report (a push reaches only
-        the runners its round-robin got to; the others must not skip a beat)."""
+        or over less: never later than one interval after its last stored report (a push
+        reaches only the runners its round-robin got to; the others must not skip a beat).
+
+        The shorter span is drawn from too, not clipped to: clipping sent every runner whose
+        draw passed its limit at exactly its limit, i.e. in the order and at the pace of the
+        push's round robin, and that bunching outlived the push (each heartbeat is due one
+        interval after the last), so stopped runners' deadlines fell due in clusters."""
         now = time.monotonic()
         for runner in self.runners:
             if runner.epoch > 0 and not runner.stopped and not runner.lost:
                 if runner.acked:
-                    due = now + self.random.uniform(0.0, self.heartbeat_s)
+                    latest = now + self.heartbeat_s
                     if runner.last_ack is not None:
-                        due = max(min(due, runner.last_ack + self.heartbeat_s), now)
-                    self._schedule(runner, due)
+                        latest = max(min(latest, runner.last_ack + self.heartbeat_s), now)
+                    self._schedule(runner, self.random.uniform(now, latest))
                 else:
                     self._schedule(runner, now)
 

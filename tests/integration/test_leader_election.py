@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
 
+from tasklease.kube.client import api_client
 from tasklease.kube.leader import LeaderElector
 from tests.integration.support import Cluster, OperatorProcess, wait_for
 
@@ -64,14 +64,6 @@ async def wait_until(what: str, condition: Any) -> float:
     return time.monotonic() - started
 
 
-async def api_client(kubeconfig: Path) -> k8s.ApiClient:
-    configuration = k8s.Configuration()
-    await k8s_config.load_kube_config(
-        config_file=str(kubeconfig), client_configuration=configuration
-    )
-    return k8s.ApiClient(configuration)
-
-
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 
@@ -86,7 +78,7 @@ def test_one_leads_and_a_release_hands_over_at_once(
     control_plane: Any, kube_config: Any, namespace: str
 ) -> None:
     async def body() -> None:
-        api = await api_client(control_plane.kubeconfig)
+        api = await api_client(kubeconfig=control_plane.kubeconfig)
         first = Candidate(api, namespace, "first_1")
         second = Candidate(api, namespace, "second_1")
         try:
@@ -121,7 +113,7 @@ def test_a_crashed_leader_is_replaced_once_its_lease_expires(
     control_plane: Any, namespace: str
 ) -> None:
     async def body() -> None:
-        api = await api_client(control_plane.kubeconfig)
+        api = await api_client(kubeconfig=control_plane.kubeconfig)
         first = Candidate(api, namespace, "first_1")
         second = Candidate(api, namespace, "second_1")
         try:
@@ -149,7 +141,7 @@ def test_a_leader_that_cannot_renew_stops_leading(
     control_plane: Any, kube_config: Any, namespace: str
 ) -> None:
     async def body() -> None:
-        api = await api_client(control_plane.kubeconfig)
+        api = await api_client(kubeconfig=control_plane.kubeconfig)
         leader = Candidate(api, namespace, "leader_1")
         try:
             leader.elector.start()

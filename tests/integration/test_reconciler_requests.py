@@ -23,12 +23,11 @@ from typing import Any, ParamSpec, TypeVar
 import pytest
 
 from tasklease.api.models import EPOCH_ANNOTATION, GROUP, PLURAL, VERSION
-from tasklease.kube.client import KubeWriter
-from tasklease.kube.client import api_client as operator_api_client
+from tasklease.kube.client import KubeWriter, api_client
 from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.operator.reconciler import Reconciler
 from tests.integration.support import Cluster
-from tests.integration.test_task_informer import api_client, in_thread
+from tests.integration.test_task_informer import in_thread
 
 pytestmark = pytest.mark.cluster
 
@@ -117,7 +116,7 @@ async def _handed_out(
 ) -> AsyncIterator[tuple[Reconciler, RecordingWriter, dict[str, Any]]]:
     """A reconciler that has handed out Task `name` (created here) and settled, its writer,
     and the Task's body as created; stopped on the way out."""
-    writer = RecordingWriter(await api_client(kubeconfig))
+    writer = RecordingWriter(await api_client(kubeconfig=kubeconfig))
     reconciler = Reconciler(writer, workers=1)
     reconciler.start()
     try:
@@ -239,7 +238,7 @@ def test_refusals_reach_the_reconciler_in_its_terms_and_the_observer_with_their_
     async def scenario() -> None:
         noted = NotedRequests()
         # The operator's own client.
-        api = await operator_api_client(kubeconfig=control_plane.kubeconfig)
+        api = await api_client(kubeconfig=control_plane.kubeconfig)
         writer = KubeWriter(api, observer=noted)
         await in_thread(cluster.create_task, "refused", **CALM_SPEC)
         # aiohttp looks up .netrc and proxies in a thread per request unless told not to.

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.kube.client import api_client
 from tasklease.kube.informer import ADDED, DELETED, MODIFIED, TaskInformer
 from tests.integration.support import Cluster
 
@@ -65,14 +64,6 @@ async def in_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.to_thread(call, *args, **kwargs)
 
 
-async def api_client(kubeconfig: Path) -> k8s.ApiClient:
-    configuration = k8s.Configuration()
-    await k8s_config.load_kube_config(
-        config_file=str(kubeconfig), client_configuration=configuration
-    )
-    return k8s.ApiClient(configuration)
-
-
 async def with_informer(
     kubeconfig: Path,
     namespace: str | None,
@@ -80,7 +71,7 @@ async def with_informer(
     body: Callable[[TaskInformer], Awaitable[None]],
     **options: Any,
 ) -> None:
-    api = await api_client(kubeconfig)
+    api = await api_client(kubeconfig=kubeconfig)
     informer = TaskInformer(api, recorder, namespace=namespace, **options)
     try:
         await body(informer)

@@ -5,6 +5,7 @@ bench/loadgen.py)."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -238,3 +239,39 @@ def test_the_operators_requests_are_told_apart_by_status_code_when_refused() -> 
         "POST pods": {"count": 4.0, "mean_ms": 50.0},
         "PATCH tasks 409": {"count": 2.0, "mean_ms": 250.0},
     }
+
+
+def test_rephase_spreads_a_pushs_clumps_instead_of_keeping_them() -> None:
+    """After a push, the API server's answers came in clumps (64 runners at the same
+    instant); a runner's next heartbeat may be no later than one interval after its last
+    report, but within that it is drawn at random, so no clump survives into the schedule
+    (and, 240 s later, into the stopped runners' deadlines)."""
+    from collections import Counter
+
+    from bench.loadgen import Generator
+
+    heartbeat_s = 100.0
+    generator = Generator(
+        None,  # type: ignore[arg-type]  # rephase() sends nothing
+        "bench",
+        heartbeat_s=heartbeat_s,
+        timeout_s=240.0,
+        ack_timeout_s=120.0,
+        concurrency=1,
+        seed=3,
+    )
+    pushed_at = time.monotonic() - 33.0
+    for index in range(6400):
+        runner = generator.add_runner(f"task-{index}")
+        runner.epoch, runner.acked = 1, True
+        runner.last_ack = pushed_at + (index // 64) * 0.33  # answered 64 at a time
+    before = time.monotonic()
+    generator.rephase()
+    due = {index: when for when, _, index, _ in generator._heap}
+    for runner in generator.runners:
+        assert runner.last_ack is not None
+        assert before <= due[runner.index] <= runner.last_ack + heartbeat_s
+    # At random, 6,400 times in 100 s share a millisecond by twos and threes; clipped to
+    # their limits, up to 27 of a clump of 64 did.
+    same_millisecond = Counter(round(when, 3) for when in due.values())
+    assert max(same_millisecond.values()) <= 6

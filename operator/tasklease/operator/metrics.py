@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from tasklease.api.models import Phase, Task
 from tasklease.lease.core import Decision
+from tasklease.operator.events import DEFAULT_CAPACITY as EVENT_QUEUE_CAPACITY
 
 # Report ages are judged against timeouts of seconds (tests) to 15 minutes (default).
 REPORT_AGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0)
@@ -109,8 +110,8 @@ class OperatorMetrics:
 
         self.events_dropped = Counter(
             "tasklease_events_dropped",
-            "Events not recorded because too many waited to be sent (the queue holds 1,000; "
-            "a Warning displaces the oldest Normal Event), by type.",
+            "Events not recorded because too many waited to be sent (the queue holds "
+            f"{EVENT_QUEUE_CAPACITY:,}; a Warning displaces the oldest Normal Event), by type.",
             ["type"],
             registry=self.registry,
         )
