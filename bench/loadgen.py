@@ -597,7 +597,7 @@ class Generator:
         `seconds`; the schedule is suspended meanwhile and re-phased afterwards. Returns
         the number of reports the API server stored."""
         self._paused = True
-        live = [r for r in self.counted if r.acked and not r.stopped]
+        live = self.push_order()
         stored = 0
         ring = itertools.cycle(live)
         end = time.monotonic() + seconds
@@ -625,22 +625,38 @@ class Generator:
         self._paused = False
         return stored
 
-    def rephase(self) -> None:
-        """Spread every live runner's next heartbeat uniformly over one interval from now,
-        or over less: never later than one interval after its last stored report (a push
-        reaches only the runners its round-robin got to; the others must not skip a beat).
+    def push_order(self) -> list[Runner]:
+        """The live runners, the one whose last report is oldest first: a push that reaches
+        only some of them (the API server stores a few hundred a second) reaches those
+        that need a report most. Always starting from the first runner left the others
+        without a report through every push, and a burst of them overdue after each."""
+        live = [r for r in self.counted if r.acked and not r.stopped]
+        live.sort(key=lambda r: -1.0 if r.last_ack is None else r.last_ack)
+        return live
 
-        The shorter span is drawn from too, not clipped to: clipping sent every runner whose
-        draw passed its limit at exactly its limit, i.e. in the order and at the pace of the
-        push's round robin, and that bunching outlived the push (each heartbeat is due one
-        interval after the last), so stopped runners' deadlines fell due in clusters."""
+    def rephase(self) -> None:
+        """Spread every live runner's next heartbeat at random over one interval from now,
+        or over less: never later than one interval after its last stored report (a push
+        reaches only some runners; the others must not skip a beat).
+
+        A runner's shorter span is drawn from, not clipped to: clipping sent every runner
+        whose draw passed its limit at exactly its limit, i.e. in the order and at the pace
+        of the push's round robin. And a runner already overdue (its limit passed during the
+        push) is spread over the first half of what is left of its lease instead of sent
+        now: sending them all at once made a burst that stalled the API server (a runner
+        whose report is stored late is seen late by the operator too), and since each
+        heartbeat is due one interval after the last, the burst came back every interval
+        (docs/performance.md, session 8)."""
         now = time.monotonic()
         for runner in self.runners:
             if runner.epoch > 0 and not runner.stopped and not runner.lost:
                 if runner.acked:
                     latest = now + self.heartbeat_s
                     if runner.last_ack is not None:
-                        latest = max(min(latest, runner.last_ack + self.heartbeat_s), now)
+                        due_by = runner.last_ack + self.heartbeat_s
+                        if due_by <= now:
+                            due_by = now + (runner.last_ack + self.timeout_s - now) / 2
+                        latest = max(min(latest, due_by), now)
                     self._schedule(runner, self.random.uniform(now, latest))
                 else:
                     self._schedule(runner, now)
