@@ -999,8 +999,6 @@ class Bench:
             ]
             waits[budget] = {"requests": waited[0], "seconds": round(waited[1], 1)}
         notes[f"operator_throttled_in_{key}"] = waits
-        # Kept for the runs recorded in docs/performance.md.
-        notes[f"operator_throttled_requests_in_{key}"] = waits["requests"]["requests"]
         log(
             f"{phase}: the operator's requests: "
             + requests_text(requests)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from bench.report import RESULT_KEYS
+from bench.run import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TASKS = 40
 VICTIMS_PERCENT = 10
 

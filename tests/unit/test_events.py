@@ -109,10 +109,7 @@ def test_a_failing_send_does_not_stop_the_sender(caplog: pytest.LogCaptureFixtur
             with caplog.at_level(logging.WARNING):
                 for name in ("a", "bad", "b"):
                     queue.post(_event(name))
-                for _ in range(100):
-                    if len(sent) == 2:
-                        break
-                    await asyncio.sleep(0)
+                await run_until("the Events after the failed one sent", lambda: len(sent) == 2)
             assert sent == ["a", "b"]
             assert "could not record event Acknowledged on bad" in caplog.text
         finally:
