@@ -8,7 +8,7 @@ PY     := $(BIN)/python
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k lease -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries manifests check-manifests lint test test-unit demo bench cluster clean
+.PHONY: help venv binaries manifests check-manifests lint test test-unit test-kind demo bench cluster image node-deps clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ venv: $(VENV)/.installed  ## Create .venv with the package and test tools (pinne
 binaries: venv  ## Obtain etcd, kube-apiserver, kube-controller-manager, kubectl and helm (cached; built once from the Go module proxy)
 	$(PY) -m tasklease.controlplane binaries
 	$(PY) -m tasklease.controlplane helm
+
+node-deps: venv  ## Install the Debian packages a local node and `make image` need (as root; says what to install otherwise)
+	$(PY) -m tasklease.controlplane node-deps
 
 manifests: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the pydantic models
 	$(PY) -m tasklease.api.crd
@@ -42,7 +45,10 @@ test: lint binaries  ## The whole suite: lint, unit tests, integration tests on 
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: venv  ## Unit tests only (no control plane)
-	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not cluster and not kind" $(PYTEST_ARGS)
+
+test-kind: venv binaries  ## The end-to-end test on kind (needs Docker and kind; not part of `make test`)
+	$(BIN)/pytest -m kind tests/e2e/test_kind.py $(PYTEST_ARGS)
 
 demo: binaries  ## The main job on a local control plane (KEEP=1 keeps the cluster up afterwards)
 	$(PY) -m tasklease.demo $(if $(KEEP),--keep,)
@@ -50,8 +56,11 @@ demo: binaries  ## The main job on a local control plane (KEEP=1 keeps the clust
 bench: binaries  ## Scale benchmark (N=1,000 by default; BENCH_ARGS="--tasks 10000 ...")
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-cluster: binaries  ## Run a local control plane in the foreground (prints the KUBECONFIG line)
-	$(PY) -m tasklease.controlplane up
+cluster: binaries  ## Run a local control plane in the foreground (prints the KUBECONFIG line); NODE=1 adds a real node (root)
+	$(PY) -m tasklease.controlplane up $(if $(NODE),--node,)
+
+image: venv  ## Build the image (Dockerfile) with buildah, no registry or Docker needed, into the running local node (NODE=1 cluster)
+	$(PY) -m tasklease.controlplane image
 
 clean:  ## Remove the virtualenv and caches (the binaries cache outside the repository stays)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .tasklease

@@ -13,6 +13,7 @@ before it empties a namespace, and nothing after a test depends on that.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,23 @@ class Kubectl(Protocol):
     def __call__(
         self, *args: str, check: bool = True, input: str | None = None
     ) -> CompletedProcess[str]: ...
+
+
+def in_ci() -> bool:
+    """True in CI (`CI=true`, which `.ci/run` sets): every prerequisite must be there."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI a skip is a failure: a test that skips says what the machine lacks, and CI's
+    machine must lack nothing (a suite that skipped its end-to-end tests proves nothing)."""
+    report: pytest.TestReport = yield
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where nothing may be missing: {reason}"
+    return report
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

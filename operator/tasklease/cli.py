@@ -1,4 +1,9 @@
-"""The `tasklease` command: operator, local control plane, and the runner wrapper."""
+"""The `tasklease` command the image ships: the operator, and the runner wrapper.
+
+The local development tools are not part of it: they are not in the wheel (nor the image),
+and run from the repository as `python -m tasklease.controlplane ...` (a local control
+plane) and `python -m tasklease.demo` (`make demo`).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("operator", help="run the operator (settings from TASKLEASE_* variables)")
-    sub.add_parser("demo", help="the main job on a local control plane", add_help=False)
-    sub.add_parser(
-        "controlplane",
-        help="local etcd + kube-apiserver + kube-controller-manager (see `controlplane -h`)",
-        add_help=False,
-    )
     sub.add_parser(
         "run",
         help="run a program as a Task's runner: tasklease run [OPTIONS] -- PROGRAM [ARGS...]",
@@ -29,14 +28,6 @@ def main(argv: list[str] | None = None) -> int:
         from tasklease.runner.wrapper import main as run_main
 
         return run_main(args[1:])
-    if args and args[0] == "demo":
-        from tasklease.demo import main as demo_main
-
-        return demo_main(args[1:])
-    if args and args[0] == "controlplane":
-        from tasklease.controlplane.cli import main as controlplane_main
-
-        return controlplane_main(args[1:])
     parsed = parser.parse_args(args)
     if parsed.command == "operator":
         from tasklease.operator.main import run

@@ -1,7 +1,8 @@
 """Least privilege, as the chart grants it: asked of the authorizer (`kubectl auth can-i` as the
 ServiceAccount) and proven with real requests made with the ServiceAccounts' own tokens.
 
-Runner: get and watch Tasks, patch tasks/status, in the runner namespaces; nothing else.
+Runner: get and watch Tasks, get and patch tasks/status, in the runner namespaces; nothing
+else.
 Operator (watching a list of namespaces): its verbs in those namespaces, and only list/watch
 of CRDs and namespaces cluster-wide; with leader election, get and update of its one Lease
 and create of Leases, in the release namespace only.
@@ -91,6 +92,8 @@ def test_runner_rbac_is_least_privilege(setup: Setup) -> None:
     assert setup.can_i(runner, "get", "tasks.tasklease.io", ns)
     assert setup.can_i(runner, "watch", "tasks.tasklease.io", ns)
     assert setup.can_i(runner, "patch", "tasks.tasklease.io/status", ns)
+    # `kubectl patch --subresource=status` (the README's kubectl-only runner) reads first.
+    assert setup.can_i(runner, "get", "tasks.tasklease.io/status", ns)
     # Nothing more on Tasks: no list, no spec or metadata writes, no create or delete.
     for verb in ("list", "patch", "update", "create", "delete", "deletecollection"):
         assert not setup.can_i(runner, verb, "tasks.tasklease.io", ns), verb

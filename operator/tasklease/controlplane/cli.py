@@ -3,11 +3,14 @@ foreground.
 
     export KUBEBUILDER_ASSETS=$(python -m tasklease.controlplane binaries)
     python -m tasklease.controlplane up          # prints `export KUBECONFIG=...`
+    python -m tasklease.controlplane up --node   # and a real node: pods run as containers
+    python -m tasklease.controlplane image       # build the image into the running node
 
 `up` stays in the foreground and stops everything on Ctrl-C, SIGTERM or SIGHUP (a closed
 terminal). It never daemonises: a background control plane is one nobody remembers to stop.
-The state dir defaults to `./.tasklease/controlplane`, so the kubeconfig path is predictable
-from the repository root; it is emptied on stop (`--keep-state` keeps logs and etcd data).
+The state dir defaults to `./.tasklease/controlplane` (or `$TASKLEASE_STATE_DIR`), so the
+kubeconfig path is predictable from the repository root and `image` finds the node that `up`
+started; it is emptied on stop (`--keep-state` keeps logs and etcd data).
 """
 
 from __future__ import annotations
@@ -27,9 +30,19 @@ from tasklease.controlplane.binaries import (
     obtain_helm,
 )
 from tasklease.controlplane.cluster import ControlPlane, ControlPlaneError
+from tasklease.controlplane.hostdeps import IMAGE, NODE, HostDependencyError, ensure
+from tasklease.controlplane.image import (
+    PAUSE_IMAGE,
+    ImageError,
+    build_image,
+    build_pause_image,
+    import_image,
+)
+from tasklease.controlplane.node import NodeError, NodeImages
 from tasklease.controlplane.versions import ETCD_VERSION, KUBERNETES_VERSION
 
-DEFAULT_STATE_DIR = Path(".tasklease/controlplane")
+STATE_DIR_ENV = "TASKLEASE_STATE_DIR"
+DEFAULT_STATE_DIR = Path(os.environ.get(STATE_DIR_ENV) or ".tasklease/controlplane")
 
 
 class _Stop(BaseException):
@@ -91,15 +104,21 @@ def _up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         binaries = obtain_binaries()
+        images = _node_images() if args.node else None
         plane = ControlPlane.start(
-            args.state_dir, keep_state=args.keep_state, binaries=binaries, timeout=args.timeout
+            args.state_dir,
+            keep_state=args.keep_state,
+            binaries=binaries,
+            timeout=args.timeout,
+            node=images,
         )
     except _Stop:
         _say("interrupted during start-up; stopped")
         return 130
     with plane:
+        what = "control plane and node" if plane.node is not None else "control plane"
         _say(
-            f"Kubernetes {KUBERNETES_VERSION} control plane ready at {plane.server} in "
+            f"Kubernetes {KUBERNETES_VERSION} {what} ready at {plane.server} in "
             f"{time.monotonic() - started:.1f}s (state: {plane.state_dir})"
         )
         print(f"export KUBECONFIG={plane.kubeconfig}", flush=True)
@@ -117,6 +136,36 @@ def _up(args: argparse.Namespace) -> int:
             _say(str(error))
             return 1
     _say("stopped")
+    return 0
+
+
+def _node_images() -> NodeImages:
+    """What a new node imports: the sandbox image (built here once, cached)."""
+    ensure(NODE + IMAGE, purpose="a local node", say=_say)
+    return NodeImages(sandbox=build_pause_image(), sandbox_name=PAUSE_IMAGE)
+
+
+def _image(args: argparse.Namespace) -> int:
+    """Build the image; import it into the node `up --node` runs on this state dir, if any."""
+    _install_stop_handlers()
+    try:
+        archive = build_image(Path(__file__).resolve().parents[3], args.tag)
+        socket = args.state_dir / "node" / "containerd" / "containerd.sock"
+        if socket.exists():
+            names = import_image(archive, socket)
+            _say(f"imported into the local node's containerd as {', '.join(names)}")
+        else:
+            _say(f"no local node runs on {args.state_dir}; `make cluster NODE=1` starts one")
+    except _Stop as stop:
+        _say(f"{stop.args[0]}: build stopped")
+        return 130
+    print(archive, flush=True)
+    return 0
+
+
+def _node_deps(args: argparse.Namespace) -> int:
+    ensure(NODE + IMAGE, purpose="a local node and the image build", say=_say)
+    _say("every Debian package a local node and `make image` need is installed")
     return 0
 
 
@@ -167,7 +216,37 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--timeout", type=float, default=120.0, help="seconds each component may take to start"
     )
+    up.add_argument(
+        "--node",
+        action="store_true",
+        help=(
+            "also run a real node (kube-scheduler, containerd and a kubelet) so pods run as "
+            "containers; needs root, installs missing Debian packages"
+        ),
+    )
     up.set_defaults(run=_up)
+
+    image = commands.add_parser(
+        "image",
+        help=(
+            "build the Dockerfile with buildah (no Docker, no registry) and import it into the "
+            "running local node; print the image archive's path"
+        ),
+    )
+    image.add_argument("--tag", help="the image's name (default: tasklease:<version>)")
+    image.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"the state dir of the cluster whose node imports it (default: ./{DEFAULT_STATE_DIR})",
+    )
+    image.set_defaults(run=_image)
+
+    node_deps = commands.add_parser(
+        "node-deps",
+        help="install the Debian packages `up --node` and `image` need (root), or name them",
+    )
+    node_deps.set_defaults(run=_node_deps)
 
     gomod = commands.add_parser(
         "gomod", help="regenerate the wrapper go.mod/go.sum after a version bump"
@@ -186,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.run(args)
-    except (BinariesError, ControlPlaneError) as error:
+    except (BinariesError, ControlPlaneError, HostDependencyError, ImageError, NodeError) as error:
         _say(str(error))
         return 1
     return code

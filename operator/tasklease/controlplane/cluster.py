@@ -5,9 +5,11 @@ Why not envtest or kind: kind needs Docker (absent here and in CI), and envtest 
 controller-manager, so namespaces never finish deleting, ownerReferences never cascade and no
 `default` ServiceAccount appears. This is envtest's recipe plus kube-controller-manager with
 five controllers: garbage collection, service accounts, service-account tokens, namespace
-deletion and ClusterRole aggregation (see `CONTROLLERS`). There are no nodes and no kubelet:
-Pods are stored but never run, which is what the operator's tests want (they play the runner
-themselves).
+deletion and ClusterRole aggregation (see `CONTROLLERS`). By default there are no nodes and no
+kubelet: Pods are stored but never run, which is what the operator's tests want (they play
+the runner themselves). With `node=`, a scheduler, the controllers of `NODE_CONTROLLERS` and
+a real node (`node.py`) run pods as containers, for the end-to-end suite and for trying the
+chart.
 
 Trade-offs, each chosen for fast and isolated test sessions:
 
@@ -20,7 +22,7 @@ Trade-offs, each chosen for fast and isolated test sessions:
 - The controller-manager authenticates as `system:kube-controller-manager` and runs each
   controller under its own service account (`--use-service-account-credentials`), as in a
   real cluster, so RBAC denials a real cluster would produce show up here too.
-- The node lifecycle controller is not run: with no kubelets it would only taint and evict.
+- The node lifecycle controller runs only with a node: with no kubelets it would only taint.
 
 Processes never outlive the Python process that started them; see `process.py`.
 """
@@ -28,7 +30,6 @@ Processes never outlive the Python process that started them; see `process.py`.
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
 import fcntl
 import json
@@ -47,10 +48,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self, TextIO
 
-import yaml
-
 from tasklease.controlplane.binaries import Binaries, obtain_binaries
-from tasklease.controlplane.pki import Pki, create_pki
+from tasklease.controlplane.kubeconfig import write_kubeconfig
+from tasklease.controlplane.node import NODE_NAME, Node, NodeError, NodeImages
+from tasklease.controlplane.pki import Pki, create_pki, issue_client_cert
 from tasklease.controlplane.process import TAIL_LINES, Child
 
 SERVICE_CLUSTER_IP_RANGE: Final = "10.96.0.0/16"
@@ -67,9 +68,18 @@ CONTROLLERS: Final = (
     "namespace-controller",
     "clusterrole-aggregation-controller",
 )
+# What a node's pods need besides: Deployments, the CA bundle every namespace gets (a pod's
+# service-account volume mounts it), and the controller that lifts a new node's
+# `not-ready` taint.
+NODE_CONTROLLERS: Final = (
+    "deployment-controller",
+    "replicaset-controller",
+    "root-ca-certificate-publisher-controller",
+    "node-lifecycle-controller",
+)
 COMPONENTS: Final = ("etcd", "kube-apiserver", "kube-controller-manager")
+NODE_COMPONENTS: Final = ("kube-scheduler",)  # besides the node's own (node.py)
 MARKER: Final = ".tasklease-controlplane"
-CONTEXT: Final = "tasklease-local"
 STOP_TIMEOUT: Final = 10.0
 _PORT_RETRIES: Final = 3
 _TEMP_PREFIX: Final = "tasklease-controlplane-"
@@ -106,38 +116,6 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def write_kubeconfig(
-    path: Path, *, server: str, ca: Path, cert: Path, key: Path, user: str
-) -> None:
-    """A self-contained kubeconfig (everything embedded), readable only by its owner."""
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": CONTEXT,
-                "cluster": {"server": server, "certificate-authority-data": _b64(ca)},
-            }
-        ],
-        "users": [
-            {
-                "name": user,
-                "user": {"client-certificate-data": _b64(cert), "client-key-data": _b64(key)},
-            }
-        ],
-        "contexts": [{"name": CONTEXT, "context": {"cluster": CONTEXT, "user": user}}],
-        "current-context": CONTEXT,
-        "preferences": {},
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        yaml.safe_dump(config, out, sort_keys=False)
 
 
 def _sweep_stale_temp_dirs() -> None:
@@ -253,6 +231,7 @@ class ControlPlane:
     manager; `stop()` is idempotent and also runs at interpreter exit."""
 
     def __init__(self, *, state: _StateDir, binaries: Binaries, pki: Pki, keep_state: bool) -> None:
+        self.node: Node | None = None
         self._state = state
         self.binaries = binaries
         self.pki = pki
@@ -298,6 +277,7 @@ class ControlPlane:
         extra_args: Mapping[str, Sequence[str]] | None = None,
         timeout: float = 120.0,
         progress: TextIO | None = None,
+        node: NodeImages | None = None,
     ) -> ControlPlane:
         """Start etcd, kube-apiserver and kube-controller-manager; return once the API
         answers `/readyz`, the controller-manager has created the `default` ServiceAccount
@@ -306,9 +286,14 @@ class ControlPlane:
         `state_dir`: where certs, etcd data, logs and the kubeconfig go; a new temporary
         folder if None. It is removed (or, if it existed before, emptied) on `stop()` unless
         `keep_state`. `extra_args` appends flags per component ("etcd", "kube-apiserver",
-        "kube-controller-manager"). `timeout` bounds each component's wait for readiness.
+        "kube-controller-manager", "kube-scheduler"). `timeout` bounds each component's wait
+        for readiness.
+
+        With `node` (the image archives it imports), also start kube-scheduler, the
+        controllers pods need, and a real node (`node.py`: containerd and a kubelet; needs
+        root), and return once the Node is Ready and untainted.
         """
-        unknown = set(extra_args or {}) - set(COMPONENTS)
+        unknown = set(extra_args or {}) - {*COMPONENTS, *NODE_COMPONENTS}
         if unknown:
             raise ValueError(f"extra_args for unknown components: {sorted(unknown)}")
         if binaries is None:
@@ -326,7 +311,7 @@ class ControlPlane:
                 )
                 with _live_lock:
                     _live.add(plane)
-                plane._boot(extra_args or {}, timeout=timeout)
+                plane._boot(extra_args or {}, timeout=timeout, node=node)
                 return plane
             except BaseException as error:
                 # Includes KeyboardInterrupt and the CLI's SIGTERM: never leave children.
@@ -348,6 +333,8 @@ class ControlPlane:
             return
         self._stopped = True
         try:
+            if self.node is not None:
+                self.node.stop()
             for child in reversed(self._children):
                 child.stop(timeout=STOP_TIMEOUT)
         finally:
@@ -371,6 +358,11 @@ class ControlPlane:
         for child in self._children:
             if not child.running:
                 raise self._failure(child, f"exited with code {child.process.returncode}")
+        if self.node is not None:
+            try:
+                self.node.check_running()
+            except NodeError as error:
+                raise ControlPlaneError(str(error)) from None
 
     def kubectl(
         self,
@@ -434,7 +426,9 @@ class ControlPlane:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
-    def _boot(self, extra: Mapping[str, Sequence[str]], *, timeout: float) -> None:
+    def _boot(
+        self, extra: Mapping[str, Sequence[str]], *, timeout: float, node: NodeImages | None
+    ) -> None:
         (self.state_dir / "logs").mkdir()
         probe = _Probe(self.pki)
         pki = self.pki
@@ -467,6 +461,20 @@ class ControlPlane:
 
         secure_port = _free_port()
         self.server = f"https://127.0.0.1:{secure_port}"
+        node_args: list[str] = []
+        if node is not None:
+            # `kubectl logs` and `exec` go from the API server to the kubelet, at the
+            # Node's InternalIP (its only address), with a client certificate the kubelet
+            # authorises by webhook (system:masters may do anything).
+            kubelet_client = issue_client_cert(
+                pki, "apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client",
+                organization="system:masters",
+            )  # fmt: skip
+            node_args = [
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
+            ]
         apiserver = self._spawn(
             "kube-apiserver",
             [
@@ -490,6 +498,7 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--allow-privileged=true",
                 "--profiling=false",
+                *node_args,
             ],
             extra,
         )
@@ -517,12 +526,13 @@ class ControlPlane:
             key=pki.controller_manager.key,
             user="system:kube-controller-manager",
         )
+        controllers = CONTROLLERS if node is None else (*CONTROLLERS, *NODE_CONTROLLERS)
         kcm = self._spawn(
             "kube-controller-manager",
             [
                 str(self.binaries.kube_controller_manager),
                 f"--kubeconfig={kcm_kubeconfig}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(controllers)}",
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={pki.service_account_key}",
                 f"--root-ca-file={pki.ca.cert}",
@@ -545,6 +555,73 @@ class ControlPlane:
             return True
 
         self._await(kcm, controllers_ready, timeout=timeout, probe=probe)
+        if node is not None:
+            self._boot_node(node, secure_port, extra, timeout=timeout, probe=probe)
+
+    def _boot_node(
+        self,
+        images: NodeImages,
+        apiserver_port: int,
+        extra: Mapping[str, Sequence[str]],
+        *,
+        timeout: float,
+        probe: _Probe,
+    ) -> None:
+        """kube-scheduler and a node (containerd and a kubelet); return once the Node is
+        Ready and free of the taints that keep pods off it."""
+        credentials = issue_client_cert(self.pki, "scheduler", common_name="system:kube-scheduler")
+        scheduler_kubeconfig = self.state_dir / "scheduler.kubeconfig"
+        write_kubeconfig(
+            scheduler_kubeconfig,
+            server=self.server,
+            ca=self.pki.ca.cert,
+            cert=credentials.cert,
+            key=credentials.key,
+            user="system:kube-scheduler",
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(self.binaries.kube_scheduler),
+                f"--kubeconfig={scheduler_kubeconfig}",
+                f"--authentication-kubeconfig={scheduler_kubeconfig}",
+                f"--authorization-kubeconfig={scheduler_kubeconfig}",
+                "--leader-elect=false",
+                "--secure-port=0",
+            ],
+            extra,
+        )
+        self.node = Node.start(
+            self.state_dir / "node",
+            binaries=self.binaries,
+            pki=self.pki,
+            apiserver_port=apiserver_port,
+            service_ip=FIRST_SERVICE_IP,
+            images=images,
+            timeout=timeout,
+        )
+        node = self.node
+
+        def node_ready() -> bool:
+            node.check_running()
+            body = probe.get(f"{self.server}/api/v1/nodes/{NODE_NAME}")
+            if body is None:
+                return False
+            status = json.loads(body)
+            ready = any(
+                condition.get("type") == "Ready" and condition.get("status") == "True"
+                for condition in status.get("status", {}).get("conditions", [])
+            )
+            taints = [
+                taint["key"]
+                for taint in status.get("spec", {}).get("taints", [])
+                if taint.get("effect") in ("NoSchedule", "NoExecute")
+            ]
+            probe.last_error = f"node Ready={ready}, taints={taints}"
+            return ready and not taints
+
+        kubelet = next(child for child in node.children if child.name == "kubelet")
+        self._await(kubelet, node_ready, timeout=timeout, probe=probe)
 
     def __repr__(self) -> str:
         return f"ControlPlane(server={self.server!r}, state_dir={str(self.state_dir)!r})"

@@ -174,3 +174,24 @@ def create_pki(directory: Path, *, service_ip: str) -> Pki:
         service_account_key=directory / "service-account.key",
         service_account_pub=directory / "service-account.pub",
     )
+
+
+def issue_client_cert(
+    pki: Pki, name: str, *, common_name: str, organization: str | None = None
+) -> CertPair:
+    """A client certificate signed by the control plane's CA, beside the others: for the
+    kubelet (`system:node:<node>` in `system:nodes`), the scheduler, and the API server's
+    own client to kubelets."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{pki.ca.key} is not an EC key")
+    path = pki.ca.cert.parent / name
+    _issue(
+        path,
+        subject=_name(common_name, organization),
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        usage=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
+    return CertPair(path.with_suffix(".crt"), path.with_suffix(".key"))

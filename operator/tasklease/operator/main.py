@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
+from typing import cast
 
 import kopf
+from kopf._core.engines.peering import Identity
 
 from tasklease.operator import handlers
 from tasklease.settings import OperatorSettings
@@ -23,6 +26,11 @@ def run(operator: OperatorSettings | None = None) -> None:
     memo = handlers.new_memo()
     shutdown: handlers.Shutdown = memo[handlers.MEMO_SHUTDOWN]
     kopf.run(
+        # kopf's default identity is `getpass.getuser()@host`, which raises for a UID with
+        # no passwd entry (the chart's 65532 in our image, or any UID a cluster assigns).
+        # kopf uses it only for peering, which tasklease leaves off (leader election is its
+        # own), so the host name (the pod's name) is enough.
+        identity=cast(Identity, socket.gethostname() or "tasklease"),
         settings=settings,
         standalone=True,
         clusterwide=not operator.namespaces,

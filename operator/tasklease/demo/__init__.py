@@ -40,7 +40,7 @@ DEADLINE_S = 240.0
 
 
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -268,7 +268,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tasklease demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tasklease.demo", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--keep", action="store_true", help="keep the cluster up at the end")
     parser.add_argument(
         "--state-dir",
@@ -289,7 +291,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out("demo: interrupted")
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

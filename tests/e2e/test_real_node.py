@@ -1,0 +1,454 @@
+"""The product as users run it, on the local real node: the image built from the Dockerfile
+(`make image`), installed by the chart (`helm install`, the README's own lines), the operator
+and the runner pods as containers of that image, under the chart's ServiceAccounts, RBAC
+and admission policies.
+
+The README's install lines are read from the README and run as a user's shell runs them, so
+the docs cannot drift from what is tested. The tests share one release, in the order a user
+meets things: install, run, failures of runners, upgrade, leader failover, uninstall.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import config
+
+from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import LocalCluster
+from tests.integration.support import Cluster, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+NAMESPACE = "tasklease-system"
+RELEASE = "tasklease"
+OPERATOR = "deployment/tasklease-operator"
+IMAGE = "tasklease:0.1.0"
+README_MARKER = "<!-- tests/e2e/test_real_node.py runs these lines as they are -->"
+# The CLI's default state dir; the README's KUBECONFIG line names the kubeconfig in it.
+DEFAULT_KUBECONFIG = "$PWD/.tasklease/controlplane/kubeconfig"
+
+
+# A runner that works `seconds` long under the wrapper, reporting each second.
+def wrapped_sleeper(seconds: int) -> list[str]:
+    script = (
+        f'i=${{TASKLEASE_CHECKPOINT:-0}}; while [ "$i" -lt {seconds} ]; do i=$((i + 1)); '
+        f'printf "%s/{seconds}\\nsecond %s\\ncheckpoint=%s\\n" "$i" "$i" "$i" '
+        f'> "$TASKLEASE_PROGRESS_FILE"; sleep 1; done'
+    )
+    return ["tasklease", "run", "--", "sh", "-c", script]
+
+
+def template(command: list[str], *, grace_s: int = 2) -> dict[str, Any]:
+    return {
+        "spec": {
+            "serviceAccountName": "tasklease-runner",
+            "terminationGracePeriodSeconds": grace_s,
+            "containers": [{"name": "runner", "image": IMAGE, "command": command}],
+        }
+    }
+
+
+def readme_lines() -> list[str]:
+    """The command lines of the README block that follows the marker."""
+    text = (REPO_ROOT / "README.md").read_text()
+    after = text.split(README_MARKER, 1)
+    assert len(after) == 2, f"README.md lacks the marker {README_MARKER!r}"
+    block = re.search(r"```sh\n(.*?)```", after[1], re.S)
+    assert block is not None, "no ```sh block after the README marker"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+@dataclass
+class Release:
+    """The installed chart, and the admin's view of its namespace."""
+
+    cluster: LocalCluster
+    tasks: Cluster
+
+    def operator_pods(self) -> list[dict[str, Any]]:
+        listed = self.cluster.kubectl(
+            "-n", NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=operator",
+            "-o", "json",
+        )  # fmt: skip
+        pods: list[dict[str, Any]] = json.loads(listed.stdout)["items"]
+        return [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
+
+    def pod(self, name: str) -> Any:
+        """A pod that must exist."""
+        found = self.tasks.pod(name)
+        assert found is not None, f"pod {name} is gone"
+        return found
+
+    def container_id(self, pod_name: str) -> str:
+        """The containerd id of a pod's first container (for `ctr tasks pause/kill`)."""
+
+        def started() -> str | None:
+            pod = self.tasks.pod(pod_name)
+            statuses = (pod.status.container_statuses or []) if pod else []
+            if statuses and statuses[0].container_id and statuses[0].state.running:
+                return str(statuses[0].container_id).removeprefix("containerd://")
+            return None
+
+        return wait_for(f"pod {pod_name}'s container to run", started, timeout=60)
+
+    def holder(self, task: str) -> tuple[str, int]:
+        annotations = self.tasks.annotations(task)
+        return annotations.get("tasklease.io/holder", ""), int(
+            annotations.get("tasklease.io/epoch", "0")
+        )
+
+    def describe(self, task: str) -> str:
+        return self.cluster.kubectl("-n", NAMESPACE, "describe", "task", task, check=False).stdout
+
+
+@pytest.fixture(scope="module")
+def release(local_cluster: LocalCluster) -> Iterator[Release]:
+    """The README's lines up to the operator's rollout: `make image`, `helm install`."""
+    lines = readme_lines()
+    assert lines[0] == f"export KUBECONFIG={DEFAULT_KUBECONFIG}", lines[0]
+    rollout = next(i for i, line in enumerate(lines) if "rollout status" in line)
+    for line in lines[1 : rollout + 1]:
+        result = local_cluster.sh(line, check=False)
+        if result.returncode != 0:
+            pods = local_cluster.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide", check=False)
+            logs = local_cluster.kubectl(
+                "-n", NAMESPACE, "logs", OPERATOR, "--all-containers", "--previous", check=False
+            )  # fmt: skip
+            raise AssertionError(
+                f"the README's `{line}` failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
+                f"{result.stderr[-2000:]}\npods:\n{pods.stdout}\nthe operator's last log:\n"
+                f"{(logs.stdout + logs.stderr)[-3000:]}"
+            )
+    api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
+    try:
+        yield Release(local_cluster, Cluster(api, NAMESPACE))
+    finally:
+        local_cluster.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", check=False)
+        api.close()
+
+
+def test_operator_image_runs_as_the_chart_runs_it(release: Release) -> None:
+    """UID 65532 with no passwd entry, read-only root filesystem, every capability dropped:
+    the operator starts and stays Ready, and the image holds the operator and the runner,
+    not the local-cluster tooling."""
+    (pod,) = release.operator_pods()
+    name = pod["metadata"]["name"]
+    (status,) = pod["status"]["containerStatuses"]
+    assert status["ready"] and status["restartCount"] == 0, status
+    assert status["image"].endswith(IMAGE), status["image"]
+
+    def in_operator(*argv: str) -> Any:
+        return release.cluster.kubectl("-n", NAMESPACE, "exec", name, "--", *argv, check=False)
+
+    probe = in_operator(
+        "python", "-c",
+        "import json, os, pathlib; print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), "
+        "'caps': [l.split()[1] for l in pathlib.Path('/proc/self/status').read_text()"
+        ".splitlines() if l.startswith('CapEff')][0]}))",
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == {"uid": 65532, "gid": 65532, "caps": "0" * 16}
+    passwd = in_operator("python", "-c", "import pwd; pwd.getpwuid(65532)")
+    assert "uid not found" in passwd.stderr, "the test proves nothing if UID 65532 has an entry"
+    read_only = in_operator("touch", "/usr/local/lib/written-by-the-operator")
+    assert read_only.returncode != 0 and "Read-only file system" in read_only.stderr
+    tooling = in_operator("python", "-c", "import tasklease.controlplane")
+    assert "No module named 'tasklease.controlplane'" in tooling.stderr
+    shipped = in_operator("python", "-c", "import tasklease.operator.main, tasklease.runner")
+    assert shipped.returncode == 0, shipped.stderr
+    log = release.cluster.kubectl("-n", NAMESPACE, "logs", name).stdout
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_helm_install_runs_a_task_in_real_containers(release: Release) -> None:
+    """The README's remaining lines (an example Task applied, waited for until Succeeded),
+    then the example Task the install notes print."""
+    lines = readme_lines()
+    rollout = next(i for i, line in enumerate(lines) if "rollout status" in line)
+    for line in lines[rollout + 1 :]:
+        release.cluster.sh(line)
+    status = release.tasks.status("load-orders")
+    assert status["phase"] == "Succeeded"
+    assert [attempt["outcome"] for attempt in status["attempts"]] == ["Succeeded"]
+    (pod,) = release.tasks.pods("load-orders")
+    assert pod.spec.node_name == "tasklease-node"
+    assert pod.spec.service_account_name == "tasklease-runner"
+
+    # The wrapper exits with its program's status once it has reported the result.
+    def exited() -> Any:
+        container = release.pod(pod.metadata.name).status.container_statuses[0]
+        return container if container.state.terminated else None
+
+    container = wait_for("the runner's container to exit", exited)
+    assert container.image.endswith(IMAGE)
+    assert container.state.terminated.exit_code == 0, container.state.terminated
+
+    notes = release.cluster.helm("get", "notes", RELEASE, "-n", NAMESPACE).stdout
+    heredoc = re.search(r"apply -f - *\n(.*?)\n\s*YAML", notes, re.S)
+    assert heredoc is not None, notes
+    manifest = yaml.safe_load(_dedent(heredoc.group(1)))
+    release.cluster.kubectl("-n", NAMESPACE, "apply", "-f", "-", input=json.dumps(manifest))
+    name = manifest["metadata"]["name"]
+    release.tasks.wait_phase(name, "Succeeded", timeout=90)
+
+
+def _dedent(block: str) -> str:
+    lines = [line for line in block.splitlines() if line.strip()]
+    indent = min(len(line) - len(line.lstrip()) for line in lines)
+    return "\n".join(line[indent:] for line in lines)
+
+
+def test_hung_runner_container_is_replaced(release: Release) -> None:
+    """The runner's container frozen (cgroup freezer, `ctr tasks pause`) while its pod stays
+    Running, as a hung process does: the operator hands the task on (ProgressTimeout) and
+    the new pod resumes from the last checkpoint and finishes."""
+    name = "hung-runner"
+    release.tasks.create_task(
+        name,
+        ackTimeout="6s",
+        reportProgressTimeout="6s",
+        heartbeatInterval="1s",
+        retry={"maxAttempts": 3, "backoff": {"initial": "0s"}},
+        template=template(wrapped_sleeper(10)),
+    )
+    release.tasks.wait_phase(name, "Running", timeout=60)
+    first_pod, _ = release.holder(name)
+    container = release.container_id(first_pod)
+    wait_for(
+        "a checkpoint past the first second",
+        lambda: int((release.tasks.status(name).get("progress") or {}).get("checkpoint") or 0) >= 3,
+        timeout=30,
+    )
+    release.cluster.ctr("tasks", "pause", container)
+    try:
+        wait_for(
+            "the hung runner's pod to still be Running while the task moves on",
+            lambda: release.holder(name)[1] == 2,
+            timeout=30,
+        )
+        assert release.pod(first_pod).status.phase == "Running"
+        checkpoint = release.tasks.status(name)["progress"]["checkpoint"]
+        status = release.tasks.wait_phase(name, "Succeeded", timeout=60)
+    finally:
+        release.cluster.ctr("tasks", "resume", container, check=False)
+    outcomes = [attempt["outcome"] for attempt in status["attempts"]]
+    assert outcomes == ["ProgressTimeout", "Succeeded"], release.describe(name)
+    second = next(
+        pod for pod in release.tasks.pods(name) if pod.metadata.labels["tasklease.io/epoch"] == "2"
+    )
+    env = {item.name: item.value for item in second.spec.containers[0].env}
+    assert env["TASKLEASE_CHECKPOINT"] == json.dumps(checkpoint), env
+
+
+def test_killed_runner_container_is_replaced_at_once(release: Release) -> None:
+    """SIGKILL of the runner's container: the pod fails, and the operator ends the attempt as
+    PodFailed and starts the next one, without waiting for any lease timeout (a minute)."""
+    name = "killed-runner"
+    release.tasks.create_task(
+        name,
+        ackTimeout="60s",
+        reportProgressTimeout="60s",
+        heartbeatInterval="1s",
+        retry={"maxAttempts": 3, "backoff": {"initial": "0s"}},
+        template=template(wrapped_sleeper(5)),
+    )
+    release.tasks.wait_phase(name, "Running", timeout=60)
+    first_pod, _ = release.holder(name)
+    release.cluster.ctr(
+        "tasks", "kill", "--all", "--signal", "SIGKILL", release.container_id(first_pod)
+    )
+    status = release.tasks.wait_phase(name, "Succeeded", timeout=50)
+    outcomes = [attempt["outcome"] for attempt in status["attempts"]]
+    assert outcomes == ["PodFailed", "Succeeded"], release.describe(name)
+
+
+def _token_kubeconfig(release: Release, pod: str, path: Path) -> dict[str, str]:
+    """A kubeconfig holding a token of the chart's runner ServiceAccount bound to `pod`: what
+    the pod's own projected token is (the pod-name claim the admission policy reads)."""
+    token = release.cluster.kubectl(
+        "-n", NAMESPACE, "create", "token", "tasklease-runner",
+        "--bound-object-kind=Pod", f"--bound-object-name={pod}", "--duration=10m",
+    ).stdout.strip()  # fmt: skip
+    admin = yaml.safe_load(release.cluster.kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": cluster}],
+                "users": [{"name": "runner", "user": {"token": token}}],
+                "contexts": [{"name": "runner", "context": {"cluster": "local", "user": "runner"}}],
+                "current-context": "runner",
+            }
+        )
+    )
+    return {"KUBECONFIG": str(path)}
+
+
+def _readme_runner_lines() -> dict[str, str]:
+    """The README's kubectl-only runner lines: the report (ack and heartbeat) and results."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("### Nothing but kubectl", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("kubectl patch task")]
+    report = next(line for line in lines if "/status/progress" in line)
+    finished = next(line for line in lines if '"status":"FINISHED"' in line)
+    return {"report": report, "finished": finished}
+
+
+def test_readme_kubectl_runner_under_the_chart_rbac(release: Release, tmp_path: Path) -> None:
+    """The README's kubectl lines, as the chart's runner ServiceAccount with a token bound to
+    the runner pod: they acknowledge and heartbeat; after the lease moved on, the old pod's
+    write is refused by the API server; the new pod's result finishes the task."""
+    lines = _readme_runner_lines()
+    name = "kubectl-runner"
+    release.tasks.create_task(
+        name,
+        ackTimeout="6s",
+        reportProgressTimeout="6s",
+        heartbeatInterval="1s",
+        retry={"maxAttempts": 3, "backoff": {"initial": "0s"}},
+        # The container only holds the pod (and so its token) alive; the test plays its
+        # runner with the README's lines. A long grace period keeps the replaced pod, and
+        # so its token, valid while the zombie writes.
+        template=template(["sleep", "3600"], grace_s=60),
+    )
+    release.tasks.wait_epoch(name, 1, timeout=60)
+
+    def as_runner(pod_name: str, line: str, beat: int) -> Any:
+        pod = release.pod(pod_name)
+        env = {item.name: item.value for item in pod.spec.containers[0].env if item.value}
+        env["TASKLEASE_POD_NAME"] = pod_name
+        env["BEATS"] = str(beat)
+        env |= _token_kubeconfig(release, pod_name, tmp_path / f"{pod_name}.kubeconfig")
+        return release.cluster.sh(line, check=False, env=env)
+
+    first, _ = release.holder(name)
+    for beat in (1, 2, 3):
+        result = as_runner(first, lines["report"], beat)
+        assert result.returncode == 0, result.stderr
+    assert release.tasks.status(name)["phase"] == "Running"
+
+    wait_for("the task handed on after the reports stopped", lambda: release.holder(name)[1] == 2,
+             timeout=30)  # fmt: skip
+    zombie = as_runner(first, lines["report"], 4)
+    assert zombie.returncode == 1, zombie.stdout + zombie.stderr
+    assert "the server rejected our request" in zombie.stderr, zombie.stderr
+
+    second, _ = release.holder(name)
+    assert second != first
+    assert as_runner(second, lines["report"], 1).returncode == 0
+    assert as_runner(second, lines["finished"], 2).returncode == 0
+    status = release.tasks.wait_phase(name, "Succeeded", timeout=30)
+    assert [a["outcome"] for a in status["attempts"]] == ["ProgressTimeout", "Succeeded"]
+
+
+def test_helm_upgrade_keeps_running_leases(release: Release) -> None:
+    """A new image tag rolled out while Tasks heartbeat: the operator is replaced, and no
+    lease is taken from a runner that kept reporting."""
+    # A second tag of the same image: containerd knows it under its normalised name.
+    imported = release.cluster.ctr("images", "list", "--quiet").stdout.split()
+    (name,) = [found for found in imported if found.endswith(f"/library/{IMAGE}")]
+    release.cluster.ctr("images", "tag", "--force", name, f"{name}-upgrade")
+    names = [f"upgrade-{i}" for i in range(3)]
+    for name in names:
+        release.tasks.create_task(
+            name,
+            ackTimeout="8s",
+            reportProgressTimeout="8s",
+            heartbeatInterval="1s",
+            template=template(wrapped_sleeper(25)),
+        )
+    for name in names:
+        release.tasks.wait_phase(name, "Running", timeout=60)
+    (before,) = release.operator_pods()
+    release.cluster.helm(
+        "upgrade", RELEASE, "charts/tasklease", "-n", NAMESPACE, "--reuse-values",
+        "--set", "image.tag=0.1.0-upgrade",
+    )  # fmt: skip
+    release.cluster.kubectl("-n", NAMESPACE, "rollout", "status", OPERATOR, "--timeout=120s")
+    (after,) = release.operator_pods()
+    assert after["metadata"]["name"] != before["metadata"]["name"]
+    assert after["spec"]["containers"][0]["image"] == f"{IMAGE}-upgrade"
+    for name in names:
+        status = release.tasks.wait_phase(name, "Succeeded", timeout=60)
+        assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"], release.describe(name)
+
+
+def test_leader_pod_killed_standby_takes_over(release: Release) -> None:
+    """Two replicas with leader election; the leader's container is killed (SIGKILL, no
+    release of its Lease): the standby takes over, no running lease is taken back, and no
+    epoch is handed out twice."""
+    release.cluster.helm(
+        "upgrade", RELEASE, "charts/tasklease", "-n", NAMESPACE, "--reuse-values",
+        "--set", "leaderElection.enabled=true", "--set", "operator.replicas=2",
+    )  # fmt: skip
+    release.cluster.kubectl("-n", NAMESPACE, "rollout", "status", OPERATOR, "--timeout=120s")
+
+    def leader() -> str:
+        lease = release.cluster.kubectl(
+            "-n", NAMESPACE, "get", "lease", "tasklease-operator",
+            "-o", "jsonpath={.spec.holderIdentity}", check=False,
+        ).stdout  # fmt: skip
+        return lease.rsplit("_", 1)[0] if lease else ""  # `<pod>_<random>`
+
+    pods = {pod["metadata"]["name"] for pod in release.operator_pods()}
+
+    def elected() -> str | None:
+        holder = leader()
+        return holder if holder in pods else None
+
+    first = wait_for("a leader among the operator pods", elected)
+    names = [f"failover-{i}" for i in range(3)]
+    for name in names:
+        release.tasks.create_task(
+            name,
+            ackTimeout="30s",
+            reportProgressTimeout="30s",
+            heartbeatInterval="1s",
+            template=template(wrapped_sleeper(30)),
+        )
+    for name in names:
+        release.tasks.wait_phase(name, "Running", timeout=60)
+    release.cluster.ctr("tasks", "kill", "--all", "--signal", "SIGKILL",
+                        release.container_id(first))  # fmt: skip
+
+    def taken_over() -> str | None:
+        holder = leader()
+        return holder if holder in pods - {first} else None
+
+    wait_for("the standby to take the Lease", taken_over, timeout=60)
+    for name in names:
+        status = release.tasks.wait_phase(name, "Succeeded", timeout=60)
+        epochs = [a["epoch"] for a in status["attempts"]]
+        assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"], release.describe(name)
+        assert epochs == [1] and status["epoch"] == 1
+        pods_by_epoch = [
+            pod.metadata.labels["tasklease.io/epoch"] for pod in release.tasks.pods(name)
+        ]
+        assert pods_by_epoch == ["1"], pods_by_epoch
+
+
+def test_helm_uninstall_keeps_tasks_and_crd(release: Release) -> None:
+    before = json.loads(release.cluster.kubectl("get", "tasks", "-A", "-o", "json").stdout)["items"]
+    assert before, "the earlier tests left Tasks to keep"
+    release.cluster.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait")
+    deployments = release.cluster.kubectl("-n", NAMESPACE, "get", "deployments", "-o", "name")
+    assert deployments.stdout.strip() == ""
+    release.cluster.kubectl("get", "crd", "tasks.tasklease.io")
+    after = json.loads(release.cluster.kubectl("get", "tasks", "-A", "-o", "json").stdout)["items"]
+    assert sorted(t["metadata"]["uid"] for t in after) == sorted(
+        t["metadata"]["uid"] for t in before
+    )
+    # The finished Tasks keep their status too: nothing ran that would have rewritten them.
+    assert {t["metadata"]["name"]: t["status"]["phase"] for t in after} == {
+        t["metadata"]["name"]: t["status"]["phase"] for t in before
+    }
