@@ -108,6 +108,39 @@ class Release:
     def describe(self, task: str) -> str:
         return self.cluster.kubectl("-n", NAMESPACE, "describe", "task", task, check=False).stdout
 
+    def start_runners(self, prefix: str, *, lease: str, work_s: int) -> list[str]:
+        """Three Tasks whose wrapped runners work `work_s` seconds, heartbeating every
+        second under `lease` (ack and progress timeouts); return once all are Running."""
+        names = [f"{prefix}-{i}" for i in range(3)]
+        for name in names:
+            self.tasks.create_task(
+                name,
+                ackTimeout=lease,
+                reportProgressTimeout=lease,
+                heartbeatInterval="1s",
+                template=template(wrapped_sleeper(work_s)),
+            )
+        for name in names:
+            self.tasks.wait_phase(name, "Running", timeout=60)
+        return names
+
+    def assert_finished_in_one_attempt(self, names: list[str]) -> None:
+        """Each Task Succeeded with its first epoch's pod, the only one it ever had."""
+        for name in names:
+            status = self.tasks.wait_phase(name, "Succeeded", timeout=60)
+            attempts = [(a["epoch"], a["outcome"]) for a in status["attempts"]]
+            assert attempts == [(1, "Succeeded")], self.describe(name)
+            epochs = [pod.metadata.labels["tasklease.io/epoch"] for pod in self.tasks.pods(name)]
+            assert epochs == ["1"], epochs
+
+    def upgrade(self, *settings: str) -> None:
+        """`helm upgrade --reuse-values --set ...`, then wait for the operator's rollout."""
+        sets = [arg for setting in settings for arg in ("--set", setting)]
+        self.cluster.helm(
+            "upgrade", RELEASE, "charts/tasklease", "-n", NAMESPACE, "--reuse-values", *sets
+        )
+        self.cluster.kubectl("-n", NAMESPACE, "rollout", "status", OPERATOR, "--timeout=120s")
+
 
 @pytest.fixture(scope="module")
 def release(local_cluster: LocalCluster) -> Iterator[Release]:
@@ -356,85 +389,38 @@ def test_helm_upgrade_keeps_running_leases(release: Release) -> None:
     lease is taken from a runner that kept reporting."""
     # A second tag of the same image: containerd knows it under its normalised name.
     imported = release.cluster.ctr("images", "list", "--quiet").stdout.split()
-    (name,) = [found for found in imported if found.endswith(f"/library/{IMAGE}")]
-    release.cluster.ctr("images", "tag", "--force", name, f"{name}-upgrade")
-    names = [f"upgrade-{i}" for i in range(3)]
-    for name in names:
-        release.tasks.create_task(
-            name,
-            ackTimeout="8s",
-            reportProgressTimeout="8s",
-            heartbeatInterval="1s",
-            template=template(wrapped_sleeper(25)),
-        )
-    for name in names:
-        release.tasks.wait_phase(name, "Running", timeout=60)
+    (image,) = [found for found in imported if found.endswith(f"/library/{IMAGE}")]
+    release.cluster.ctr("images", "tag", "--force", image, f"{image}-upgrade")
+    names = release.start_runners("upgrade", lease="8s", work_s=25)
     (before,) = release.operator_pods()
-    release.cluster.helm(
-        "upgrade", RELEASE, "charts/tasklease", "-n", NAMESPACE, "--reuse-values",
-        "--set", "image.tag=0.1.0-upgrade",
-    )  # fmt: skip
-    release.cluster.kubectl("-n", NAMESPACE, "rollout", "status", OPERATOR, "--timeout=120s")
+    release.upgrade("image.tag=0.1.0-upgrade")
     (after,) = release.operator_pods()
     assert after["metadata"]["name"] != before["metadata"]["name"]
     assert after["spec"]["containers"][0]["image"] == f"{IMAGE}-upgrade"
-    for name in names:
-        status = release.tasks.wait_phase(name, "Succeeded", timeout=60)
-        assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"], release.describe(name)
+    release.assert_finished_in_one_attempt(names)
 
 
 def test_leader_pod_killed_standby_takes_over(release: Release) -> None:
     """Two replicas with leader election; the leader's container is killed (SIGKILL, no
     release of its Lease): the standby takes over, no running lease is taken back, and no
     epoch is handed out twice."""
-    release.cluster.helm(
-        "upgrade", RELEASE, "charts/tasklease", "-n", NAMESPACE, "--reuse-values",
-        "--set", "leaderElection.enabled=true", "--set", "operator.replicas=2",
-    )  # fmt: skip
-    release.cluster.kubectl("-n", NAMESPACE, "rollout", "status", OPERATOR, "--timeout=120s")
+    release.upgrade("leaderElection.enabled=true", "operator.replicas=2")
+    pods = {pod["metadata"]["name"] for pod in release.operator_pods()}
 
-    def leader() -> str:
-        lease = release.cluster.kubectl(
+    def leader(among: set[str]) -> str | None:
+        identity = release.cluster.kubectl(
             "-n", NAMESPACE, "get", "lease", "tasklease-operator",
             "-o", "jsonpath={.spec.holderIdentity}", check=False,
         ).stdout  # fmt: skip
-        return lease.rsplit("_", 1)[0] if lease else ""  # `<pod>_<random>`
+        pod = identity.rsplit("_", 1)[0]  # `<pod>_<random>`
+        return pod if pod in among else None
 
-    pods = {pod["metadata"]["name"] for pod in release.operator_pods()}
-
-    def elected() -> str | None:
-        holder = leader()
-        return holder if holder in pods else None
-
-    first = wait_for("a leader among the operator pods", elected)
-    names = [f"failover-{i}" for i in range(3)]
-    for name in names:
-        release.tasks.create_task(
-            name,
-            ackTimeout="30s",
-            reportProgressTimeout="30s",
-            heartbeatInterval="1s",
-            template=template(wrapped_sleeper(30)),
-        )
-    for name in names:
-        release.tasks.wait_phase(name, "Running", timeout=60)
+    first = wait_for("a leader among the operator pods", lambda: leader(pods))
+    names = release.start_runners("failover", lease="30s", work_s=30)
     release.cluster.ctr("tasks", "kill", "--all", "--signal", "SIGKILL",
                         release.container_id(first))  # fmt: skip
-
-    def taken_over() -> str | None:
-        holder = leader()
-        return holder if holder in pods - {first} else None
-
-    wait_for("the standby to take the Lease", taken_over, timeout=60)
-    for name in names:
-        status = release.tasks.wait_phase(name, "Succeeded", timeout=60)
-        epochs = [a["epoch"] for a in status["attempts"]]
-        assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"], release.describe(name)
-        assert epochs == [1] and status["epoch"] == 1
-        pods_by_epoch = [
-            pod.metadata.labels["tasklease.io/epoch"] for pod in release.tasks.pods(name)
-        ]
-        assert pods_by_epoch == ["1"], pods_by_epoch
+    wait_for("the standby to take the Lease", lambda: leader(pods - {first}), timeout=60)
+    release.assert_finished_in_one_attempt(names)
 
 
 def test_helm_uninstall_keeps_tasks_and_crd(release: Release) -> None:

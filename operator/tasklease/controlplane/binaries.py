@@ -28,26 +28,21 @@ the entry), with the version ldflags Helm's own Makefile sets. About two minutes
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Final, TextIO
 
-from tasklease.controlplane.process import die_with_parent
+from tasklease.controlplane.process import file_lock, printer, run_with_progress
 from tasklease.controlplane.versions import (
     ETCD_VERSION,
     HELM_VERSION,
@@ -77,7 +72,6 @@ HELM_ENV: Final = "TASKLEASE_HELM"
 HELM_MODULE: Final = "helm.sh/helm/v3"
 HELM_COMMAND: Final = f"{HELM_MODULE}/cmd/helm"
 PROGRESS_INTERVAL: Final = 5.0
-_TAIL_LINES: Final = 40
 
 
 class BinariesError(RuntimeError):
@@ -133,14 +127,6 @@ def _complete(directory: Path) -> bool:
     return all(os.access(directory / name, os.X_OK) for name in BINARY_NAMES)
 
 
-def _stderr_printer(stream: TextIO | None) -> Callable[[str], None]:
-    def say(message: str) -> None:
-        out = stream if stream is not None else sys.stderr
-        print(f"tasklease: {message}", file=out, flush=True)
-
-    return say
-
-
 def _assets_minor(directory: Path) -> int | None:
     try:
         out = subprocess.run(
@@ -158,7 +144,7 @@ def _assets_minor(directory: Path) -> int | None:
 
 def find_binaries(*, progress: TextIO | None = None) -> Binaries | None:
     """The binaries from `KUBEBUILDER_ASSETS` or the cache, without building; None if absent."""
-    say = _stderr_printer(progress)
+    say = printer(progress)
     if assets := os.environ.get(ASSETS_ENV):
         directory = Path(assets).expanduser().resolve()
         if _complete(directory):
@@ -196,24 +182,21 @@ def obtain_binaries(*, build: bool = True, progress: TextIO | None = None) -> Bi
     return Binaries(target, "build" if built else "cache")
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path, say: Callable[[str], None]) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"another process is building the binaries (lock {lock_path}); waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _build_lock(
+    target: Path, say: Callable[[str], None]
+) -> contextlib.AbstractContextManager[None]:
+    """The lock serialising builds into the cache entry `target`."""
+    lock_path = target.parent / f"{target.name}.lock"
+    return file_lock(
+        lock_path,
+        say=say,
+        waiting=f"another process is building the binaries (lock {lock_path}); waiting for it",
+    )
 
 
 def _build_into_cache(target: Path, *, progress: TextIO | None) -> bool:
     """Build into `target`; False if another process did while we waited for the lock."""
-    say = _stderr_printer(progress)
+    say = printer(progress)
     go = shutil.which("go")
     if go is None:
         raise BinariesError(
@@ -222,7 +205,7 @@ def _build_into_cache(target: Path, *, progress: TextIO | None) -> bool:
             f"`go` is not on PATH. Install Go (1.26 or newer), or set {ASSETS_ENV} to a "
             f"folder holding {', '.join(BINARY_NAMES)} (Kubernetes 1.{kubernetes_minor()})."
         )
-    with _locked(target.parent / f"{target.name}.lock", say):
+    with _build_lock(target, say):
         if _complete(target):
             say(f"another process built the binaries into {target}")
             return False
@@ -306,7 +289,7 @@ def _elapsed(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def _go_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def go_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # Static binaries: no libc coupling, and no C toolchain needed on the machine.
     return {**os.environ, "CGO_ENABLED": "0", **(extra or {})}
 
@@ -327,67 +310,44 @@ def run_go(
     `go build -v` names each package as it compiles it; counting those lines is the only
     progress Go offers. On failure the error carries the tail of go's output.
     """
-    started = time.monotonic()
-    tail: deque[str] = deque(maxlen=_TAIL_LINES)
     counts = {"packages": 0, "downloads": 0}
-    # A session of its own, so an interrupt can end go and the compilers it runs together;
-    # and go dies with us if we are killed outright, rather than building on for minutes.
-    process = subprocess.Popen(
+
+    def count(line: str) -> None:
+        if line.startswith("go: downloading"):
+            counts["downloads"] += 1
+        elif line and not line.startswith(("go:", "#", " ", "\t")):
+            counts["packages"] += 1
+
+    def progress_line(elapsed_s: float) -> str:
+        return (
+            f"building {label}: {counts['packages']} packages compiled, "
+            f"{counts['downloads']} modules downloaded, {_elapsed(elapsed_s)} elapsed"
+        )
+
+    finished = run_with_progress(
         [go, *args],
+        label=label,
+        say=say,
+        on_line=count,
+        progress_line=progress_line,
+        interval_s=interval,
         cwd=cwd,
-        env=_go_env(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-        preexec_fn=die_with_parent(os.getpid()),
+        env=go_env(env),
     )
-
-    def read() -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.rstrip("\n")
-            tail.append(line)
-            if line.startswith("go: downloading"):
-                counts["downloads"] += 1
-            elif line and not line.startswith(("go:", "#", " ", "\t")):
-                counts["packages"] += 1
-
-    reader = threading.Thread(target=read, name="go-output", daemon=True)
-    reader.start()
-    try:
-        while True:
-            try:
-                returncode = process.wait(timeout=interval)
-                break
-            except subprocess.TimeoutExpired:
-                say(
-                    f"building {label}: {counts['packages']} packages compiled, "
-                    f"{counts['downloads']} modules downloaded, "
-                    f"{_elapsed(time.monotonic() - started)} elapsed"
-                )
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        reader.join(timeout=5)
-    if returncode != 0:
-        output = "\n".join(tail)
+    if finished.returncode != 0:
+        output = "\n".join(finished.tail)
         if fallback is None:
             fallback = (
                 f"set {ASSETS_ENV} to a folder holding {', '.join(BINARY_NAMES)} "
                 f"(Kubernetes 1.{kubernetes_minor()})"
             )
         raise BinariesError(
-            f"`{shlex.join(['go', *args])}` ({label}) failed with exit code {returncode} after "
-            f"{_elapsed(time.monotonic() - started)}. Last lines of its output:\n{output}\n"
-            f"If the Go module proxy is unreachable, {fallback} instead."
+            f"`{shlex.join(['go', *args])}` ({label}) failed with exit code "
+            f"{finished.returncode} after {_elapsed(finished.elapsed_s)}. Last lines of its "
+            f"output:\n{output}\nIf the Go module proxy is unreachable, {fallback} instead."
         )
     compiled = f", {counts['packages']} packages compiled" if counts["packages"] else ""
-    say(f"{label}: done in {_elapsed(time.monotonic() - started)}{compiled}")
+    say(f"{label}: done in {_elapsed(finished.elapsed_s)}{compiled}")
 
 
 def _go_build(
@@ -410,9 +370,7 @@ def find_helm(*, progress: TextIO | None = None) -> Path | None:
         path = Path(explicit).expanduser().resolve()
         if os.access(path, os.X_OK) and path.is_file():
             return path
-        _stderr_printer(progress)(
-            f"{HELM_ENV}={path} is not an executable file; using the tasklease cache"
-        )
+        printer(progress)(f"{HELM_ENV}={path} is not an executable file; using the tasklease cache")
     cached = helm_cache_dir() / "helm"
     return cached if os.access(cached, os.X_OK) else None
 
@@ -440,7 +398,7 @@ def _helm_kubernetes_minor(go: str, *, cwd: Path, say: Callable[[str], None]) ->
     result = subprocess.run(
         [go, "mod", "download", "-json", module],
         cwd=cwd,
-        env=_go_env(),
+        env=go_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -475,7 +433,7 @@ def _helm_ldflags(kubernetes_minor_of_helm: str) -> str:
 
 def _install_helm_into_cache(target: Path, *, progress: TextIO | None) -> bool:
     """`go install` helm into `target`; False if another process did while we waited."""
-    say = _stderr_printer(progress)
+    say = printer(progress)
     go = shutil.which("go")
     if go is None:
         raise BinariesError(
@@ -483,7 +441,7 @@ def _install_helm_into_cache(target: Path, *, progress: TextIO | None) -> bool:
             f"building it needs the Go toolchain, but `go` is not on PATH. Install Go (1.26 "
             f"or newer), or set {HELM_ENV} to a helm {HELM_VERSION} binary."
         )
-    with _locked(target.parent / f"{target.name}.lock", say):
+    with _build_lock(target, say):
         if os.access(target / "helm", os.X_OK):
             say(f"another process installed helm into {target}")
             return False

@@ -149,7 +149,9 @@ def _image(args: argparse.Namespace) -> int:
     """Build the image; import it into the node `up --node` runs on this state dir, if any."""
     _install_stop_handlers()
     try:
-        archive = build_image(Path(__file__).resolve().parents[3], args.tag)
+        archive = build_image(
+            Path(__file__).resolve().parents[3], args.tag, base=args.base, rebuild=args.rebuild
+        )
         socket = args.state_dir / "node" / "containerd" / "containerd.sock"
         if socket.exists():
             names = import_image(archive, socket)
@@ -234,6 +236,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     image.add_argument("--tag", help="the image's name (default: tasklease:<version>)")
+    image.add_argument(
+        "--base",
+        help="a fully-qualified base image for PYTHON_IMAGE, pulled if buildah's storage lacks "
+        "it (default: python:3.11-slim when stored, else a stand-in made by mmdebstrap)",
+    )
+    image.add_argument(
+        "--rebuild", action="store_true", help="build even if a cached archive matches"
+    )
     image.add_argument(
         "--state-dir",
         type=Path,

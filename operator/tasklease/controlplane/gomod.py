@@ -23,7 +23,7 @@ from tasklease.controlplane.binaries import (
     ETCD_COMMAND,
     KUBERNETES_COMMANDS,
     BinariesError,
-    _go_env,
+    go_env,
     run_go,
 )
 from tasklease.controlplane.versions import ETCD_VERSION, KUBERNETES_VERSION, staging_version
@@ -77,7 +77,7 @@ def regenerate(output: Path, *, say: Callable[[str], None]) -> None:
         download = subprocess.run(
             [go, "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
             cwd=work,
-            env=_go_env(),
+            env=go_env(),
             capture_output=True,
             text=True,
             check=False,

@@ -13,8 +13,8 @@ no Docker engine to build with and no registry to pull from or push to, so:
   user's container configuration changes what is built, and nothing here changes theirs.
   The build never pulls (`--pull=never`) unless a base image is named explicitly.
 - **The base**: the Dockerfile's `python:3.11-slim` when buildah's storage already holds it
-  (`image_cli build --base <registry>/library/python:3.11-slim` pulls it there, where a
-  registry is reachable); else a stand-in made on this machine
+  (`python -m tasklease.controlplane image --base <registry>/library/python:3.11-slim` pulls
+  it there, where a registry is reachable); else a stand-in made on this machine
   from Debian's own packages by mmdebstrap (bookworm's python3 is 3.11, in a virtualenv at
   `/usr/local` so that `python` and `pip` are where the official image has them). It is
   cached, keyed by its recipe: a change of the recipe (or of the host's extra CA
@@ -37,34 +37,23 @@ no Docker engine to build with and no registry to pull from or push to, so:
 Every buildah and mmdebstrap run is serialised by one `flock` (they share buildah's
 storage); each command prints its progress as `tasklease: ...` lines on stderr, and fails with an
 `ImageError` that carries the tail of the failing command's output and what to do.
-
-Measured on a 2-core Debian 12 machine: the stand-in base 37-75 s for mmdebstrap (the
-download varies) plus 8 s to import it, once; the image 29 s cold on that base, plus 4 s to
-write its 414 MB archive; after a one-line source change 10 s plus 4 s (the dependencies'
-layer is reused); an unchanged context 0.3 s in all. `ctr images import` of the archive
-into a fresh containerd takes 9-14 s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import tarfile
 import tempfile
-import threading
 import time
 import tomllib
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +63,7 @@ from docker.utils.build import exclude_paths
 
 from tasklease.controlplane import hostdeps
 from tasklease.controlplane.binaries import cache_root
-from tasklease.controlplane.process import die_with_parent
+from tasklease.controlplane.process import TAIL_LINES, file_lock, printer, run_with_progress
 from tasklease.controlplane.versions import KUBERNETES_VERSION
 
 IMAGE_CACHE_NAME: Final = "image"
@@ -105,19 +94,10 @@ PUSH_TIMEOUT_S: Final = 600.0
 IMPORT_TIMEOUT_S: Final = 600.0
 QUICK_TIMEOUT_S: Final = 120.0
 HEARTBEAT_S: Final = 15.0
-_TAIL_LINES: Final = 40
 
 
 class ImageError(RuntimeError):
     """An image could not be built, exported or imported; the message says what to do."""
-
-
-def _printer(stream: TextIO | None) -> Callable[[str], None]:
-    def say(message: str) -> None:
-        out = stream if stream is not None else sys.stderr
-        print(f"tasklease: {message}", file=out, flush=True)
-
-    return say
 
 
 def _seconds(value: float) -> str:
@@ -126,6 +106,23 @@ def _seconds(value: float) -> str:
 
 def _size(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.0f} MB"
+
+
+def _key(recipe: object) -> str:
+    """A short, stable hash of a JSON-able recipe."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_iid(iidfile: Path) -> str:
+    """The image id buildah wrote to `--iidfile`, without its `sha256:`."""
+    return iidfile.read_text().strip().removeprefix("sha256:")
+
+
+def _keep_only(archive: Path, pattern: str) -> None:
+    """Delete the other archives beside `archive` that match `pattern` (replaced builds)."""
+    for stale in archive.parent.glob(pattern):
+        if stale != archive:
+            stale.unlink(missing_ok=True)
 
 
 def image_cache_dir() -> Path:
@@ -211,71 +208,32 @@ def _run_streaming(
 ) -> None:
     """Run a long command, saying the lines `echo` picks and, when it has said nothing for a
     while, that it is still at work. On failure (or timeout) the error carries the tail."""
-    started = time.monotonic()
-    tail: deque[str] = deque(maxlen=_TAIL_LINES)
-    last_said = [started]
     try:
-        process = subprocess.Popen(
-            list(argv),
+        finished = run_with_progress(
+            argv,
+            label=label,
+            say=say,
+            on_line=echo,
+            progress_line=lambda elapsed_s: (
+                f"{label}: still at work, {_seconds(elapsed_s)} elapsed"
+            ),
+            interval_s=HEARTBEAT_S,
+            timeout_s=timeout_s,
             cwd=cwd,
-            env=dict(env) if env is not None else None,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-            preexec_fn=die_with_parent(os.getpid()),
+            env=env,
         )
     except OSError as error:
         raise ImageError(f"cannot run `{shlex.join(argv)}` ({label}): {error}. {hint}") from None
-
-    def read() -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.rstrip("\n")
-            tail.append(line)
-            shown = echo(line)
-            if shown is not None:
-                say(shown)
-                last_said[0] = time.monotonic()
-
-    reader = threading.Thread(target=read, name=f"{label}-output", daemon=True)
-    reader.start()
-    returncode: int | None = None
-    try:
-        while returncode is None:
-            try:
-                returncode = process.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                now = time.monotonic()
-                if now - started > timeout_s:
-                    break
-                if now - last_said[0] > HEARTBEAT_S:
-                    say(f"{label}: still at work, {_seconds(now - started)} elapsed")
-                    last_said[0] = now
-    finally:
-        if process.poll() is None:
-            # SIGTERM first: buildah then removes its working container and unmounts.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        reader.join(timeout=5)
-    elapsed = _seconds(time.monotonic() - started)
-    if returncode is None:
+    if finished.returncode is None:
         raise ImageError(
             f"`{shlex.join(argv)}` ({label}) did not finish within {_seconds(timeout_s)}. "
-            f"Last lines of its output:\n{_tail(tail)}\n{hint}"
+            f"Last lines of its output:\n{_tail(finished.tail)}\n{hint}"
         )
-    if returncode != 0:
+    if finished.returncode != 0:
         raise ImageError(
-            f"`{shlex.join(argv)}` ({label}) failed with exit code {returncode} after "
-            f"{elapsed}. Last lines of its output:\n{_tail(tail)}\n{hint}"
+            f"`{shlex.join(argv)}` ({label}) failed with exit code {finished.returncode} after "
+            f"{_seconds(finished.elapsed_s)}. Last lines of its output:\n"
+            f"{_tail(finished.tail)}\n{hint}"
         )
 
 
@@ -304,27 +262,12 @@ def _run(
     except (OSError, subprocess.TimeoutExpired) as error:
         raise ImageError(f"`{shlex.join(argv)}` ({label}): {error}. {hint}") from None
     if result.returncode != 0:
-        output = (result.stdout + result.stderr).splitlines()[-_TAIL_LINES:]
+        output = (result.stdout + result.stderr).splitlines()[-TAIL_LINES:]
         raise ImageError(
             f"`{shlex.join(argv)}` ({label}) failed with exit code {result.returncode}:\n"
             f"{_tail(output)}\n{hint}"
         )
     return result.stdout
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path, say: Callable[[str], None]) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"another image build holds {lock_path}; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _ensure(names: Iterable[str], *, purpose: str, say: Callable[[str], None]) -> None:
@@ -371,6 +314,16 @@ class Buildah:
     @property
     def lock(self) -> Path:
         return self.home.parent / "buildah.lock"
+
+    @contextlib.contextmanager
+    def locked(self, say: Callable[[str], None]) -> Iterator[None]:
+        """Hold the lock every buildah and mmdebstrap run here takes, with the configuration
+        written (`prepare`)."""
+        with file_lock(
+            self.lock, say=say, waiting=f"another image build holds {self.lock}; waiting for it"
+        ):
+            self.prepare()
+            yield
 
     def prepare(self) -> None:
         """Write the configuration files; after a reboot, empty the run root (it would list
@@ -449,6 +402,39 @@ class Buildah:
             env=self.env(),
             cwd=cwd,
         )
+
+    @contextlib.contextmanager
+    def scratch_container(self) -> Iterator[str]:
+        """A new working container `FROM scratch` (after removing those an interrupted run
+        left), removed on leaving."""
+        self.remove_working_containers()
+        container = self.run(
+            "from", "--signature-policy", str(self.policy), "scratch", label="buildah from"
+        ).strip()
+        try:
+            yield container
+        finally:
+            subprocess.run(
+                self.argv("rm", container), env=self.env(), capture_output=True, check=False
+            )
+
+    def commit(self, container: str, name: str, *, timeout_s: float = QUICK_TIMEOUT_S) -> str:
+        """Commit `container` as the image `name`; its id."""
+        with tempfile.TemporaryDirectory(dir=self.home) as work:
+            iidfile = Path(work) / "iid"
+            self.run(
+                "commit",
+                "--quiet",
+                "--signature-policy",
+                str(self.policy),
+                "--iidfile",
+                str(iidfile),
+                container,
+                name,
+                label="buildah commit",
+                timeout_s=timeout_s,
+            )
+            return _read_iid(iidfile)
 
     def inspect(self, name: str) -> dict[str, object] | None:
         """`buildah inspect` of a stored image, or None when the storage lacks it."""
@@ -587,13 +573,14 @@ def _standin_argv(ca_folder: Path | None) -> list[str]:
 def standin_recipe_key(cas: Sequence[Path] | None = None) -> str:
     """A key that changes whenever what the stand-in base is made from changes."""
     cas = host_extra_cas() if cas is None else cas
-    recipe = {
-        "revision": STANDIN_RECIPE_REVISION,
-        "mmdebstrap": _standin_argv(Path("/CA") if cas else None),
-        "config": _standin_config(),
-        "cas": [hashlib.sha256(path.read_bytes()).hexdigest() for path in cas],
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return _key(
+        {
+            "revision": STANDIN_RECIPE_REVISION,
+            "mmdebstrap": _standin_argv(Path("/CA") if cas else None),
+            "config": _standin_config(),
+            "cas": [hashlib.sha256(path.read_bytes()).hexdigest() for path in cas],
+        }
+    )
 
 
 def _labels(data: Mapping[str, object]) -> dict[str, str]:
@@ -610,42 +597,24 @@ def _image_id(data: Mapping[str, object], name: str) -> str:
     return image_id
 
 
-def build_base(
-    *,
-    buildah: Buildah | None = None,
-    progress: TextIO | None = None,
-    rebuild: bool = False,
-) -> BaseImage:
+def _standin_base(buildah: Buildah, *, say: Callable[[str], None]) -> BaseImage:
     """The stand-in base (Debian's python3 made by mmdebstrap), in buildah's storage as
     `STANDIN_BASE`; made, or re-imported from the cached root file system, when its recipe
-    changed or the storage lacks it."""
-    say = _printer(progress)
-    buildah = buildah or Buildah.default()
-    _ensure(("buildah", "mmdebstrap"), purpose="the image's stand-in base", say=say)
-    with _locked(buildah.lock, say):
-        buildah.prepare()
-        return _build_base_locked(buildah, say=say, rebuild=rebuild)
-
-
-def _build_base_locked(buildah: Buildah, *, say: Callable[[str], None], rebuild: bool) -> BaseImage:
+    changed or the storage lacks it. Call with buildah's lock held."""
     cas = host_extra_cas()
     key = standin_recipe_key(cas)
     stored = buildah.inspect(STANDIN_BASE)
-    if stored is not None and not rebuild and _labels(stored).get(RECIPE_LABEL) == key:
+    if stored is not None and _labels(stored).get(RECIPE_LABEL) == key:
         return BaseImage(STANDIN_BASE, _image_id(stored, STANDIN_BASE), standin=True)
     cache = buildah.home.parent
     rootfs = cache / f"base-{STANDIN_SUITE}-python3-{key}.tar"
-    if rebuild or not rootfs.is_file():
+    if not rootfs.is_file():
         for stale in cache.glob(f"base-{STANDIN_SUITE}-python3-*.tar"):
             stale.unlink()
         _make_rootfs(rootfs, cas, say=say)
     started = time.monotonic()
     say(f"importing the stand-in base into buildah's storage as {STANDIN_BASE}")
-    buildah.remove_working_containers()
-    container = buildah.run(
-        "from", "--signature-policy", str(buildah.policy), "scratch", label="buildah from"
-    ).strip()
-    try:
+    with buildah.scratch_container() as container:
         buildah.run("add", container, str(rootfs), "/", label="buildah add", timeout_s=600)
         buildah.run(
             "config",
@@ -655,25 +624,7 @@ def _build_base_locked(buildah: Buildah, *, say: Callable[[str], None], rebuild:
             container,
             label="buildah config",
         )
-        with tempfile.TemporaryDirectory(dir=buildah.home) as work:
-            iidfile = Path(work) / "iid"
-            buildah.run(
-                "commit",
-                "--quiet",
-                "--signature-policy",
-                str(buildah.policy),
-                "--iidfile",
-                str(iidfile),
-                container,
-                STANDIN_BASE,
-                label="buildah commit",
-                timeout_s=600,
-            )
-            image_id = iidfile.read_text().strip().removeprefix("sha256:")
-    finally:
-        subprocess.run(
-            buildah.argv("rm", container), env=buildah.env(), capture_output=True, check=False
-        )
+        image_id = buildah.commit(container, STANDIN_BASE, timeout_s=600)
     say(f"stand-in base {STANDIN_BASE} ({image_id[:12]}) in {_seconds(time.monotonic() - started)}")
     return BaseImage(STANDIN_BASE, image_id, standin=True)
 
@@ -701,7 +652,7 @@ def _make_rootfs(target: Path, cas: Sequence[Path], *, say: Callable[[str], None
             hint=(
                 "mmdebstrap downloads Debian's packages from its default mirror. If that is "
                 "unreachable but a registry is, build on the official base instead: "
-                "`python -m tasklease.controlplane.image_cli build --base "
+                "`python -m tasklease.controlplane image --base "
                 "<registry>/library/python:3.11-slim` pulls it into tasklease's buildah "
                 "storage, where later builds find it by themselves."
             ),
@@ -752,7 +703,7 @@ def resolve_base(
                 say(f"base: {name} (in buildah's storage)")
                 return BaseImage(name, _image_id(stored, name), standin=False)
     say(f"base: the stand-in {STANDIN_BASE} ({official} is not in buildah's storage)")
-    return _build_base_locked(buildah, say=say, rebuild=False)
+    return _standin_base(buildah, say=say)
 
 
 # --- the image ----------------------------------------------------------------------------------
@@ -839,7 +790,7 @@ def build_image(
 
     The archive is reused while the build context hash is unchanged (`rebuild` forces a
     build); `base` names a base image instead of the official-or-stand-in choice."""
-    say = _printer(progress)
+    say = printer(progress)
     repo_root = repo_root.resolve()
     dockerfile = repo_root / "Dockerfile"
     if not dockerfile.is_file():
@@ -848,8 +799,7 @@ def build_image(
     buildah = Buildah.default()
     _ensure(("buildah", "mmdebstrap"), purpose="building the tasklease image", say=say)
     started = time.monotonic()
-    with _locked(buildah.lock, say):
-        buildah.prepare()
+    with buildah.locked(say):
         resolved = resolve_base(dockerfile, base=base, buildah=buildah, say=say)
         arguments = {**build_args(repo_root), BASE_ARG: resolved.name}
         key = context_hash(
@@ -903,13 +853,11 @@ def build_image(
                 echo=_bud_echo,
                 timeout_s=BUILD_TIMEOUT_S,
             )
-            image_id = iidfile.read_text().strip().removeprefix("sha256:")
+            image_id = _read_iid(iidfile)
         built = time.monotonic()
         say(f"built {tag} ({image_id[:12]}) in {_seconds(built - building)}; writing the archive")
         buildah.push(image_id, archive, tag, label="buildah push")
-        for stale in archives.glob(f"{_file_safe(tag)}-*.tar"):
-            if stale != archive:
-                stale.unlink(missing_ok=True)
+        _keep_only(archive, f"{_file_safe(tag)}-*.tar")
         buildah.prune()
     say(
         f"image {tag}: {archive} ({_size(archive)}, written in "
@@ -966,36 +914,31 @@ def pause_cflags(tag: str) -> list[str]:
     return ["-Os", "-Wall", "-Werror", "-static", f"-DVERSION=v{tag}-tasklease"]
 
 
-def build_pause_image(*, progress: TextIO | None = None, rebuild: bool = False) -> Path:
+def build_pause_image(*, progress: TextIO | None = None) -> Path:
     """A docker-archive of the pod sandbox image, named `PAUSE_IMAGE`: Kubernetes' pause.c
     linked statically, alone in a `FROM scratch` image, run as 65535 like the official one."""
-    say = _printer(progress)
+    say = printer(progress)
     _ensure(("buildah", "gcc"), purpose="building the pause image", say=say)
     found = find_pause_source(say=say)
     config = ["--entrypoint", '["/pause"]', "--user", PAUSE_USER]
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "revision": PAUSE_RECIPE_REVISION,
-                "source": hashlib.sha256(found.source.read_bytes()).hexdigest(),
-                "cflags": pause_cflags(found.tag),
-                "config": config,
-                "name": PAUSE_IMAGE,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
-    archives = image_cache_dir() / "archives"
-    archive = archives / f"{_file_safe(PAUSE_IMAGE)}-{key}.tar"
-    if archive.is_file() and not rebuild:
+    key = _key(
+        {
+            "revision": PAUSE_RECIPE_REVISION,
+            "source": hashlib.sha256(found.source.read_bytes()).hexdigest(),
+            "cflags": pause_cflags(found.tag),
+            "config": config,
+            "name": PAUSE_IMAGE,
+        }
+    )
+    archive = image_cache_dir() / "archives" / f"{_file_safe(PAUSE_IMAGE)}-{key}.tar"
+    if archive.is_file():
         say(f"pause image {PAUSE_IMAGE}: reusing {archive}")
         return archive
     buildah = Buildah.default()
     started = time.monotonic()
-    with _locked(buildah.lock, say):
-        if archive.is_file() and not rebuild:  # another process built it while we waited
+    with buildah.locked(say):
+        if archive.is_file():  # another process built it while we waited
             return archive
-        buildah.prepare()
         _build_pause_locked(buildah, found, archive, config)
     say(f"pause image {PAUSE_IMAGE}: {archive} in {_seconds(time.monotonic() - started)}")
     return archive
@@ -1022,34 +965,12 @@ def _build_pause_locked(
             label="gcc pause.c",
             hint="pause.c is Kubernetes' own; a failure here is a toolchain problem.",
         )
-        buildah.remove_working_containers()
-        container = buildah.run(
-            "from", "--signature-policy", str(buildah.policy), "scratch", label="buildah from"
-        ).strip()
-        try:
+        with buildah.scratch_container() as container:
             buildah.run("copy", "--chmod", "0755", container, str(binary), "/pause", label="copy")
             buildah.run("config", *config, container, label="buildah config")
-            iidfile = Path(work) / "iid"
-            buildah.run(
-                "commit",
-                "--quiet",
-                "--signature-policy",
-                str(buildah.policy),
-                "--iidfile",
-                str(iidfile),
-                container,
-                PAUSE_IMAGE,
-                label="buildah commit",
-            )
-            image_id = iidfile.read_text().strip().removeprefix("sha256:")
-        finally:
-            subprocess.run(
-                buildah.argv("rm", container), env=buildah.env(), capture_output=True, check=False
-            )
+            image_id = buildah.commit(container, PAUSE_IMAGE)
         buildah.push(image_id, archive, PAUSE_IMAGE, label="buildah push (pause)")
-        for stale in archive.parent.glob(f"{_file_safe(PAUSE_REPOSITORY)}_*.tar"):
-            if stale != archive:
-                stale.unlink(missing_ok=True)
+        _keep_only(archive, f"{_file_safe(PAUSE_REPOSITORY)}_*.tar")
 
 
 # --- containerd ---------------------------------------------------------------------------------
@@ -1064,7 +985,7 @@ def import_image(
 ) -> list[str]:
     """`ctr images import` the archive into the containerd at `address` (its socket), in
     `namespace` (the CRI plugin's is `k8s.io`); the names containerd now has it under."""
-    say = _printer(progress)
+    say = printer(progress)
     hostdeps.ensure(
         [hostdeps.Requirement("ctr", "containerd")], purpose="importing an image", say=say
     )

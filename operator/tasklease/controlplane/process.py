@@ -16,6 +16,11 @@ dying at once and logging each other's disappearance.
 `preexec_fn` is documented as unsafe with threads because the child might take a lock held by
 another thread; ours touches none: it only calls a `prctl` function pointer resolved before
 the fork, then `getppid` and `kill`.
+
+The builds (`binaries.py`, `image.py`) share the rest: `run_with_progress` runs a command
+that takes minutes, saying now and then that it is alive, `file_lock` serialises builds that
+would otherwise race for the same cache entry or storage, and `printer` makes the
+`tasklease: ...` lines they say on stderr.
 """
 
 from __future__ import annotations
@@ -23,18 +28,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, TextIO
 
 PR_SET_PDEATHSIG: Final = 1
 TAIL_LINES: Final = 40
+# How long a command interrupted by us gets to clean up after SIGTERM before SIGKILL (buildah
+# removes its working container and unmounts).
+STOP_GRACE_S: Final = 15.0
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -134,3 +145,121 @@ class Child:
                     self.process.wait()
         finally:
             self._log.close()
+
+
+def printer(stream: TextIO | None = None) -> Callable[[str], None]:
+    """A `say` for progress: `tasklease: ...` lines on `stream`, or on whatever `sys.stderr`
+    is at the time of each call (so that pytest's capture sees them)."""
+
+    def say(message: str) -> None:
+        out = stream if stream is not None else sys.stderr
+        print(f"tasklease: {message}", file=out, flush=True)
+
+    return say
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, say: Callable[[str], None], waiting: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created, with its folder, if absent); when another
+    process holds it, say `waiting` once, then wait for it as long as it takes. The kernel
+    drops the lock when its holder dies, so a killed build never leaves it stuck."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(waiting)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a command run by `run_with_progress` ended."""
+
+    returncode: int | None  # None: stopped at its timeout
+    tail: tuple[str, ...]  # the last TAIL_LINES lines of its output (stdout and stderr)
+    elapsed_s: float
+
+
+def _stop_group(process: subprocess.Popen[str], grace_s: float) -> None:
+    """SIGTERM the process group, so that the command can clean up; SIGKILL after `grace_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_with_progress(
+    argv: Sequence[str],
+    *,
+    label: str,
+    say: Callable[[str], None],
+    progress_line: Callable[[float], str],
+    interval_s: float,
+    on_line: Callable[[str], str | None] = lambda line: None,
+    timeout_s: float | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Finished:
+    """Run a long command, feeding each line of its output to `on_line` and saying what that
+    returns; whenever nothing was said for `interval_s`, say `progress_line(elapsed seconds)`.
+
+    The command runs in a session of its own, so that stopping it ends the tools it started
+    too, and dies with us if we are killed outright. When it outlives `timeout_s`, or we are
+    interrupted (Ctrl-C, or the CLI's stop signal), its process group gets SIGTERM, then
+    SIGKILL after `STOP_GRACE_S`. Failing to start raises OSError; a failure of the command
+    is the caller's to report, with the tail of its output.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s if timeout_s is not None else float("inf")
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    last_said = [started]
+    process = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+        preexec_fn=die_with_parent(os.getpid()),
+    )
+
+    def read() -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            shown = on_line(line)
+            if shown is not None:
+                say(shown)
+                last_said[0] = time.monotonic()
+
+    reader = threading.Thread(target=read, name=f"{label}-output", daemon=True)
+    reader.start()
+    returncode: int | None = None
+    try:
+        while returncode is None:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now - last_said[0] >= interval_s:
+                say(progress_line(now - started))
+                last_said[0] = now
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                returncode = process.wait(timeout=min(last_said[0] + interval_s, deadline) - now)
+    finally:
+        if process.poll() is None:
+            _stop_group(process, STOP_GRACE_S)
+        reader.join(timeout=5)
+    return Finished(returncode, tuple(tail), time.monotonic() - started)
