@@ -205,8 +205,11 @@ def service_account_token(
     return token
 
 
-def write_token_kubeconfig(path: Path, control_plane: Any, token: str, user: str) -> Path:
-    """A kubeconfig authenticating only with `token` (no client certificate)."""
+def write_token_kubeconfig(
+    path: Path, control_plane: Any, token: str, user: str, *, server: str | None = None
+) -> Path:
+    """A kubeconfig authenticating only with `token` (no client certificate), for the API
+    server or, with `server`, a relay to it."""
     ca = base64.b64encode(Path(control_plane.admin_ca).read_bytes()).decode()
     config = {
         "apiVersion": "v1",
@@ -214,7 +217,10 @@ def write_token_kubeconfig(path: Path, control_plane: Any, token: str, user: str
         "clusters": [
             {
                 "name": "local",
-                "cluster": {"server": control_plane.server, "certificate-authority-data": ca},
+                "cluster": {
+                    "server": server or control_plane.server,
+                    "certificate-authority-data": ca,
+                },
             }
         ],
         "users": [{"name": user, "user": {"token": token}}],

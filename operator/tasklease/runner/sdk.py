@@ -13,8 +13,17 @@
 
 Every write is fenced: a JSON Patch that first `test`s the Task's epoch and holder
 annotations, so the API server itself refuses the write of a runner whose lease was handed
-to someone else (design invariant 2). A refused write sets `canceled`: the AWS
-ReportTaskProgress answer `{"canceled": true}`.
+to someone else (design invariant 2). Only a proven loss ends the lease (invariant 4): a
+write whose `test` failed, or a refusal after which the Task reads back with another epoch
+or holder, or deleted. Anything else (a 403 while the API server's RBAC is still loading, a
+5xx, a timeout, a connection refused) is retried at the next heartbeat. A lost lease sets
+`canceled`: the AWS ReportTaskProgress answer `{"canceled": true}`.
+
+Every request times out well within the heartbeat interval, so a runner cut off from the API
+server finds out; and one that has not delivered a report for `spec.reportProgressTimeout`
+(before its first one, `spec.ackTimeout`) gives the lease up by itself (`canceled`, `lost`),
+since by then the operator may have handed the task to another runner. That is about when
+the operator would, so an old and a new attempt hardly overlap.
 
 Thread-safe: the heartbeat thread and the caller's threads share one lock around the
 state and the sends, so reports reach the API server in the order they were made.
@@ -56,6 +65,12 @@ from tasklease.lease.pods import (
 logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
+# Requests time out within the heartbeat interval (at most this long; the first read, before
+# the interval is known, takes the maximum).
+REQUEST_TIMEOUT_MAX_S = 10.0
+REQUEST_TIMEOUT_MIN_S = 1.0
+# What the API server answers when a JSON Patch cannot be applied, a failed `test` included.
+_PATCH_NOT_APPLIED = "the server rejected our request due to an error in our request"
 
 
 def _json_pointer(key: str) -> str:
@@ -136,6 +151,11 @@ class TaskLease:
         self._canceled = False
         self._lost = False
         self._result_sent = False
+        self._request_timeout_s = REQUEST_TIMEOUT_MAX_S
+        self._ack_timeout_s = 120.0
+        self._progress_timeout_s = 900.0
+        self._started_at = time.monotonic()
+        self._delivered_at: float | None = None  # when the last delivered write was sent
         self.cancel_reason: str | None = None
         self.last_report_error: str | None = None
         self.release_requested = False
@@ -178,13 +198,27 @@ class TaskLease:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> TaskLease:
-        """Read the Task, acknowledge it with a first report, start heartbeating."""
-        task = self._get_task()
+        """Read the Task, acknowledge it with a first report, start heartbeating.
+
+        The read is retried while it fails for reasons that may pass, until the ack
+        window is over (then the lease is given up: `canceled`)."""
+        self._started_at = time.monotonic()
+        task = self._read_at_start()
+        if task is None:
+            return self
         spec = task.get("spec") or {}
         if self._heartbeat_interval_s is None:
             self._heartbeat_interval_s = parse_go_duration(
                 spec.get("heartbeatInterval", "60s")
             ).total_seconds()
+        self._ack_timeout_s = parse_go_duration(spec.get("ackTimeout", "2m")).total_seconds()
+        self._progress_timeout_s = parse_go_duration(
+            spec.get("reportProgressTimeout", "15m")
+        ).total_seconds()
+        self._request_timeout_s = min(
+            REQUEST_TIMEOUT_MAX_S,
+            max(REQUEST_TIMEOUT_MIN_S, 0.8 * self._heartbeat_interval_s),
+        )
         self._note_cancel(task)
         self.report()
         self._thread = threading.Thread(
@@ -259,9 +293,10 @@ class TaskLease:
                 )
             except LeaseLost:
                 return False
-            except Exception as error:  # network trouble: the next heartbeat tries again
+            except Exception as error:  # not a proven loss: the next heartbeat tries again
                 self.last_report_error = str(error)
                 logger.warning("progress report not delivered: %s", error)
+                self._give_up_if_silent_too_long()
                 return False
             self.last_report_error = None
             self._note_cancel(task)
@@ -293,10 +328,13 @@ class TaskLease:
         with self._lock:
             if self._result_sent:
                 raise RuntimeError("the result was already reported")
-            # Retry transient errors: a result lost to a network blip would cost a whole
-            # progress timeout and an attempt.
-            for delay in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
-                time.sleep(delay)
+            if self._lost:
+                raise LeaseLost(self.cancel_reason)
+            # Retried while the failure is not a proven loss: a result lost to a network
+            # blip would cost a whole progress timeout and an attempt. Retrying ends when
+            # the runner has been silent for as long as the operator waits for a report.
+            delay = 0.5
+            while True:
                 try:
                     self._fenced_patch([{"op": "add", "path": "/status/result", "value": result}])
                 except LeaseLost:
@@ -305,11 +343,13 @@ class TaskLease:
                     if getattr(error, "status", None) == 400:
                         raise  # our request is malformed: retrying cannot help
                     logger.warning("result not delivered yet: %s", error)
+                    if self._give_up_if_silent_too_long():
+                        raise LeaseLost(self.cancel_reason) from error
+                    time.sleep(delay)
+                    delay = min(delay * 2, self._heartbeat_interval_s or 60.0)
                     continue
                 self._result_sent = True
                 break
-            else:
-                raise RuntimeError("could not deliver the result to the API server")
         self._stop.set()
 
     # --- plumbing -------------------------------------------------------------------------
@@ -330,6 +370,7 @@ class TaskLease:
         ]
         from kubernetes.client.exceptions import ApiException
 
+        sent_at = time.monotonic()
         try:
             response = self._api.patch_namespaced_custom_object_status(
                 GROUP,
@@ -341,24 +382,84 @@ class TaskLease:
                 field_manager="tasklease-runner",
                 _preload_content=False,
                 _content_type="application/json-patch+json",
+                _request_timeout=self._request_timeout_s,
             )
         except ApiException as exc:
-            # 422: a `test` failed (epoch or holder changed); 403: an admission policy or
-            # RBAC refused this pod; 404: the Task is gone. All mean: stop working.
-            if exc.status in (403, 404, 409, 422):
-                self._mark_lost(f"fenced write refused ({exc.status}): {_reason(exc)}")
-                raise LeaseLost(self.cancel_reason) from exc
-            raise
+            if exc.status == 422 and _patch_not_applied(exc):
+                reason = "a fenced write's test failed: the task's epoch or holder changed"
+            else:
+                # Refused for another reason (an admission policy, RBAC, a Task that is
+                # gone, or the API server still starting): lost only if the Task says so.
+                moved = self._lease_moved()
+                if moved is None:
+                    raise
+                reason = f"fenced write refused ({exc.status}: {_reason(exc)}); {moved}"
+            self._mark_lost(reason)
+            raise LeaseLost(self.cancel_reason) from exc
         task: dict[str, Any] = json.loads(response.data)
+        self._delivered_at = sent_at
         return task
 
     def _get_task(self) -> dict[str, Any]:
         identity = self.identity
         response = self._api.get_namespaced_custom_object(
-            GROUP, VERSION, identity.namespace, PLURAL, identity.task, _preload_content=False
+            GROUP,
+            VERSION,
+            identity.namespace,
+            PLURAL,
+            identity.task,
+            _preload_content=False,
+            _request_timeout=self._request_timeout_s,
         )
         task: dict[str, Any] = json.loads(response.data)
         return task
+
+    def _read_at_start(self) -> dict[str, Any] | None:
+        """The Task, read with retries until the ack window ends; None when given up."""
+        delay = 0.5
+        while True:
+            try:
+                return self._get_task()
+            except Exception as error:
+                if _task_deleted(error, self.identity.task):
+                    self._mark_lost("the task was deleted")
+                    return None
+                logger.warning("cannot read task %s yet: %s", self.identity.task, error)
+                if self._give_up_if_silent_too_long():
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _lease_moved(self) -> str | None:
+        """Why the lease is no longer ours, read from the Task; None when that cannot be
+        told (the read failed too) or the lease is still ours."""
+        try:
+            task = self._get_task()
+        except Exception as error:
+            return "the task was deleted" if _task_deleted(error, self.identity.task) else None
+        annotations = (task.get("metadata") or {}).get("annotations") or {}
+        epoch, holder = annotations.get(EPOCH_ANNOTATION), annotations.get(HOLDER_ANNOTATION)
+        if epoch == str(self.identity.epoch) and holder == self.identity.pod_name:
+            return None
+        return f"the task's lease is now epoch {epoch} held by {holder or 'nobody'}"
+
+    def _give_up_if_silent_too_long(self) -> bool:
+        """Self-fencing: after a whole report window with no report delivered, the operator
+        may have handed the task on; stop, as a leader that cannot renew steps down."""
+        if self._lost:
+            return True
+        if self._delivered_at is None:
+            since, window, name = self._started_at, self._ack_timeout_s, "spec.ackTimeout"
+        else:
+            since, window = self._delivered_at, self._progress_timeout_s
+            name = "spec.reportProgressTimeout"
+        if time.monotonic() - since < window:
+            return False
+        self._mark_lost(
+            f"no report reached the API server for {name} ({window:g}s): the task may have "
+            f"been handed to another runner"
+        )
+        return True
 
     def _note_cancel(self, task: dict[str, Any]) -> None:
         if (task.get("spec") or {}).get("cancel") and not self._canceled:
@@ -377,11 +478,35 @@ class TaskLease:
         interval = self._heartbeat_interval_s or 60.0
         while not self._stop.wait(interval):
             self.report()
+            self._give_up_if_silent_too_long()
 
 
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
+
+
+def _status_body(exc: Any) -> dict[str, Any]:
+    try:
+        body = json.loads(exc.body)
+    except Exception:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _patch_not_applied(exc: Any) -> bool:
+    """The API server could not apply the JSON Patch: with ours, only a failed `test` (a
+    refusal of the body's content names the field; this answer names nothing)."""
+    body = _status_body(exc)
+    return body.get("message") == _PATCH_NOT_APPLIED and not (body.get("details") or {})
+
+
+def _task_deleted(error: BaseException, task: str) -> bool:
+    """A 404 that names this Task (not one for an API the server has not loaded yet)."""
+    if getattr(error, "status", None) != 404:
+        return False
+    details = _status_body(error).get("details") or {}
+    return bool(details.get("name") == task and details.get("kind") == PLURAL)
 
 
 def _reason(exc: Any) -> str:
