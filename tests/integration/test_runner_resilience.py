@@ -34,7 +34,14 @@ RUNNER = "runner"
 
 @pytest.fixture
 def runner_account(cluster: Cluster) -> str:
-    """A ServiceAccount with the runner's RBAC; yields the RoleBinding's name."""
+    """A ServiceAccount with the runner's RBAC."""
+    runner_role(cluster)
+    bind_runner(cluster)
+    return RUNNER
+
+
+def runner_role(cluster: Cluster) -> None:
+    """The runner ServiceAccount and its Role (what the chart's runner Role grants)."""
     rbac = client.RbacAuthorizationV1Api(cluster.api_client)
     cluster.core.create_namespaced_service_account(
         cluster.namespace, {"metadata": {"name": RUNNER}}
@@ -53,8 +60,6 @@ def runner_account(cluster: Cluster) -> str:
             ],
         },
     )
-    bind_runner(cluster)
-    return RUNNER
 
 
 def bind_runner(cluster: Cluster) -> None:

@@ -237,6 +237,7 @@ class ControlPlane:
         self.pki = pki
         self._keep_state = keep_state
         self._children: list[Child] = []
+        self._argv: dict[str, list[str]] = {}  # how each component was started
         self._stopped = False
         self.etcd_url = ""
         self.server = ""
@@ -364,6 +365,33 @@ class ControlPlane:
             except NodeError as error:
                 raise ControlPlaneError(str(error)) from None
 
+    def restart_apiserver(
+        self, *, down_for_s: float = 0.0, clean: bool = False, timeout: float = 120.0
+    ) -> None:
+        """An API server outage: stop kube-apiserver (SIGKILL, or SIGTERM when `clean`),
+        keep it down for `down_for_s`, start it again as before (same port, same etcd), and
+        return once it answers `/readyz`. Clients see refused connections meanwhile."""
+        index, child = next(
+            (i, c) for i, c in enumerate(self._children) if c.name == "kube-apiserver"
+        )
+        if clean:
+            child.stop(timeout=STOP_TIMEOUT)
+        else:
+            child.process.kill()
+            child.stop(timeout=STOP_TIMEOUT)
+        time.sleep(down_for_s)
+        restarted = Child.start(
+            child.name, self._argv[child.name], log_path=self.log_path(child.name)
+        )
+        self._children[index] = restarted
+        probe = _Probe(self.pki)
+        self._await(
+            restarted,
+            lambda: probe.get(f"{self.server}/readyz") is not None,
+            timeout=timeout,
+            probe=probe,
+        )
+
     def kubectl(
         self,
         *args: str,
@@ -392,8 +420,10 @@ class ControlPlane:
     # -- start-up ----------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], extra: Mapping[str, Sequence[str]]) -> Child:
-        child = Child.start(name, [*argv, *extra.get(name, ())], log_path=self.log_path(name))
+        full = [*argv, *extra.get(name, ())]
+        child = Child.start(name, full, log_path=self.log_path(name))
         self._children.append(child)
+        self._argv[name] = full
         return child
 
     def _failure(self, child: Child, what: str) -> ControlPlaneError:

@@ -190,6 +190,21 @@ class RequestObserver(Protocol):
     def api_throttled(self, *, budget: str, seconds: float) -> None: ...
 
 
+class RequestObservers:
+    """Several observers of the writer's requests as one (metrics, and the operator's sight)."""
+
+    def __init__(self, *observers: RequestObserver) -> None:
+        self._observers = observers
+
+    def api_request(self, *, verb: str, resource: str, code: str, seconds: float) -> None:
+        for observer in self._observers:
+            observer.api_request(verb=verb, resource=resource, code=code, seconds=seconds)
+
+    def api_throttled(self, *, budget: str, seconds: float) -> None:
+        for observer in self._observers:
+            observer.api_throttled(budget=budget, seconds=seconds)
+
+
 class _Unobserved:
     def api_request(self, *, verb: str, resource: str, code: str, seconds: float) -> None:
         pass

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 import pydantic_core
@@ -50,6 +50,24 @@ logger = logging.getLogger(__name__)
 
 ObjectKey = tuple[str, str]  # (namespace, name) of any namespaced object
 Deliver = Callable[[str, dict[str, Any]], None]
+
+
+class SightListener(Protocol):
+    """Told when a watch fails (the first failure of an outage) and when it works again."""
+
+    def lost(self, source: str) -> None: ...
+
+    def regained(self, source: str) -> None: ...
+
+
+class _Unwatched:
+    def lost(self, source: str) -> None:
+        pass
+
+    def regained(self, source: str) -> None:
+        pass
+
+
 # The generated client's list call for a namespace (None: all namespaces); called with the
 # query parameters (limit, watch, resource_version, ...) and `_preload_content=False`.
 Lister = Callable[..., Awaitable[Any]]
@@ -218,7 +236,7 @@ class Retry:
         self,
         *,
         initial_s: float = 0.5,
-        cap_s: float = 30.0,
+        cap_s: float = 8.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._initial_s = initial_s
@@ -265,8 +283,10 @@ class Informer:
         watched: Watched,
         namespace: str | None = None,
         page_size: int = PAGE_SIZE,
+        sight: SightListener | None = None,
     ) -> None:
         self._lister = watched.lister(api, namespace)
+        self._sight: SightListener = sight or _Unwatched()
         self._label_selector = watched.label_selector
         self._what = watched.what
         self._resource = watched.resource
@@ -343,6 +363,8 @@ class Informer:
                 continue
             except Exception as error:
                 delay, first = self._retry.failed()
+                if first:
+                    self._sight.lost(self._source)
                 expected = isinstance(error, _CONNECTION_ERRORS)
                 if first or not expected:
                     logger.warning(
@@ -359,10 +381,15 @@ class Informer:
             if quiet:
                 await asyncio.sleep(_PAUSE_S)
 
+    @property
+    def _source(self) -> str:
+        return f"the watch of {self._what} in {self._where}"
+
     def _recovered(self) -> None:
         lasted = self._retry.succeeded()
         if lasted is not None:
             logger.info("watching %s in %s again after %.1fs", self._what, self._where, lasted)
+            self._sight.regained(self._source)
 
     async def _request(self, request_timeout: aiohttp.ClientTimeout, **params: Any) -> Any:
         """A LIST or WATCH; the raw aiohttp response, raising for anything but 200."""

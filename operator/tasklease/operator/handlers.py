@@ -23,11 +23,12 @@ from typing import Any
 
 import kopf
 
-from tasklease.kube.client import KubeWriter, TokenBucket, api_client
+from tasklease.kube.client import KubeWriter, RequestObservers, TokenBucket, api_client
 from tasklease.kube.leader import LeaderElector, candidate_identity
 from tasklease.operator.events import DEFAULT_SENDERS as EVENT_SENDERS
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.reconciler import Reconciler, connections_needed
+from tasklease.operator.sight import Sight
 from tasklease.operator.workload import Workload
 from tasklease.settings import OperatorSettings
 
@@ -82,19 +83,26 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
     connections = connections_needed(workers=operator.workers, event_senders=EVENT_SENDERS)
     api = await api_client(qps_hint=connections + 3 * len(namespaces) + 1)
     metrics = OperatorMetrics()
+    # Lease deadlines are timed on a clock that stands still while the operator cannot see
+    # the API server (its watches or requests fail): see operator/sight.py.
+    sight = Sight()
     writer = KubeWriter(
         api,
         limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
         event_limiter=TokenBucket(qps=operator.api_qps, burst=operator.api_burst),
-        observer=metrics,
+        observer=RequestObservers(metrics, sight),
     )
     reconciler = Reconciler(
-        writer, workers=operator.workers, event_senders=EVENT_SENDERS, metrics=metrics
+        writer,
+        workers=operator.workers,
+        event_senders=EVENT_SENDERS,
+        metrics=metrics,
+        monotonic=sight.clock,
     )
     metrics.attach(reconciler)
     if operator.metrics_port:
         metrics.serve(operator.metrics_port)
-    workload = Workload(api, reconciler, namespaces)
+    workload = Workload(api, reconciler, namespaces, sight=sight)
     metrics.attach_informers(workload.informers)
     memo[MEMO_WORKLOAD] = workload
     memo[MEMO_WRITER] = writer

@@ -14,7 +14,13 @@ import time
 
 from kubernetes_asyncio import client as k8s
 
-from tasklease.kube.informer import POOL_RUNNER_LEASES, RUNNER_PODS, TASKS, Informer
+from tasklease.kube.informer import (
+    POOL_RUNNER_LEASES,
+    RUNNER_PODS,
+    TASKS,
+    Informer,
+    SightListener,
+)
 from tasklease.operator.memory import trim_periodically
 from tasklease.operator.reconciler import Reconciler
 
@@ -23,15 +29,20 @@ logger = logging.getLogger(__name__)
 
 class Workload:
     def __init__(
-        self, api: k8s.ApiClient, reconciler: Reconciler, namespaces: list[str | None]
+        self,
+        api: k8s.ApiClient,
+        reconciler: Reconciler,
+        namespaces: list[str | None],
+        *,
+        sight: SightListener | None = None,
     ) -> None:
         self.reconciler = reconciler
         self._task_informers = [
-            Informer(api, reconciler.task_seen, watched=TASKS, namespace=namespace)
+            Informer(api, reconciler.task_seen, watched=TASKS, namespace=namespace, sight=sight)
             for namespace in namespaces
         ]
         self._runner_informers = [
-            Informer(api, deliver, watched=watched, namespace=namespace)
+            Informer(api, deliver, watched=watched, namespace=namespace, sight=sight)
             for namespace in namespaces
             for watched, deliver in (
                 (RUNNER_PODS, reconciler.pod_seen),

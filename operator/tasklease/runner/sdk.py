@@ -23,7 +23,10 @@ Every request times out well within the heartbeat interval, so a runner cut off 
 server finds out; and one that has not delivered a report for `spec.reportProgressTimeout`
 (before its first one, `spec.ackTimeout`) gives the lease up by itself (`canceled`, `lost`),
 since by then the operator may have handed the task to another runner. That is about when
-the operator would, so an old and a new attempt hardly overlap.
+the operator would, so an old and a new attempt hardly overlap. Time in which the API server
+itself said it was down (a refused connection, a 5xx or 429 answer) does not count: the
+operator cannot see either then, and does not count it against the lease. A request that
+times out does count: that is what a partition of this runner alone looks like.
 
 Thread-safe: the heartbeat thread and the caller's threads share one lock around the
 state and the sends, so reports reach the API server in the order they were made.
@@ -31,6 +34,7 @@ state and the sends, so reports reach the API server in the order they were made
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -156,6 +160,8 @@ class TaskLease:
         self._progress_timeout_s = 900.0
         self._started_at = time.monotonic()
         self._delivered_at: float | None = None  # when the last delivered write was sent
+        self._last_try_at = self._started_at
+        self._excused_s = 0.0  # silence since then during which the API server was down
         self.cancel_reason: str | None = None
         self.last_report_error: str | None = None
         self.release_requested = False
@@ -296,6 +302,7 @@ class TaskLease:
             except Exception as error:  # not a proven loss: the next heartbeat tries again
                 self.last_report_error = str(error)
                 logger.warning("progress report not delivered: %s", error)
+                self._failed(error)
                 self._give_up_if_silent_too_long()
                 return False
             self.last_report_error = None
@@ -343,6 +350,7 @@ class TaskLease:
                     if getattr(error, "status", None) == 400:
                         raise  # our request is malformed: retrying cannot help
                     logger.warning("result not delivered yet: %s", error)
+                    self._failed(error)
                     if self._give_up_if_silent_too_long():
                         raise LeaseLost(self.cancel_reason) from error
                     time.sleep(delay)
@@ -397,7 +405,8 @@ class TaskLease:
             self._mark_lost(reason)
             raise LeaseLost(self.cancel_reason) from exc
         task: dict[str, Any] = json.loads(response.data)
-        self._delivered_at = sent_at
+        self._delivered_at = self._last_try_at = sent_at
+        self._excused_s = 0.0
         return task
 
     def _get_task(self) -> dict[str, Any]:
@@ -425,6 +434,7 @@ class TaskLease:
                     self._mark_lost("the task was deleted")
                     return None
                 logger.warning("cannot read task %s yet: %s", self.identity.task, error)
+                self._failed(error)
                 if self._give_up_if_silent_too_long():
                     return None
                 time.sleep(delay)
@@ -453,7 +463,7 @@ class TaskLease:
         else:
             since, window = self._delivered_at, self._progress_timeout_s
             name = "spec.reportProgressTimeout"
-        if time.monotonic() - since < window:
+        if time.monotonic() - since - self._excused_s < window:
             return False
         self._mark_lost(
             f"no report reached the API server for {name} ({window:g}s): the task may have "
@@ -473,6 +483,13 @@ class TaskLease:
         self.cancel_reason = reason
         self._stop.set()
         logger.warning("lease on task %s lost: %s", self.identity.task, reason)
+
+    def _failed(self, error: BaseException) -> None:
+        """Account for a request that failed without proving anything about the lease."""
+        now = time.monotonic()
+        if _server_down(error):
+            self._excused_s += now - self._last_try_at
+        self._last_try_at = now
 
     def _heartbeat_loop(self) -> None:
         interval = self._heartbeat_interval_s or 60.0
@@ -499,6 +516,34 @@ def _patch_not_applied(exc: Any) -> bool:
     refusal of the body's content names the field; this answer names nothing)."""
     body = _status_body(exc)
     return body.get("message") == _PATCH_NOT_APPLIED and not (body.get("details") or {})
+
+
+_DOWN_ERRORS = (
+    ConnectionRefusedError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    http.client.RemoteDisconnected,
+)
+
+
+def _server_down(error: BaseException) -> bool:
+    """The API server said it is down or failing: it answered 5xx or 429, or nothing listens
+    where it should (a refused or dropped connection; urllib3 wraps those, so follow the
+    chain). A timeout is not such a word: it is what a partition looks like."""
+    status = getattr(error, "status", None)
+    if isinstance(status, int) and (status >= 500 or status == 429):
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, _DOWN_ERRORS):
+            return True
+        reason = getattr(cause, "reason", None)
+        cause = (
+            reason if isinstance(reason, BaseException) else cause.__cause__ or cause.__context__
+        )
+    return False
 
 
 def _task_deleted(error: BaseException, task: str) -> bool:
