@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.support import Cluster, OperatorProcess
+from tests.integration.support import RUNNER, Cluster, OperatorProcess, bind_runner, runner_role
 
 
 @pytest.fixture
@@ -40,3 +40,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture
+def runner_account(cluster: Cluster) -> str:
+    """A ServiceAccount with the runner's RBAC."""
+    runner_role(cluster)
+    bind_runner(cluster)
+    return RUNNER

@@ -294,3 +294,49 @@ def scrape(port: int) -> dict[str, float]:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+# --- the runner's ServiceAccount -------------------------------------------------------
+
+RUNNER = "runner"
+
+
+def runner_role(cluster: Cluster) -> None:
+    """The runner ServiceAccount and its Role (what the chart's runner Role grants)."""
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client)
+    cluster.core.create_namespaced_service_account(
+        cluster.namespace, {"metadata": {"name": RUNNER}}
+    )
+    rbac.create_namespaced_role(
+        cluster.namespace,
+        {
+            "metadata": {"name": RUNNER},
+            "rules": [
+                {"apiGroups": ["tasklease.io"], "resources": ["tasks"], "verbs": ["get", "watch"]},
+                {
+                    "apiGroups": ["tasklease.io"],
+                    "resources": ["tasks/status"],
+                    "verbs": ["get", "patch"],
+                },
+            ],
+        },
+    )
+
+
+def bind_runner(cluster: Cluster) -> None:
+    client.RbacAuthorizationV1Api(cluster.api_client).create_namespaced_role_binding(
+        cluster.namespace,
+        {
+            "metadata": {"name": RUNNER},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": RUNNER},
+            "subjects": [
+                {"kind": "ServiceAccount", "name": RUNNER, "namespace": cluster.namespace}
+            ],
+        },
+    )
+
+
+def unbind_runner(cluster: Cluster) -> None:
+    client.RbacAuthorizationV1Api(cluster.api_client).delete_namespaced_role_binding(
+        RUNNER, cluster.namespace
+    )

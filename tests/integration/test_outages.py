@@ -1,12 +1,14 @@
-"""API server outages do not count against leases (design invariant 3).
+"""Outages of the API server and of the operator do not cost live runners their leases, and
+do not keep dead ones alive (design invariant 3).
 
-These tests stop the API server, so each runs on a control plane of its own, not the
-session's: the operator is a real process, the runners are the SDK with real
-ServiceAccount tokens, heartbeating from threads of the test.
+The test that stops the API server runs on a control plane of its own, not the session's.
+The operator is a real process; the runners are the SDK with real ServiceAccount tokens,
+heartbeating from threads of the test.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,8 +20,14 @@ from kubernetes import config
 from tasklease.runner import TaskLease
 from tests.conftest import CRDS_DIR
 from tests.integration.chart_support import service_account_token, token_client
-from tests.integration.support import Cluster, OperatorProcess, identity_from_pod
-from tests.integration.test_runner_resilience import RUNNER, bind_runner, runner_role
+from tests.integration.support import (
+    RUNNER,
+    Cluster,
+    OperatorProcess,
+    bind_runner,
+    identity_from_pod,
+    runner_role,
+)
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -27,6 +35,9 @@ pytestmark = pytest.mark.cluster
 NAMESPACE = "outages"
 WINDOW = "8s"
 OUTAGE_S = 15.0  # longer than the lease window
+# Each operator of the crash loop lives this long after its listing: less than the 10 s
+# windows, more than the 4 s grace a lease first seen keeps (two 2 s heartbeat intervals).
+CRASH_LOOP_LIFETIME_S = 6.0
 
 
 @pytest.fixture
@@ -110,3 +121,52 @@ def test_apiserver_outage_longer_than_the_lease_reassigns_nothing(
 def _report_time(cluster: Cluster, name: str) -> datetime:
     progress = cluster.status(name).get("progress") or {}
     return datetime.fromisoformat(progress.get("reportTime", "1970-01-01T00:00:00Z"))
+
+
+def test_crash_looping_operator_still_expires_dead_leases(
+    cluster: Cluster, control_plane: Any, runner_account: str, tmp_path: Path
+) -> None:
+    """An operator killed every few seconds, faster than any lease window: a lease whose
+    runner never reported is still taken back (each start used to grant a whole window
+    again), and a lease whose runner reports through the crash loop is not."""
+    dead = [f"no-runner-{i}" for i in range(3)]
+    for name in [*dead, "alive"]:
+        cluster.create_task(
+            name, ackTimeout="10s", reportProgressTimeout="10s", heartbeatInterval="2s"
+        )
+    token = service_account_token(cluster.core, cluster.namespace, runner_account)
+    runner: TaskLease | None = None
+    operator = OperatorProcess(
+        kubeconfig=control_plane.kubeconfig,
+        namespace=cluster.namespace,
+        log_path=tmp_path / "operator.log",
+    )
+    try:
+        for cycle in range(6):
+            operator.start()
+            listings = cycle + 1
+            wait_for(
+                "the operator to list the Tasks",
+                lambda: operator.log().count("watching 4 Tasks") >= listings,  # noqa: B023
+                timeout=30,
+            )
+            if runner is None:
+                cluster.wait_epoch("alive", 1)
+                identity = identity_from_pod(cluster.pod("alive-1"))
+                runner = TaskLease(
+                    identity,
+                    api_client=token_client(control_plane, token),
+                    heartbeat_interval_s=1.0,
+                ).start()
+            time.sleep(CRASH_LOOP_LIFETIME_S)  # the crash loop's period: the fault injected
+            operator.kill()
+        for name in dead:
+            attempts = cluster.status(name).get("attempts") or []
+            assert attempts and attempts[0].get("outcome") == "AckTimeout", (name, attempts)
+        assert runner is not None and not runner.lost, runner.cancel_reason if runner else None
+        status = cluster.status("alive")
+        assert status["epoch"] == 1 and status["phase"] == "Running", status
+    finally:
+        operator.stop()
+        if runner is not None:
+            runner.close()

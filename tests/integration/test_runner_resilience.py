@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
 
 from tasklease.controlplane.process import die_with_parent
 from tasklease.runner import TaskLease
@@ -23,62 +22,19 @@ from tests.integration.chart_support import (
     token_client,
     write_token_kubeconfig,
 )
-from tests.integration.support import Cluster, OperatorProcess, identity_from_pod, pod_env
+from tests.integration.support import (
+    RUNNER,
+    Cluster,
+    OperatorProcess,
+    bind_runner,
+    identity_from_pod,
+    pod_env,
+    unbind_runner,
+)
 from tests.relay import Relay
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-
-RUNNER = "runner"
-
-
-@pytest.fixture
-def runner_account(cluster: Cluster) -> str:
-    """A ServiceAccount with the runner's RBAC."""
-    runner_role(cluster)
-    bind_runner(cluster)
-    return RUNNER
-
-
-def runner_role(cluster: Cluster) -> None:
-    """The runner ServiceAccount and its Role (what the chart's runner Role grants)."""
-    rbac = client.RbacAuthorizationV1Api(cluster.api_client)
-    cluster.core.create_namespaced_service_account(
-        cluster.namespace, {"metadata": {"name": RUNNER}}
-    )
-    rbac.create_namespaced_role(
-        cluster.namespace,
-        {
-            "metadata": {"name": RUNNER},
-            "rules": [
-                {"apiGroups": ["tasklease.io"], "resources": ["tasks"], "verbs": ["get", "watch"]},
-                {
-                    "apiGroups": ["tasklease.io"],
-                    "resources": ["tasks/status"],
-                    "verbs": ["get", "patch"],
-                },
-            ],
-        },
-    )
-
-
-def bind_runner(cluster: Cluster) -> None:
-    client.RbacAuthorizationV1Api(cluster.api_client).create_namespaced_role_binding(
-        cluster.namespace,
-        {
-            "metadata": {"name": RUNNER},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": RUNNER},
-            "subjects": [
-                {"kind": "ServiceAccount", "name": RUNNER, "namespace": cluster.namespace}
-            ],
-        },
-    )
-
-
-def unbind_runner(cluster: Cluster) -> None:
-    client.RbacAuthorizationV1Api(cluster.api_client).delete_namespaced_role_binding(
-        RUNNER, cluster.namespace
-    )
 
 
 def test_transient_api_errors_do_not_abandon_the_lease(

@@ -44,6 +44,7 @@ import pydantic_core
 from kubernetes_asyncio import client as k8s
 
 from tasklease.api.models import GROUP, PLURAL, POOL_RUNNER_ROLE, ROLE_LABEL, VERSION
+from tasklease.api.written import keep_written_times
 from tasklease.kube.errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class _Unwatched:
 Lister = Callable[..., Awaitable[Any]]
 
 
+def _drop_managed_fields(item: dict[str, Any], listed: str | None) -> None:
+    del listed
+    (item.get("metadata") or {}).pop("managedFields", None)
+
+
 @dataclass(frozen=True)
 class Watched:
     """A kind of object an informer lists and watches."""
@@ -81,6 +87,8 @@ class Watched:
     resource: str  # the API resource (plural), for metrics
     lister: Callable[[k8s.ApiClient, str | None], Lister]
     label_selector: str | None = None
+    # What a listed item keeps of its managedFields, given the listing's HTTP Date.
+    keep_of_listed: Callable[[dict[str, Any], str | None], None] = _drop_managed_fields
 
 
 def _list_tasks(api: k8s.ApiClient, namespace: str | None) -> Lister:
@@ -106,7 +114,8 @@ def _list_leases(api: k8s.ApiClient, namespace: str | None) -> Lister:
     return coordination.list_lease_for_all_namespaces  # type: ignore[no-any-return]
 
 
-TASKS: Final = Watched("Tasks", PLURAL, _list_tasks)
+# A listed Task keeps when the API server saw its lease and report written (api/written.py).
+TASKS: Final = Watched("Tasks", PLURAL, _list_tasks, keep_of_listed=keep_written_times)
 # Every pod with our role label: the runner pods of Tasks and the pool runners.
 RUNNER_PODS: Final = Watched("runner pods", "pods", _list_pods, label_selector=ROLE_LABEL)
 # The Leases pool runners renew (ReportTaskRunnerHeartbeat).
@@ -288,6 +297,7 @@ class Informer:
         self._lister = watched.lister(api, namespace)
         self._sight: SightListener = sight or _Unwatched()
         self._label_selector = watched.label_selector
+        self._keep_of_listed = watched.keep_of_listed
         self._what = watched.what
         self._resource = watched.resource
         self._deliver = deliver
@@ -419,13 +429,14 @@ class Informer:
             if token:
                 params["_continue"] = token
             response = await self._request(timeout, **params)
+            listed = response.headers.get("Date")
             try:
                 page = _decode(await response.read())
             finally:
                 response.release()
             self._recovered()
             for index, item in enumerate(page.get("items") or ()):
-                (item.get("metadata") or {}).pop("managedFields", None)
+                self._keep_of_listed(item, listed)
                 self._hand_on(self._view.listed(self._view.key(item)), item)
                 if index % _YIELD_EVERY == _YIELD_EVERY - 1:
                     await asyncio.sleep(0)

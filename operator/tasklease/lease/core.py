@@ -9,8 +9,11 @@ by the API server and simply taken again on a fresh one.
 
 Lease expiry is measured from the moment the operator *observed* a new report
 (`Sighting.report_seen_at`), never from the runner's `reportTime`: clocks of runner nodes
-and of the operator may disagree, and after an operator restart every lease gets a full
-window again because the sightings start anew (design invariant 3).
+and of the operator may disagree (design invariant 3). A lease first seen in a listing
+(after a start or a takeover) is taken to be as old as the API server's own record says
+(`api/written.py`), but it always keeps a grace to report once more: an operator that
+restarts faster than a window still expires dead leases, and one that restarts after an
+API server outage does not take leases from runners that could not report through it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from tasklease.api.models import (
     ResultStatus,
     Task,
 )
+from tasklease.api.written import ages
 from tasklease.lease.backoff import retry_delay
 from tasklease.lease.pods import runner_pod, runner_pod_name
 
@@ -115,22 +119,50 @@ def report_key(progress: Progress) -> int:
     return hash(progress.model_dump_json())
 
 
+def first_seen_at(
+    now: float, *, age_s: float | None, window: timedelta, heartbeat: timedelta
+) -> float:
+    """When to take a lease (or report) first seen at `now` to have been seen: `age_s`
+    earlier (the API server's record, when the body came from a listing), but never so
+    early that less than a grace to report once more is left of `window` (two heartbeat
+    intervals, at most half the window)."""
+    if age_s is None:
+        return now
+    window_s = window.total_seconds()
+    grace_s = min(2 * heartbeat.total_seconds(), window_s / 2)
+    return now - min(age_s, max(window_s - grace_s, 0.0))
+
+
 def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
     """Fold one observation of `task` into the sighting.
 
     A report counts as new when its content differs from the last one seen for the same
-    epoch; a report already present the first time a lease is seen (after a restart)
-    counts as seen now.
+    epoch. A lease first seen by this process counts as seen now, or, when it came in a
+    listing, as old as the API server's record of its last write (see `first_seen_at`).
     """
     epoch = task.lease.epoch
     progress = task.status.progress
     key = report_key(progress) if progress is not None and progress.epoch == epoch else None
     if previous is None or previous.epoch != epoch:
+        age = ages(task.metadata) if previous is None else {}
+        spec = task.spec
         return Sighting(
             epoch=epoch,
-            epoch_seen_at=now,
+            epoch_seen_at=first_seen_at(
+                now,
+                age_s=age.get("lease"),
+                window=spec.ack_timeout,
+                heartbeat=spec.heartbeat_interval,
+            ),
             report_key=key,
-            report_seen_at=now if key is not None else None,
+            report_seen_at=None
+            if key is None
+            else first_seen_at(
+                now,
+                age_s=age.get("report"),
+                window=spec.report_progress_timeout,
+                heartbeat=spec.heartbeat_interval,
+            ),
         )
     if key is not None and key != previous.report_key:
         return Sighting(
