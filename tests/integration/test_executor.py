@@ -4,6 +4,7 @@ and deleted as a kubelet would, and nothing left running after it stops."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -462,3 +463,37 @@ def test_cli_survives_nothing_of_a_killed_executor_and_stops_on_sigterm(
                 process.wait()
         kill_marked(str(state))
         log.close()
+
+
+def test_executor_never_starts_a_deleted_pod(
+    executor: LocalExecutor,
+    core: client.CoreV1Api,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Pods deleted while the executor is still busy starting the ones before them: their
+    `seen` events wait in its queue behind the others', and by the time it gets to them the
+    pods are gone. It must act on what it knows now, not on what the queue says: no process
+    for a deleted pod (an operator's replaced runner would run beside its successor)."""
+    # No token to request (which would fail for a deleted pod and hide the start).
+    bound: dict[str, Any] = {
+        "nodeName": executor.node_name,
+        "terminationGracePeriodSeconds": 0,
+        "automountServiceAccountToken": False,
+    }
+    caplog.set_level(logging.INFO, logger="tasklease.executor")
+    busy = [f"busy-{i}" for i in range(30)]
+    doomed = [f"doomed-{i}" for i in range(10)]
+    for name in [*busy, *doomed]:
+        core.create_namespaced_pod(namespace, pod_manifest(name, "sleep 30", **bound))
+    for name in doomed:
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    # The executor's queue is first in, first out: once a pod created after all of these
+    # runs, every message about them has been handled.
+    core.create_namespaced_pod(namespace, pod_manifest("sentinel", "sleep 30", **bound))
+    wait_phase(core, namespace, "sentinel", "Running", timeout=120)
+    started = [name for name in doomed if executor.log_path(namespace, name).exists()]
+    assert started == [], f"processes were started for deleted pods: {started}"
+    tried = [r.getMessage() for r in caplog.records if "doomed" in r.getMessage()]
+    assert tried == [], tried
+    assert all(executor.log_path(namespace, name).exists() for name in busy)

@@ -242,6 +242,9 @@ class LocalExecutor:
             os.environ, interpreter_dir=str(Path(sys.executable).parent)
         )
         self._queue: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        # The newest body the node watch has seen of each pod (None: deleted), by uid.
+        self._newest: dict[str, dict[str, Any] | None] = {}
+        self._newest_lock = threading.Lock()
         self._runs: dict[str, _Run] = {}  # by uid; the worker thread's alone
         self._pids: dict[tuple[str, str], int] = {}
         self._pids_lock = threading.Lock()
@@ -441,11 +444,25 @@ class LocalExecutor:
 
     def _on_node_sync(self, pods: list[dict[str, Any]]) -> None:
         for pod in pods:
+            self._note_newest(pod, gone=False)
             self._queue.put(_Seen(pod))
         self._queue.put(_Synced(frozenset(pod["metadata"]["uid"] for pod in pods)))
 
     def _on_node_event(self, kind: str, pod: dict[str, Any]) -> None:
+        self._note_newest(pod, gone=kind == "DELETED")
         self._queue.put(_Gone(pod) if kind == "DELETED" else _Seen(pod))
+
+    def _note_newest(self, pod: dict[str, Any], *, gone: bool) -> None:
+        """What the watch saw last of a pod, for the worker to act on instead of an older
+        message still in its queue (under load the queue holds a pod's `_Seen` for a while,
+        and the pod may have been deleted since: a kubelet acts on its newest view too)."""
+        with self._newest_lock:
+            self._newest[pod["metadata"]["uid"]] = None if gone else pod
+
+    def _newest_view(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        """The newest body of `pod` the watch has seen; None once it was deleted."""
+        with self._newest_lock:
+            return self._newest.get(pod["metadata"]["uid"], pod)
 
     def _bind_all(self, binder: Any, pods: list[dict[str, Any]]) -> None:
         for pod in pods:
@@ -530,6 +547,8 @@ class LocalExecutor:
             case _Seen(pod=pod):
                 self._on_seen(pod)
             case _Gone(pod=pod):
+                with self._newest_lock:
+                    self._newest.pop(pod["metadata"]["uid"], None)
                 run = self._runs.get(pod["metadata"]["uid"])
                 if run is not None:
                     self._on_gone(run)
@@ -554,7 +573,10 @@ class LocalExecutor:
             if run.refresh_at is not None and run.refresh_at <= current:
                 self._refresh_token(run)
 
-    def _on_seen(self, pod: dict[str, Any]) -> None:
+    def _on_seen(self, seen: dict[str, Any]) -> None:
+        pod = self._newest_view(seen)
+        if pod is None:
+            return  # deleted since: its `_Gone` is queued behind this message
         metadata = pod["metadata"]
         run = self._runs.get(metadata["uid"])
         if run is None:
