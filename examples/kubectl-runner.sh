@@ -5,7 +5,10 @@
 # the Task's status subresource: the first progress report (the acknowledgement), more
 # progress reports (heartbeats, from a background loop), and the result. Every patch first
 # `test`s the Task's epoch and holder annotations, so the API server itself refuses the
-# write of a runner whose lease was handed to another pod. A refused patch means: stop.
+# write of a runner whose lease was handed to another pod. A patch refused because a `test`
+# failed (or a Task that is gone) means: stop. Any other failure (a 403 while the API
+# server starts, a timeout) is tried again; but a runner that has delivered no report for
+# spec.reportProgressTimeout stops by itself, since the task may be another pod's by then.
 #
 # Environment (set by the operator in the runner pod):
 #   TASKLEASE_TASK, TASKLEASE_NAMESPACE, TASKLEASE_EPOCH, TASKLEASE_POD_NAME
@@ -70,6 +73,7 @@ duration_seconds() {
 # printed (spec.cancel of the patched Task).
 outcome() {
     if [ "$1" -eq 0 ]; then
+        date +%s >"$STATE/delivered"
         if [ "$2" = true ]; then
             echo "the task was canceled (spec.cancel)" >"$STATE/lost"
             return 2
@@ -79,12 +83,17 @@ outcome() {
     error=$(cat "$STATE/err-$ROLE")
     case $error in
     # 422 "the server rejected our request": a `test` failed, the epoch or holder moved on.
-    # NotFound: the Task is gone. Forbidden: RBAC or an admission policy refused this pod.
-    *"rejected our request"* | *NotFound* | *Forbidden* | *forbidden*)
+    # NotFound naming this Task: the Task is gone. Nothing else proves the lease moved.
+    *"rejected our request"* | *"\"$TASKLEASE_TASK\" not found"*)
         echo "lease lost, the fenced write was refused: $error" >"$STATE/lost"
         return 2
         ;;
     esac
+    silent=$(($(date +%s) - $(cat "$STATE/delivered")))
+    if [ "$silent" -ge "$REPORT_TIMEOUT" ]; then
+        echo "no report delivered for ${silent}s (the report window): the task may be another pod's now; last error: $error" >"$STATE/lost"
+        return 2
+    fi
     say "report not delivered (will try again): $error"
     return 1
 }
@@ -143,14 +152,17 @@ heartbeat() {
 # Read the Task once: the heartbeat interval and this example's parameters.
 settings=
 for delay in 1 2 4 0; do
-    settings=$(kubectl get task "$TASKLEASE_TASK" -n "$TASKLEASE_NAMESPACE" -o 'jsonpath={.spec.heartbeatInterval}|{.spec.parameters.steps}|{.spec.parameters.stepSeconds}|{.spec.parameters.failWith}') && break
+    settings=$(kubectl get task "$TASKLEASE_TASK" -n "$TASKLEASE_NAMESPACE" -o 'jsonpath={.spec.heartbeatInterval}|{.spec.reportProgressTimeout}|{.spec.ackTimeout}|{.spec.parameters.steps}|{.spec.parameters.stepSeconds}|{.spec.parameters.failWith}') && break
     [ "$delay" -gt 0 ] && sleep "$delay"
 done
 [ -n "$settings" ] || { say "cannot read task $TASKLEASE_TASK"; exit 1; }
-IFS='|' read -r interval steps step_seconds fail_with <<EOF
+IFS='|' read -r interval report_timeout ack_timeout steps step_seconds fail_with <<EOF
 $settings
 EOF
 INTERVAL=$(duration_seconds "${interval:-60s}")
+# Until the first report the window is spec.ackTimeout from now; then reportProgressTimeout.
+REPORT_TIMEOUT=$(duration_seconds "${ack_timeout:-2m}")
+date +%s >"$STATE/delivered"
 STEPS=${steps:-3}
 STEP_SECONDS=${step_seconds:-1}
 
@@ -166,6 +178,7 @@ for delay in 1 2 4 0; do
 done
 [ -n "$acknowledged" ] || { say "could not acknowledge the lease"; exit 1; }
 say "acknowledged task $TASKLEASE_TASK (epoch $TASKLEASE_EPOCH), heartbeat every ${INTERVAL}s"
+REPORT_TIMEOUT=$(duration_seconds "${report_timeout:-15m}")
 
 # 2. Heartbeat in the background while the work runs.
 MAIN_PID=$$

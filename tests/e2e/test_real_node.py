@@ -391,7 +391,7 @@ def test_helm_upgrade_keeps_running_leases(release: Release) -> None:
     imported = release.cluster.ctr("images", "list", "--quiet").stdout.split()
     (image,) = [found for found in imported if found.endswith(f"/library/{IMAGE}")]
     release.cluster.ctr("images", "tag", "--force", image, f"{image}-upgrade")
-    names = release.start_runners("upgrade", lease="8s", work_s=25)
+    names = release.start_runners("upgrade", lease="8s", work_s=15)
     (before,) = release.operator_pods()
     release.upgrade("image.tag=0.1.0-upgrade")
     (after,) = release.operator_pods()

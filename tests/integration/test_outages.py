@@ -33,8 +33,8 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.cluster
 
 NAMESPACE = "outages"
-WINDOW = "8s"
-OUTAGE_S = 15.0  # longer than the lease window
+WINDOW = "6s"
+OUTAGE_S = 9.0  # longer than the lease window
 # Each operator of the crash loop lives this long after its listing: less than the 10 s
 # windows, more than the 4 s grace a lease first seen keeps (two 2 s heartbeat intervals).
 CRASH_LOOP_LIFETIME_S = 6.0
@@ -142,7 +142,7 @@ def test_crash_looping_operator_still_expires_dead_leases(
         log_path=tmp_path / "operator.log",
     )
     try:
-        for cycle in range(6):
+        for cycle in range(3):
             operator.start()
             listings = cycle + 1
             wait_for(

@@ -44,7 +44,7 @@ ACQUIRE_TIME_ANNOTATION = f"{GROUP}/acquire-time"
 # How the attempt that a reassignment superseded ended (an attempt record as JSON), written
 # in the same compare-and-swap as the new lease: the status write that records it comes
 # after the new runner pod, off the path that detection and hand-out speed are measured on,
-# and a crash in between loses nothing (design invariant 4).
+# and a crash in between loses nothing (design invariant 5).
 PREVIOUS_ATTEMPT_ANNOTATION = f"{GROUP}/previous-attempt"
 # What the epoch annotation must look like to be read (anything else reads as 0).
 _EPOCH_TEXT = re.compile(r"[0-9]{1,18}")

@@ -2,7 +2,7 @@
 
 A pod's name is derived from the task and the epoch, so a hand-out retried after a crash
 finds the pod it already created (AlreadyExists) instead of starting a second runner for
-the same epoch (design invariant 5).
+the same epoch (design invariant 6).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ it to JSON only for the worker to parse that again was a fifth of the reconciler
 heartbeat (`python -m bench.event_path`).
 
 Nothing here is needed to continue after a restart: all state is on the Task, and the
-cache is rebuilt from the informers' initial listings (design invariant 4).
+cache is rebuilt from the informers' initial listings (design invariant 5).
 """
 
 from __future__ import annotations
