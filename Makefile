@@ -35,8 +35,8 @@ check-manifests: venv  ## Fail when the CRD manifests drifted from the models
 	$(PY) -m tasklease.api.crd --check
 
 lint: venv  ## ruff, mypy --strict, import layering, manifest drift
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench soak
+	$(BIN)/ruff format --check operator tests bench soak
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(PY) -m tasklease.api.crd --check

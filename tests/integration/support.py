@@ -8,26 +8,21 @@ test process with the SDK, using the identity the operator gave the runner pod.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
-from tasklease.controlplane.process import die_with_parent
+from tasklease.controlplane.process import OperatorProcess
 from tasklease.runner import Identity, TaskLease
 from tests.waiting import wait_for
 
 T = TypeVar("T")
 
-__all__ = ["wait_for"]  # re-exported: the integration tests import it from here
+__all__ = ["OperatorProcess", "wait_for"]  # re-exported: the integration tests import them
 
 # Short lease timings so the suite stays fast; each test overrides what it exercises.
 FAST_SPEC: dict[str, Any] = {
@@ -183,71 +178,6 @@ def pod_env(pod: Any) -> dict[str, Any]:
 
 def identity_from_pod(pod: Any) -> Identity:
     return Identity.from_env(pod_env(pod))
-
-
-class OperatorProcess:
-    """The operator as a real process, watching one namespace, logging to a file."""
-
-    def __init__(
-        self,
-        *,
-        kubeconfig: Path,
-        namespace: str,
-        log_path: Path,
-        metrics_port: int = 0,
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        self.kubeconfig = kubeconfig
-        self.namespace = namespace
-        self.log_path = log_path
-        self.metrics_port = metrics_port
-        self.extra_env = extra_env or {}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> OperatorProcess:
-        env = dict(os.environ)
-        env.update(
-            KUBECONFIG=str(self.kubeconfig),
-            TASKLEASE_NAMESPACES=self.namespace,
-            TASKLEASE_METRICS_PORT=str(self.metrics_port),
-            TASKLEASE_HEALTH_PORT="0",
-            TASKLEASE_WORKERS="4",
-        )
-        env.update(self.extra_env)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tasklease", "operator"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(os.getpid()),
-        )
-        log.close()
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup handlers run, exactly like a crash or an OOM kill."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def raw_fenced_patch(

@@ -186,16 +186,19 @@ def test_the_runner_sdk_passes_the_policy_with_a_bound_token(setup: Setup) -> No
     assert setup.status(name)["result"]["epoch"] == 2
 
 
-def test_the_runner_sdk_from_another_pod_loses_the_lease(setup: Setup) -> None:
+def test_the_runner_sdk_from_another_pod_is_refused_every_time(setup: Setup) -> None:
     """A runner whose fence passes (it claims the holder's name) but whose token belongs to
-    another pod: the policy refuses it and the SDK reports the lease as lost."""
+    another pod: the policy refuses every write. The Task still names the pod the runner
+    claims to be, so nothing proves the lease moved: the SDK keeps trying (and gives up
+    once its report window has passed with nothing delivered) and nothing is written."""
     name = setup.task(holder=HOLDER, epoch=2)
     impostor = Identity(task=name, namespace=setup.namespace, epoch=2, pod_name=HOLDER)
     lease = TaskLease(impostor, api_client=setup.as_pod(OTHER, "bound-token"))
     lease.start()
+    assert lease.progress(percent=10) is False
     lease.close()
-    assert lease.lost
-    assert f"pod {OTHER} does not hold the lease on task {name}" in (lease.cancel_reason or "")
+    assert f"pod {OTHER} does not hold the lease on task {name}" in (lease.last_report_error or "")
+    assert "progress" not in setup.status(name)
 
 
 def test_admission_refuses_a_token_not_bound_to_a_pod(setup: Setup) -> None:

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+
 from bench.request_path import measure
 
 pytestmark = pytest.mark.cluster

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bench.report import RESULT_KEYS
 from bench.run import REPO_ROOT
 

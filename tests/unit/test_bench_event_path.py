@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+
 from bench import event_path
 
 task_body = event_path.task_body

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from bench.procstat import (
     CpuSnapshot,
     classify_components,

@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
+
 from bench.flame import frame_key, parse_collapsed, render, short_path, summarize
 from bench.loadgen import (
     Generator,

@@ -263,3 +263,70 @@ def run_with_progress(
             _stop_group(process, STOP_GRACE_S)
         reader.join(timeout=5)
     return Finished(returncode, tuple(tail), time.monotonic() - started)
+
+
+class OperatorProcess:
+    """The operator as a real process (`python -m tasklease operator`) against a local
+    cluster, watching one namespace, logging to a file: for the tests and the soak, which
+    kill it with SIGKILL and start it again exactly as a crash would."""
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: Path,
+        namespace: str,
+        log_path: Path,
+        metrics_port: int = 0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log_path = log_path
+        self.metrics_port = metrics_port
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = dict(os.environ)
+        env.update(
+            KUBECONFIG=str(self.kubeconfig),
+            TASKLEASE_NAMESPACES=self.namespace,
+            TASKLEASE_METRICS_PORT=str(self.metrics_port),
+            TASKLEASE_HEALTH_PORT="0",
+            TASKLEASE_WORKERS="4",
+        )
+        env.update(self.extra_env)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tasklease", "operator"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(os.getpid()),
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers run, exactly like a crash or an OOM kill."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

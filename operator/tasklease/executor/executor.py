@@ -96,6 +96,7 @@ FORCE_DELETED_GRACE_S: Final = 2.0  # the kubelet's minimum, for pods removed fr
 TOKEN_EXPIRATION_S: Final = 3600
 _REQUEST_TIMEOUT: Final = (10.0, 30.0)
 _STATUS_ATTEMPTS: Final = 3
+_STATUS_RETRY_S: Final = 2.0
 _LOCK_FILE: Final = ".executor.lock"
 
 
@@ -162,6 +163,9 @@ class _Run:
     credentials: Path | None = None
     stop_message: str | None = None  # set when the executor's stop ended the process
     wrote_status: bool = False
+    # A status the API server did not take (it was down): written again at `status_at`.
+    unwritten_status: dict[str, Any] | None = None
+    status_at: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -531,11 +535,13 @@ class LocalExecutor:
                     return
 
     def _next_timer_in(self) -> float:
-        deadlines = [
+        deadlines: list[float] = [
             moment
             for run in self._runs.values()
-            if run.alive
-            for moment in (run.kill_at, run.refresh_at)
+            for moment in (
+                *((run.kill_at, run.refresh_at) if run.alive else ()),
+                run.status_at,
+            )
             if moment is not None
         ]
         if not deadlines:
@@ -563,6 +569,9 @@ class LocalExecutor:
     def _fire_timers(self) -> None:
         current = time.monotonic()
         for run in list(self._runs.values()):
+            if run.status_at is not None and run.status_at <= current:
+                assert run.unwritten_status is not None
+                self._write_status(run, run.unwritten_status)
             if not run.alive:
                 continue
             if run.kill_at is not None and run.kill_at <= current:
@@ -903,16 +912,22 @@ class LocalExecutor:
                 # watch event that may still be on its way.
                 run.pod = json.loads(response.data)
                 run.wrote_status = True
+                run.unwritten_status = run.status_at = None
                 return
             except ApiException as error:
                 if error.status == 404:
                     return  # deleted meanwhile: its DELETED event follows
                 retry = error.status in (0, 429) or error.status >= 500
-                if not retry or attempt == _STATUS_ATTEMPTS:
+                if not retry:
                     logger.warning("pod %s: status update failed: %s", run.key, _api_message(error))
                     return
+                failure = _api_message(error)
             except Exception as error:  # connection trouble
-                if attempt == _STATUS_ATTEMPTS:
-                    logger.warning("pod %s: status update failed: %s", run.key, error)
-                    return
+                failure = str(error)
+            if attempt == _STATUS_ATTEMPTS:
+                # The API server is away: a kubelet would report the pod's state when it is
+                # back, not leave it Running for ever. Try again later, between messages.
+                logger.warning("pod %s: status update failed (trying again): %s", run.key, failure)
+                run.unwritten_status, run.status_at = body, time.monotonic() + _STATUS_RETRY_S
+                return
             time.sleep(0.2 * attempt)

@@ -65,6 +65,7 @@ from tasklease.lease.core import (
     observe,
     when_to_stop_pod,
 )
+from tasklease.operator import failpoints
 from tasklease.operator.events import DEFAULT_SENDERS, EventQueue, PendingEvent
 from tasklease.operator.metrics import OperatorMetrics
 from tasklease.operator.queues import DeadlineQueue, WorkQueue
@@ -608,6 +609,7 @@ class Reconciler:
                         labels=labels,
                     )
                     resource_version = _resource_version(written)
+                    failpoints.reached(failpoints.AFTER_LEASE_WRITE)
                 case PatchStatus(status=status):
                     written = await self._writer.patch_task_status(
                         namespace,
@@ -616,8 +618,10 @@ class Reconciler:
                         status=status,
                     )
                     resource_version = _resource_version(written)
+                    failpoints.reached(failpoints.AFTER_STATUS_WRITE)
                 case CreatePod(manifest=manifest):
                     await self._writer.create_pod(namespace, manifest)
+                    failpoints.reached(failpoints.AFTER_POD_CREATE)
                 case DeletePod(name=pod_name):
                     # Off the critical path: the lease already fences the old runner, and
                     # the replacement should not wait for its predecessor's deletion (a

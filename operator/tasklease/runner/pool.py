@@ -130,7 +130,17 @@ class PoolRunner:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> PoolRunner:
-        self._write_lease(create=True)
+        delay = 0.5
+        while True:  # the API server may be away a while (restarting, or this pod is early)
+            try:
+                self._write_lease(create=True)
+                break
+            except Exception as error:
+                if not _transient(error):
+                    raise
+                logger.warning("runner lease not created yet: %s", error)
+                time.sleep(delay)
+                delay = min(delay * 2, self.renew_interval_s)
         self._renewer = threading.Thread(
             target=self._renew_loop, daemon=True, name=f"tasklease-runner-lease-{self.pod_name}"
         )
@@ -153,6 +163,8 @@ class PoolRunner:
         except ApiException as error:
             if error.status != 404:
                 logger.warning("could not delete runner lease %s: %s", self.pod_name, error)
+        except Exception as error:  # the API server away: the Lease expires by itself
+            logger.warning("could not delete runner lease %s: %s", self.pod_name, error)
 
     def __enter__(self) -> PoolRunner:
         return self.start()
@@ -172,10 +184,22 @@ class PoolRunner:
 
         deadline = time.monotonic() + timeout_s
         selector = f"{WORKER_GROUP_LABEL}={self.worker_group},{CLAIMABLE_LABEL}=true"
+        delay = 0.5
         while not self.stopping and time.monotonic() < deadline:
-            listed = self._custom.list_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, label_selector=selector
-            )
+            try:
+                listed = self._custom.list_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, label_selector=selector
+                )
+            except Exception as error:
+                if not _transient(error):
+                    raise
+                # The API server away (restarting): poll again, as AWS's PollForTask
+                # clients do after a failed call.
+                logger.warning("cannot list claimable tasks yet: %s", error)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.5
             for task in sorted(listed.get("items", []), key=claim_order):
                 claimed = self._claim(task)
                 if claimed is not None:
@@ -204,6 +228,10 @@ class PoolRunner:
                         claimed = self._claim(event["object"])
                         if claimed is not None:
                             return claimed
+            except Exception as error:
+                if not _transient(error):
+                    raise
+                logger.warning("watching claimable tasks failed: %s; listing again", error)
             finally:
                 stream.stop()
         return None
@@ -258,6 +286,12 @@ class PoolRunner:
         except ApiException as error:
             if error.status in (404, 409, 422):
                 return None  # another runner won, or the task moved on
+            if _transient(error):
+                return None  # not claimed; the next poll tries again
+            raise
+        except Exception as error:
+            if _transient(error):
+                return None
             raise
         status = claimed.get("status") or {}
         progress = status.get("progress") or {}
@@ -336,6 +370,16 @@ class _HeldTask(TaskLease):
         super().close()
         if self in self._pool._held and (self.lost or self._result_sent):
             self._pool._held.remove(self)
+
+
+def _transient(error: BaseException) -> bool:
+    """A failure to retry: no answer at all, or one that says the API server is not itself
+    (5xx, 429) or not ready to say who we are (401/403 right after a restart)."""
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(error, ApiException):
+        return error.status in (401, 403, 429) or error.status >= 500
+    return isinstance(error, OSError) or "urllib3" in type(error).__module__
 
 
 def _own_namespace() -> str:
