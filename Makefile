@@ -8,7 +8,7 @@ PY     := $(BIN)/python
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k lease -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries manifests check-manifests lint test test-unit test-kind demo bench cluster image node-deps clean
+.PHONY: help venv binaries manifests check-manifests lint test test-unit test-kind demo bench soak cluster image node-deps clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ test-kind: venv binaries  ## The end-to-end test on kind (needs Docker and kind;
 
 demo: binaries  ## The main job on a local control plane (KEEP=1 keeps the cluster up afterwards)
 	$(PY) -m tasklease.demo $(if $(KEEP),--keep,)
+
+soak: binaries  ## Robustness run under random faults, judged on the audit log (SOAK_ARGS="--tasks 2000 --operator-kills 50 ...")
+	$(PY) -m soak.run $(SOAK_ARGS)
 
 bench: binaries  ## Scale benchmark (N=1,000 by default; BENCH_ARGS="--tasks 10000 ...")
 	$(PY) -m bench.run $(BENCH_ARGS)
