@@ -526,3 +526,36 @@ def test_deleting_task_removes_its_pods(
     wait_for(
         "the pod to be garbage-collected", lambda: cluster.pod("short-lived-1") is None, timeout=30
     )
+
+
+def test_foreign_phase_write_does_not_steer_the_operator(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    """A user sets status.phase Succeeded on a running task (the status subresource is open
+    to whoever may patch it): the operator neither releases the lease nor deletes the live
+    pod; it puts the phase back with a Warning, and the runner's result still decides."""
+    cluster.create_task("overwritten", reportProgressTimeout="30s")
+    cluster.wait_epoch("overwritten", 1)
+    runner = cluster.runner("overwritten", epoch=1, heartbeat_interval_s=1.0)
+    runner.start()
+    try:
+        cluster.wait_phase("overwritten", "Running")
+        cluster.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, cluster.namespace, PLURAL, "overwritten",
+            {"status": {"phase": "Succeeded"}},
+        )  # fmt: skip
+        wait_for(
+            "the operator's warning",
+            lambda: "StatusOverwritten" in cluster.event_reasons("overwritten"),
+        )
+        status = cluster.wait_phase("overwritten", "Running")
+        assert status.get("completionTime") is None
+        assert cluster.annotations("overwritten")["tasklease.io/holder"] == "overwritten-1"
+        assert cluster.live_pod("overwritten-1") is not None
+        assert runner.progress(percent=50) and not runner.lost
+        runner.succeed()
+    finally:
+        runner.close()
+    status = cluster.wait_phase("overwritten", "Succeeded")
+    assert status["result"]["status"] == "FINISHED" and status.get("completionTime")
+    assert attempt_outcomes(status) == ["Succeeded"]

@@ -969,7 +969,20 @@ def final_task(phase: Phase, *, holder: str | None, cancel: bool) -> Task:
         epoch=1,
         acquire_time=CREATED,
         spec={"cancel": cancel, "activeDeadline": "1m", "lateAfter": "1m", "attemptTimeout": "1m"},
-        status={"phase": phase.value, "attempt": 1, "epoch": 1},
+        # What the operator writes with a final phase: Complete says so.
+        status={
+            "phase": phase.value,
+            "attempt": 1,
+            "epoch": 1,
+            "conditions": [
+                {
+                    "type": "Complete",
+                    "status": "True",
+                    "reason": phase.value,
+                    "lastTransitionTime": iso(CREATED),
+                }
+            ],
+        },
     )
 
 
@@ -1647,3 +1660,36 @@ def test_a_garbled_previous_attempt_annotation_reads_as_absent() -> None:
         metadata={"annotations": {PREVIOUS_ATTEMPT_ANNOTATION: '{"epoch": "not a number"'}}
     )
     assert task.previous_attempt is None
+
+
+# --- a status written by someone else -----------------------------------------------------
+
+
+@pytest.mark.parametrize("written", [Phase.SUCCEEDED, Phase.FAILED, Phase.PENDING])
+def test_a_foreign_phase_on_a_running_task_is_restored_and_steers_nothing(written: Phase) -> None:
+    """`kubectl patch --subresource=status` of status.phase on a running task: the lease
+    and the runner's result decide; the live pod keeps its lease, no new epoch is handed
+    out, and the phase is put back with a Warning."""
+    harness = running()
+    harness.body["status"]["phase"] = written.value
+    decision = harness.step()
+    assert kinds(decision) == ["PatchStatus", "RecordEvent"]
+    assert harness.task.status.phase == Phase.RUNNING
+    assert only(decision, RecordEvent).reason == "StatusOverwritten"
+    harness.settle()
+    task = harness.task
+    assert (task.lease.epoch, task.lease.holder) == (1, "demo-1")
+    assert harness.deleted_pods == [] and harness.created_pods == ["demo-1"]
+    assert task.status.phase == Phase.RUNNING
+    harness.write_result("FINISHED")
+    harness.settle()
+    assert harness.task.status.phase == Phase.SUCCEEDED  # the result decides, as ever
+
+
+def test_a_foreign_final_phase_on_a_task_never_handed_out_is_restored() -> None:
+    harness = Harness.new()
+    harness.body.setdefault("status", {})["phase"] = Phase.SUCCEEDED.value
+    decision = harness.step()
+    assert only(decision, RecordEvent).reason == "StatusOverwritten"
+    assert harness.task.status.phase == Phase.PENDING
+    assert harness.step().why == "hand out epoch 1"  # and the task runs

@@ -648,6 +648,10 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
         plan.why = "spec fixed"
         return plan.decision()
 
+    if (restored := _phase_from_facts(task, sighting)) is not None:
+        _restore_phase(task, plan, restored)
+        return plan.decision()
+
     if status.phase.is_final:
         if lease.holder or CLAIMABLE_LABEL in task.labels:
             _release_lease(plan, claimable=False if task.is_pool_task else None)
@@ -708,6 +712,74 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
 
     _decide_active(task, plan, sighting=sighting, pod=pod)
     return plan.decision()
+
+
+def _phase_from_facts(task: Task, sighting: Sighting) -> Phase | None:
+    """The phase the lease and the attempt history say, when `status.phase` says otherwise
+    (someone other than the operator wrote it: the status subresource is writable by users
+    with access to it). None when the phase agrees with them.
+
+    What the operator itself writes never disagrees: it ends the current attempt (outcome)
+    in the same write that leaves the active phases, and writes a final phase only with the
+    `Complete` condition saying so. So the phase is foreign when it is not active while the
+    current attempt is open (no outcome) and its runner still holds the lease, or when it is
+    final without `Complete` saying so."""
+    status, lease = task.status, task.lease
+    current = next((a for a in reversed(status.attempts) if a.epoch == lease.epoch), None)
+    open_attempt = (
+        current is not None
+        and current.outcome is None
+        and lease.holder is not None
+        and status.epoch == lease.epoch
+    )
+    if open_attempt and status.phase not in ACTIVE_PHASES:
+        acknowledged = sighting.acknowledged or (
+            status.progress is not None and status.progress.epoch == lease.epoch
+        )
+        return Phase.RUNNING if acknowledged else Phase.ASSIGNED
+    if status.phase.is_final and not _condition_is_reason(
+        task, CONDITION_COMPLETE, "True", str(status.phase)
+    ):
+        return Phase.PENDING if not open_attempt else Phase.ASSIGNED
+    return None
+
+
+def _condition_is_reason(task: Task, type_: str, status: str, reason: str) -> bool:
+    return any(
+        c.type == type_ and c.status == status and c.reason == reason
+        for c in task.status.conditions
+    )
+
+
+def _restore_phase(task: Task, plan: _Plan, phase: Phase) -> None:
+    """Put back the phase that follows from the lease, and say so: the status must end
+    consistent, and whoever wrote it should learn that it did not steer anything."""
+    written = task.status.phase
+    patch: dict[str, Any] = {"phase": str(phase), "completionTime": None}
+    if _condition_is(task, CONDITION_COMPLETE, "True"):
+        conditions = set_condition(
+            task.status.conditions,
+            type_=CONDITION_COMPLETE,
+            status="False",
+            reason=str(phase),
+            message="the task is not final",
+            now=plan.clock.wall,
+            generation=task.generation,
+        )
+        patch["conditions"] = _dump_conditions(conditions)
+    plan.actions.append(PatchStatus(patch))
+    plan.actions.append(
+        RecordEvent(
+            type="Warning",
+            reason="StatusOverwritten",
+            message=(
+                f"status.phase {written} was written by someone other than the operator and "
+                f"does not follow from the lease: restored to {phase} (the lease and the "
+                f"runner's result decide a task's phase; set spec.cancel to stop it)"
+            ),
+        )
+    )
+    plan.why = f"restore phase {phase} over a foreign {written}"
 
 
 def _finish_without_attempt(
