@@ -10,14 +10,21 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from kubernetes import watch
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
-from tasklease.runner import LeaseLost
-from tests.integration.support import Cluster, OperatorProcess, raw_fenced_patch, wait_for
+from tasklease.runner import LeaseLost, TaskLease
+from tests.integration.support import (
+    Cluster,
+    OperatorProcess,
+    identity_from_pod,
+    raw_fenced_patch,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -559,3 +566,33 @@ def test_foreign_phase_write_does_not_steer_the_operator(
     status = cluster.wait_phase("overwritten", "Succeeded")
     assert status["result"]["status"] == "FINISHED" and status.get("completionTime")
     assert attempt_outcomes(status) == ["Succeeded"]
+
+
+@pytest.mark.parametrize("skew_h", [1, -1])
+def test_last_report_column_ignores_the_runner_clock(
+    cluster: Cluster, operator_process: OperatorProcess, kubectl: Any, skew_h: int
+) -> None:
+    """A runner whose clock is an hour ahead or behind: the reportTime it writes is on the API
+    server's clock (read from its answers), so LAST REPORT shows seconds, not `<invalid>`
+    or an hour. (The lease never depended on it: the operator times reports itself.)"""
+    name = f"skewed-{'ahead' if skew_h > 0 else 'behind'}"
+    cluster.create_task(name, reportProgressTimeout="30s")
+    cluster.wait_epoch(name, 1)
+    pod = wait_for(f"pod {name}-1", lambda: cluster.pod(f"{name}-1"))
+    off = timedelta(hours=skew_h)
+    runner = TaskLease(
+        identity_from_pod(pod), api_client=cluster.api_client, wall=lambda: datetime.now(UTC) + off
+    )
+    runner.start()
+    try:
+        for percent in (10, 20):
+            assert runner.progress(percent=percent)
+        task = cluster.task(name)
+        written = datetime.fromisoformat(task["status"]["progress"]["reportTime"])
+        assert abs((written - datetime.now(UTC)).total_seconds()) < 5, written
+        table = kubectl("get", "task", name, "-n", cluster.namespace).stdout.splitlines()
+        assert table[0].split()[-3:] == ["LAST", "REPORT", "AGE"], table[0]
+        age = table[1].split()[-2]  # the LAST REPORT column, as kubectl shows it
+        assert age.endswith("s") and age[:-1].isdigit(), table
+    finally:
+        runner.close()

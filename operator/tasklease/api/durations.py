@@ -7,6 +7,12 @@ them into `timedelta` so no code ever handles a bare number of unknown unit.
 
 What the pattern accepts is a strict subset of what Go's `time.ParseDuration` (and so CEL)
 accepts, so a string the schema lets through never makes a CEL rule fail to evaluate.
+
+A Task's durations are whole milliseconds. Go counts nanoseconds and `timedelta`
+microseconds, so a finer duration would not be what the operator measures and reports
+("1ns" came back as "1us" in its Events); no lease timing means anything below a
+millisecond. The API server refuses such a duration (`WHOLE_MILLISECONDS_RULE`) and so do
+the models, so that the two never disagree about a Task.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ _NANOSECONDS_PER_UNIT = {
     "m": 60_000_000_000,
     "h": 3_600_000_000_000,
 }
+_NANOSECONDS_PER_MILLISECOND = 1_000_000
 _MICROSECONDS_PER_HOUR = 3_600_000_000
 _MICROSECONDS_PER_MINUTE = 60_000_000
 _MICROSECONDS_PER_SECOND = 1_000_000
@@ -63,11 +70,29 @@ def parse_go_duration(value: Any) -> timedelta:
     return _parse_duration_text(value)
 
 
+def parse_whole_milliseconds(value: Any) -> timedelta:
+    """`parse_go_duration`, refusing a duration that is not a whole number of milliseconds.
+
+    Judged on the exact value: "999999ns" is refused, although it rounds up to 1ms.
+    """
+    if isinstance(value, str) and len(value) <= MAX_DURATION_LENGTH:
+        nanoseconds = _duration_text_nanoseconds(value)
+        exact = nanoseconds % _NANOSECONDS_PER_MILLISECOND == 0
+    else:
+        parsed = parse_go_duration(value)
+        exact = parsed % timedelta(milliseconds=1) == timedelta(0)
+    if not exact:
+        raise ValueError(
+            f"{value!r} is not a whole number of milliseconds, such as '250ms', '1.5s' or '2m'"
+        )
+    return parse_go_duration(value)
+
+
 # Every Task the operator parses carries four or five durations, nearly always the same few
 # strings: a regular expression per field per watch event cost an eighth of the operator's
 # CPU per heartbeat. Failures are not cached (lru_cache never caches an exception).
 @functools.lru_cache(maxsize=1024)
-def _parse_duration_text(value: str) -> timedelta:
+def _duration_text_nanoseconds(value: str) -> int:
     if not re.fullmatch(GO_DURATION_PATTERN, value):
         raise ValueError(f"{value!r} is not a duration such as '90s', '15m' or '1h30m'")
     nanoseconds = 0
@@ -78,6 +103,12 @@ def _parse_duration_text(value: str) -> timedelta:
             nanoseconds += int(fraction) * scale // 10 ** len(fraction)
     if nanoseconds > _MAX_NANOSECONDS:
         raise ValueError(f"{value!r} is longer than the longest duration, about 2562047h")
+    return nanoseconds
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_duration_text(value: str) -> timedelta:
+    nanoseconds = _duration_text_nanoseconds(value)
     return timedelta(microseconds=-(-nanoseconds // 1000))  # rounded up
 
 
@@ -117,11 +148,26 @@ def _with_fraction(whole: int, fraction: int, *, digits: int) -> str:
     return f"{whole}.{fraction:0{digits}d}".rstrip("0")
 
 
+# CEL has no remainder for durations: a duration is whole milliseconds when it equals its
+# own count of milliseconds (getMilliseconds() truncates: "1.5ms" gives 1).
+WHOLE_MILLISECONDS_RULE: dict[str, str] = {
+    "rule": "duration(self) == duration(string(duration(self).getMilliseconds()) + 'ms')",
+    "message": "must be a whole number of milliseconds, such as '250ms', '1.5s' or '2m'",
+}
+
+# A Task's durations. A field that sets its own x-kubernetes-validations must list
+# WHOLE_MILLISECONDS_RULE among them (they replace the type's; tests/unit/test_crd.py
+# checks every duration of the CRD for it).
 Duration = Annotated[
     timedelta,
-    BeforeValidator(parse_go_duration),
+    BeforeValidator(parse_whole_milliseconds),
     PlainSerializer(format_go_duration, return_type=str),
     WithJsonSchema(
-        {"type": "string", "pattern": GO_DURATION_PATTERN, "maxLength": MAX_DURATION_LENGTH}
+        {
+            "type": "string",
+            "pattern": GO_DURATION_PATTERN,
+            "maxLength": MAX_DURATION_LENGTH,
+            "x-kubernetes-validations": [WHOLE_MILLISECONDS_RULE],
+        }
     ),
 ]

@@ -41,9 +41,10 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
@@ -81,8 +82,12 @@ def _json_pointer(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class LeaseLost(Exception):
@@ -142,10 +147,16 @@ class TaskLease:
         *,
         api_client: Any = None,
         heartbeat_interval_s: float | None = None,
+        wall: Callable[[], datetime] = _utc_now,
     ) -> None:
         from kubernetes import client
 
         self.identity = identity
+        # reportTime is written on the API server's clock, as this runner reads it from the
+        # Date of the answers it gets: `kubectl get tasks` shows its age (LAST REPORT) against
+        # the API server's timestamps, and a node's clock that is off does not show.
+        self._wall = wall
+        self._server_offset = timedelta(0)
         self._api = client.CustomObjectsApi(api_client or default_api_client())
         self._heartbeat_interval_s = heartbeat_interval_s
         self._lock = threading.RLock()
@@ -292,7 +303,7 @@ class TaskLease:
         with self._lock:
             if self._lost or self._result_sent:
                 return False
-            body = dict(self._progress, reportTime=_now())
+            body = dict(self._progress, reportTime=self._report_time())
             try:
                 task = self._fenced_patch(
                     [{"op": "add", "path": "/status/progress", "value": body}]
@@ -329,7 +340,7 @@ class TaskLease:
         result: dict[str, Any] = {
             "epoch": self.identity.epoch,
             "status": status.value,
-            "reportTime": _now(),
+            "reportTime": self._report_time(),
         }
         result.update({_camel(k): v for k, v in details.items() if v is not None})
         with self._lock:
@@ -407,6 +418,7 @@ class TaskLease:
         task: dict[str, Any] = json.loads(response.data)
         self._delivered_at = self._last_try_at = sent_at
         self._excused_s = 0.0
+        self._read_server_clock(response)
         return task
 
     def _get_task(self) -> dict[str, Any]:
@@ -421,7 +433,23 @@ class TaskLease:
             _request_timeout=self._request_timeout_s,
         )
         task: dict[str, Any] = json.loads(response.data)
+        self._read_server_clock(response)
         return task
+
+    def _read_server_clock(self, response: Any) -> None:
+        """How far the API server's clock is from ours, from an answer's Date header (whole
+        seconds: the true time is up to a second later, so half a second is added). An
+        estimate within a second of the one held is kept, so reportTime does not jitter."""
+        try:
+            date = parsedate_to_datetime(response.headers["Date"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return
+        offset = date + timedelta(seconds=0.5) - self._wall()
+        if abs((offset - self._server_offset).total_seconds()) > 1.0:
+            self._server_offset = offset
+
+    def _report_time(self) -> str:
+        return _rfc3339(self._wall() + self._server_offset)
 
     def _read_at_start(self) -> dict[str, Any] | None:
         """The Task, read with retries until the ack window ends; None when given up."""
