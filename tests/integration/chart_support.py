@@ -85,8 +85,14 @@ class Helm:
 
 
 def scoped_values(namespace: str, **overrides: Any) -> dict[str, Any]:
-    """Values that keep a release to one test namespace (operator, runners and policy)."""
-    values: dict[str, Any] = {"watchNamespaces": [namespace]}
+    """Values that keep a release to one test namespace (operator, runners and policy).
+
+    The unwatched-namespace warning is off: it applies to every namespace but the watched
+    ones, so it would warn about other tests' Tasks (its own test turns it on)."""
+    values: dict[str, Any] = {
+        "watchNamespaces": [namespace],
+        "admissionPolicy": {"warnUnwatchedNamespaces": False},
+    }
     values.update(overrides)
     return values
 

@@ -159,9 +159,31 @@ def test_admission_refuses_stale_epoch(setup: Setup, how: str) -> None:
             f"stale epoch: pod {HOLDER} wrote status.{field} with epoch 1 but the current "
             f"epoch of task {name} is 2 (holder {HOLDER})"
         ) in text, text
-    # An epoch from the future is no better than a stale one.
-    refusal = patch_status(holder, setup.namespace, name, {"progress": progress(3)})
+        assert "handed out" not in text, text
+    # Epochs compare as numbers: 9 is below 10.
+    name = setup.task(holder=HOLDER, epoch=10)
+    refusal = patch_status(holder, setup.namespace, name, {"progress": progress(9)})
     assert refusal is not None and refusal.status == 422
+    assert f"stale epoch: pod {HOLDER} wrote status.progress with epoch 9" in message(refusal)
+
+
+@pytest.mark.parametrize("how", IDENTITIES)
+def test_admission_refuses_a_future_epoch_saying_it_is_ahead(setup: Setup, how: str) -> None:
+    """An epoch above the current one is no better than a stale one, but it is not stale:
+    the refusal says it was never handed out. (Epochs compare as numbers: 10 is above 9.)"""
+    name = setup.task(holder=HOLDER, epoch=9)
+    holder = setup.as_pod(HOLDER, how)
+    for field, value in (("progress", progress(10)), ("result", result(10))):
+        refusal = patch_status(holder, setup.namespace, name, {field: value})
+        assert refusal is not None, f"status.{field} with future epoch 10 was admitted"
+        assert refusal.status == 422
+        text = message(refusal)
+        assert (
+            f"future epoch: pod {HOLDER} wrote status.{field} with epoch 10 but the current "
+            f"epoch of task {name} is 9 (holder {HOLDER}); epoch 10 has not been handed out"
+        ) in text, text
+        assert "stale" not in text, text
+    assert "progress" not in setup.status(name) and "result" not in setup.status(name)
 
 
 @pytest.mark.parametrize("how", IDENTITIES)

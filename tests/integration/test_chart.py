@@ -142,6 +142,7 @@ ALL_OPTIONS: dict[str, Any] = {
         "namespaceSelector": None,  # filled in per test
         "validationActions": ["Warn", "Audit"],
         "failurePolicy": "Ignore",
+        "warnUnwatchedNamespaces": False,
     },
     "metrics": {
         "port": 9080,
@@ -273,6 +274,9 @@ def test_default_rendering(helm: Helm, tmp_path: Path) -> None:
     assert [r["metadata"]["name"] for r in by_kind["Role"]] == ["tl-tasklease-runner"]
     assert by_kind["Role"][0]["metadata"]["namespace"] == "tasklease-system"
     assert by_kind["ValidatingAdmissionPolicy"] and by_kind["ValidatingAdmissionPolicyBinding"]
+    # Watching every namespace, no namespace is unwatched: nothing to warn about.
+    policies = [p["metadata"]["name"] for p in by_kind["ValidatingAdmissionPolicy"]]
+    assert "tl-tasklease-unwatched-namespace" not in policies
     assert "CustomResourceDefinition" not in by_kind, "the Task CRD comes from crds/"
 
 
@@ -301,6 +305,18 @@ def test_watch_namespaces_rendering(helm: Helm, tmp_path: Path) -> None:
         if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == RUNNER_SA
     }
     assert runner_sas == {"a", "b"}
+    # Tasks elsewhere are warned about, except in namespaces labelled as watched (shards).
+    (binding,) = [
+        d
+        for d in docs
+        if d["kind"] == "ValidatingAdmissionPolicyBinding"
+        and d["metadata"]["name"] == "tl-tasklease-unwatched-namespace"
+    ]
+    assert binding["spec"]["validationActions"] == ["Warn"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["a", "b"]},
+        {"key": "tasklease.io/watched", "operator": "DoesNotExist"},
+    ]
 
 
 @pytest.mark.parametrize("options", ["default", "all-options"])
@@ -526,3 +542,82 @@ def test_leader_election_standby_runs_under_its_rbac(
         for name, replica in replicas.items():
             lines = _forbidden_lines(replica.log())
             assert not lines, f"{name}:\n" + "\n".join(lines)
+
+
+def _applied(kubectl: Any, namespace: str, name: str, **spec: Any) -> str:
+    """`kubectl apply` a Task; its stderr, where kubectl prints admission warnings."""
+    body = {
+        "apiVersion": "tasklease.io/v1alpha1",
+        "kind": "Task",
+        "metadata": {"name": name},
+        "spec": {"workerGroup": "etl", **spec},
+    }
+    result = kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
+    kubectl("get", "task", name, "-n", namespace)  # created, warned or not
+    return str(result.stderr)
+
+
+def test_task_in_an_unwatched_namespace_is_flagged(
+    helm: Helm,
+    kubectl: Any,
+    kube_config: Any,
+    namespace: str,
+    second_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """A release watching `namespace` warns whoever creates a Task in `second_namespace`
+    (the Task is still created, and stays Pending: nothing watches it), not in its own
+    namespace, nor in one labelled as watched by another release (a shard)."""
+    core = client.CoreV1Api(kube_config)
+    sharded = f"{namespace}-c"
+    core.create_namespace(
+        {"metadata": {"name": sharded, "labels": {"tasklease.io/watched": "true"}}}
+    )
+    values = scoped_values(namespace, admissionPolicy={"warnUnwatchedNamespaces": True})
+    try:
+        with installed(helm, namespace, tmp_path, values) as release:
+            expected = (
+                f"no tasklease operator watches namespace {second_namespace}: this Task "
+                f"stays Pending until one does (release {release.name} watches {namespace}; "
+                f"if another release watches {second_namespace}, label that namespace "
+                "tasklease.io/watched=true)"
+            )
+            probe = {
+                "apiVersion": "tasklease.io/v1alpha1",
+                "kind": "Task",
+                "metadata": {"name": "probe"},
+                "spec": {"workerGroup": "etl"},
+            }
+            # A new policy takes a moment to be enforced: dry runs until it warns.
+            wait_for(
+                "the unwatched-namespace policy to warn",
+                lambda: (
+                    expected
+                    in kubectl(
+                        "create",
+                        "--dry-run=server",
+                        "-n",
+                        second_namespace,
+                        "-f",
+                        "-",
+                        input=yaml.safe_dump(probe),
+                    ).stderr
+                ),
+                timeout=60,
+            )
+
+            stderr = _applied(kubectl, second_namespace, "stranded")
+            assert "Warning: Validation failed for ValidatingAdmissionPolicy" in stderr, stderr
+            assert expected in stderr, stderr
+            # Changing its spec warns again; a write of its metadata only (what another
+            # release's operator writes: the lease annotations) does not.
+            assert expected in _applied(kubectl, second_namespace, "stranded", priority=5)
+            annotated = kubectl(
+                "annotate", "task", "stranded", "-n", second_namespace, "example.com/note=x"
+            )
+            assert "Warning" not in annotated.stderr, annotated.stderr
+
+            assert "Warning" not in _applied(kubectl, namespace, "watched")
+            assert "Warning" not in _applied(kubectl, sharded, "elsewhere")
+    finally:
+        core.delete_namespace(sharded, propagation_policy="Background")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import os
 import re
 import secrets
@@ -750,7 +751,9 @@ def test_chart_pool_pod_runs_tasks_under_the_policies(setup: Setup) -> None:
             print(wrapper.communicate()[0])
 
 
-def test_admission_refuses_claim_for_another_pod(setup: Setup) -> None:
+def test_admission_refuses_claim_for_another_pod(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
     pod_a, pod_b = setup.pods_for("other")
     group = _group()
     setup.create_task("not-yours", group)
@@ -768,13 +771,15 @@ def test_admission_refuses_claim_for_another_pod(setup: Setup) -> None:
     ) in text, text
     assert "ValidatingAdmissionPolicy" in text and "-pool-claims" in text
 
-    # A PoolRunner told the wrong pod name (TASKLEASE_POD_NAME not its own) fails loudly.
+    # A PoolRunner told the wrong pod name (TASKLEASE_POD_NAME not its own) claims nothing:
+    # a 403 may pass (an API server restarting), so it is not a crash, but it says why.
     impostor = PoolRunner(
         group, namespace=ns, pod_name=pod_a, api_client=setup.as_pod(pod_b), renew_interval_s=60
     )
-    with pytest.raises(ApiException) as caught:
-        impostor._claim(setup.task("not-yours"))
-    assert caught.value.status == 403
+    with caplog.at_level(logging.WARNING, logger="tasklease.runner.pool"):
+        assert impostor._claim(setup.task("not-yours")) is None
+    assert "may claim task not-yours only for itself" in caplog.text, caplog.text
+    assert _epoch(setup.task("not-yours")) == epoch  # still on offer
 
     # A token not bound to a pod claims for no one.
     refusal = patch_task(setup.as_pod(None), ns, "not-yours", claim)

@@ -596,3 +596,62 @@ def test_last_report_column_ignores_the_runner_clock(
         assert age.endswith("s") and age[:-1].isdigit(), table
     finally:
         runner.close()
+
+
+def test_rejected_pod_template_is_reported_not_retried_in_a_loop(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    """A pod template the API server refuses as invalid (a container without an image): the
+    task fails at once, with outcome PodRejected, a Warning Event FailedCreate carrying the
+    API server's message, and its conditions; the operator logs it once, no traceback."""
+    template = {"spec": {"containers": [{"name": "runner", "command": ["true"]}]}}
+    cluster.create_task("no-image", template=template)
+    status = cluster.wait_phase("no-image", "Failed")
+    (attempt,) = status["attempts"]
+    assert attempt["outcome"] == "PodRejected"
+    assert "spec.containers[0].image" in attempt["message"], attempt
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert complete["status"] == "True" and complete["reason"] == "Failed"
+    events = {e.reason: e for e in cluster.events("no-image")}
+    assert "spec.containers[0].image" in events["FailedCreate"].message
+    assert events["FailedCreate"].type == "Warning"
+    assert cluster.pods("no-image") == []
+    log = operator_process.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert log.count("refused pod no-image-1") == 1, log[-3000:]
+
+
+def test_refused_pod_create_that_can_clear_is_retried_with_backoff(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    """A pod refused for a reason that can clear by itself (its ServiceAccount does not exist
+    yet): shown on the Task (condition and Warning Event) while it lasts, tried again with
+    backoff, and the task runs once the ServiceAccount is there."""
+    template = {
+        "spec": {
+            "serviceAccountName": "comes-later",
+            "containers": [{"name": "runner", "image": "busybox", "command": ["true"]}],
+        }
+    }
+    cluster.create_task("later", template=template, ackTimeout="60s", reportProgressTimeout="60s")
+
+    def refused() -> bool:
+        leased = next(
+            (c for c in cluster.status("later").get("conditions", []) if c["type"] == "Leased"),
+            None,
+        )
+        return leased is not None and leased["reason"] == "FailedCreate"
+
+    wait_for("the refusal on the Task", refused, timeout=30)
+    assert "FailedCreate" in cluster.event_reasons("later")
+    assert cluster.pods("later") == []
+    cluster.core.create_namespaced_service_account(
+        cluster.namespace, {"metadata": {"name": "comes-later"}}
+    )
+    wait_for("the pod, created once the ServiceAccount exists", lambda: cluster.pods("later"),
+             timeout=60)  # fmt: skip
+    with cluster.runner("later", epoch=1) as runner:
+        runner.progress(percent=50)
+    status = cluster.wait_phase("later", "Succeeded")
+    assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"]
+    assert "Traceback" not in operator_process.log()

@@ -15,8 +15,20 @@ from subprocess import CompletedProcess
 from typing import Any
 
 import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
-from tasklease.api.models import Task, TaskSpec
+from tasklease.api.models import (
+    GROUP,
+    MAX_PARAMETER_NAME_LENGTH,
+    MAX_PARAMETERS,
+    MAX_PARAMETERS_BYTES,
+    PLURAL,
+    VERSION,
+    Task,
+    TaskSpec,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -136,6 +148,172 @@ def test_invalid_task_is_refused_naming_the_field(
     assert "NotFound" in missing.stderr
 
 
+# Accepted silently once (issue 19): each is refused now, by the API server, naming the field.
+MIB = 1024 * 1024
+WHOLE_MS = "must be a whole number of milliseconds"
+TOO_LARGE = "must not exceed 16384 bytes of names and values"
+INCONSISTENT = [
+    pytest.param(
+        {"workerGroup": "gpu"},
+        "spec.workerGroup",
+        "a pool task has no template",
+        id="template-and-worker-group",
+    ),
+    pytest.param(
+        {"retry": {"backoff": {"initial": "1m", "max": "30s"}}},
+        "spec.retry.backoff.max",
+        "must not be below spec.retry.backoff.initial",
+        id="backoff-max-below-initial",
+    ),
+    pytest.param(
+        {"retry": {"backoff": {"initial": "10m"}}},
+        "spec.retry.backoff.max",
+        "spec.retry.backoff.max (5m unless set)",
+        id="backoff-initial-above-the-default-max",
+    ),
+    # Below the millisecond, for every duration: 1ns was reported as 1us.
+    pytest.param({"ackTimeout": "1ns"}, "spec.ackTimeout", WHOLE_MS, id="ack-1ns"),
+    pytest.param(
+        {"reportProgressTimeout": "10m1us"},
+        "spec.reportProgressTimeout",
+        WHOLE_MS,
+        id="progress-10m1us",
+    ),
+    pytest.param(
+        {"heartbeatInterval": "1.5ms"}, "spec.heartbeatInterval", WHOLE_MS, id="heartbeat-1.5ms"
+    ),
+    pytest.param(
+        {"attemptTimeout": "999999ns"}, "spec.attemptTimeout", WHOLE_MS, id="attempt-999999ns"
+    ),
+    pytest.param(
+        {"activeDeadline": "1h0.0001s"}, "spec.activeDeadline", WHOLE_MS, id="deadline-100us"
+    ),
+    pytest.param({"lateAfter": "0.00001m"}, "spec.lateAfter", WHOLE_MS, id="late-600us"),
+    pytest.param(
+        {"retry": {"backoff": {"initial": "1us"}}},
+        "spec.retry.backoff.initial",
+        WHOLE_MS,
+        id="initial-1us",
+    ),
+    pytest.param(
+        {"retry": {"backoff": {"initial": "0s", "max": "500us"}}},
+        "spec.retry.backoff.max",
+        WHOLE_MS,
+        id="max-500us",
+    ),
+    # Parameters reach the runner in one environment variable (at most 128 KiB).
+    pytest.param(
+        {"parameters": {f"p{i}": "x" for i in range(MAX_PARAMETERS + 1)}},
+        "spec.parameters",
+        f"must have at most {MAX_PARAMETERS} items",
+        id="too-many-parameters",
+    ),
+    pytest.param(
+        {"parameters": {"": "x"}},
+        "spec.parameters",
+        "parameter names must be 1 to 253 characters long",
+        id="empty-parameter-name",
+    ),
+    pytest.param(
+        {"parameters": {"n" * (MAX_PARAMETER_NAME_LENGTH + 1): "x"}},
+        "spec.parameters",
+        "parameter names must be 1 to 253 characters long",
+        id="parameter-name-too-long",
+    ),
+    pytest.param(
+        {"parameters": {"a": "x" * 10_000, "b": "x" * 10_000}},
+        "spec.parameters",
+        TOO_LARGE,
+        id="parameters-too-large-for-the-environment",
+    ),
+    pytest.param(
+        {"parameters": {"day": "é" * (MAX_PARAMETERS_BYTES // 2)}},
+        "spec.parameters",
+        TOO_LARGE,
+        id="parameters-too-large-in-utf8",
+    ),
+    # 2 MiB: etcd refused it (ResourceExhausted) naming nothing; now the schema does first.
+    pytest.param(
+        {"parameters": {"blob": "x" * 2 * MIB}},
+        "spec.parameters",
+        "Too long: may not be more than 16384 bytes",
+        id="2MiB-one-value",
+    ),
+    pytest.param(
+        {"parameters": {f"p{i}": "x" * (2 * MIB // 256) for i in range(256)}},
+        "spec.parameters",
+        TOO_LARGE,
+        id="2MiB-in-256-values",
+    ),
+]
+
+
+def create_via_api(api: Any, namespace: str, body: dict[str, Any]) -> ApiException | None:
+    """Create a Task with the API client (which, unlike kubectl, shows the HTTP status)."""
+    try:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body
+        )
+    except ApiException as error:
+        return error
+    return None
+
+
+@pytest.mark.parametrize(("spec", "field", "says"), INCONSISTENT)
+def test_inconsistent_specs_are_refused_naming_the_field(
+    kube_config: Any,
+    kubectl: Kubectl,
+    namespace: str,
+    spec: dict[str, Any],
+    field: str,
+    says: str,
+) -> None:
+    refusal = create_via_api(kube_config, namespace, task(**spec))
+
+    assert refusal is not None, f"accepted: {spec}"
+    assert refusal.status == 422, refusal.body[:2000]
+    text = json.loads(refusal.body)["message"]
+    # The field's path (or one below it: spec.parameters.blob), as the API server names it.
+    assert re.search(rf"{re.escape(field)}(\.[\w.]+)?: ", text), text
+    assert says in text, text
+    assert "ResourceExhausted" not in text
+    missing = kubectl("get", "task", "demo", "-n", namespace, check=False)
+    assert "NotFound" in missing.stderr
+    # The models refuse it too (the operator parses Tasks with them).
+    with pytest.raises(ValidationError):
+        TaskSpec.model_validate(task(**spec)["spec"])
+
+
+def test_what_the_limits_admit_is_admitted_and_parses(kube_config: Any, namespace: str) -> None:
+    """At each limit exactly: admitted by the API server, and the models accept the stored
+    Task (an object admitted but refused by the models would get an Invalid condition)."""
+    per_value = MAX_PARAMETERS_BYTES // MAX_PARAMETERS - 4  # names "p000" to "p255"
+    bodies = {
+        "most-parameters": task(
+            "most-parameters",
+            parameters={f"p{i:03d}": "x" * per_value for i in range(MAX_PARAMETERS)},
+        ),
+        "longest-name": task(
+            "longest-name", parameters={"n" * MAX_PARAMETER_NAME_LENGTH: "x" * 100}
+        ),
+        "finest-durations": task(
+            "finest-durations",
+            ackTimeout="1ms",
+            heartbeatInterval="1000us",
+            reportProgressTimeout="1.001s",
+            lateAfter="0.0001m",
+            retry={"backoff": {"initial": "0s", "max": "0s"}},
+        ),
+        "pool-task": {**task("pool-task"), "spec": {"workerGroup": "gpu"}},
+    }
+    for name, body in bodies.items():
+        assert create_via_api(kube_config, namespace, body) is None, name
+        stored = client.CustomObjectsApi(kube_config).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        Task.model_validate(stored)
+
+
 def test_cancel_cannot_be_undone(kubectl: Kubectl, namespace: str) -> None:
     assert create(kubectl, namespace, task()).returncode == 0
     assert patch(kubectl, namespace, {"spec": {"cancel": True}}).returncode == 0
@@ -185,6 +363,12 @@ def test_kubectl_explain_reads_well(kubectl: Kubectl) -> None:
     spec = one_line(explain(kubectl, "task.spec"))
     assert "ackTimeout" in spec
     assert "How long a new runner has to acknowledge the task" in spec
+
+    # The limits a user can run into are stated where they look them up.
+    parameters = one_line(explain(kubectl, "task.spec.parameters"))
+    assert f"at most {MAX_PARAMETERS} parameters" in parameters
+    assert f"{MAX_PARAMETERS_BYTES} bytes (16 KiB, UTF-8) of names and values in all" in parameters
+    assert "must be whole milliseconds" in spec
 
     top = one_line(explain(kubectl, "task"))
     assert "A unit of work handed to one runner at a time under a heartbeat lease." in top

@@ -27,6 +27,8 @@ from tasklease.api.models import (
     Task,
 )
 from tasklease.lease.core import (
+    FAILED_CREATE,
+    POD_REJECTED,
     Action,
     Clock,
     CreatePod,
@@ -235,7 +237,8 @@ class Harness:
             if isinstance(action, CreatePod):
                 metadata = action.manifest["metadata"]
                 name = metadata["name"]
-                if name not in self.pods:  # AlreadyExists is fine
+                if name not in self.pods or self.pods[name].reason in (FAILED_CREATE, POD_REJECTED):
+                    # AlreadyExists is fine; a pod whose creation was refused was never made
                     epoch = int(metadata["labels"][EPOCH_LABEL])
                     self.pods[name] = PodState(name=name, epoch=epoch)
                     self.created_pods.append(name)

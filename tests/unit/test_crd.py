@@ -22,7 +22,16 @@ from tasklease.api.crd import (
     structural_schema,
     write_manifests,
 )
-from tasklease.api.models import RetryPolicy, TaskSpec, TaskStatus
+from tasklease.api.durations import GO_DURATION_PATTERN, WHOLE_MILLISECONDS_RULE
+from tasklease.api.models import (
+    MAX_PARAMETER_NAME_LENGTH,
+    MAX_PARAMETERS,
+    MAX_PARAMETERS_BYTES,
+    POSITIVE_DURATION_RULE,
+    RetryPolicy,
+    TaskSpec,
+    TaskStatus,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,7 +237,7 @@ def test_any_json_checkpoint_is_kept_as_written(schema: dict[str, Any]) -> None:
 def test_value_shapes(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     status = schema["properties"]["status"]["properties"]
-    assert spec["parameters"]["additionalProperties"] == {"type": "string"}
+    assert spec["parameters"]["additionalProperties"]["type"] == "string"
     assert status["phase"]["type"] == "string"
     assert "Succeeded" in status["phase"]["enum"]
     assert status["startTime"]["type"] == "string"
@@ -282,7 +291,8 @@ def test_cel_rules_reference_fields_that_exist(schema: dict[str, Any]) -> None:
             expression = rule["rule"]
             properties = node.get("properties", {})
             guarded = set(re.findall(r"has\(self\.(\w+)\)", expression))
-            for name in re.findall(r"self\.(\w+)", expression):
+            # Fields read, not macros called on self (self.all(...), self.map(...)).
+            for name in re.findall(r"self\.(\w+)\b(?!\()", expression):
                 assert name in properties, f"{path}: {expression!r} names unknown {name}"
                 always_there = name in node.get("required", []) or "default" in properties[name]
                 assert name in guarded or always_there, (
@@ -295,10 +305,64 @@ def test_cel_rules_reference_fields_that_exist(schema: dict[str, Any]) -> None:
 
 
 def test_cross_field_rules_name_the_field_in_their_message(schema: dict[str, Any]) -> None:
-    rules = schema["properties"]["spec"]["x-kubernetes-validations"]
-    by_field = {rule["fieldPath"]: rule["message"] for rule in rules if "fieldPath" in rule}
-    assert "spec.ackTimeout" in by_field[".ackTimeout"]
-    assert "spec.heartbeatInterval" in by_field[".heartbeatInterval"]
+    spec = schema["properties"]["spec"]
+    backoff = spec["properties"]["retry"]["properties"]["backoff"]
+    for node, at in ((spec, "spec"), (backoff, "spec.retry.backoff")):
+        for rule in node["x-kubernetes-validations"]:
+            if "fieldPath" in rule:
+                # The path the API server reports, and the message, name the same field.
+                assert f"{at}{rule['fieldPath']}" in rule["message"], rule
+    by_field = {rule.get("fieldPath"): rule for rule in spec["x-kubernetes-validations"]}
+    assert "spec.ackTimeout" in by_field[".ackTimeout"]["message"]
+    assert "spec.heartbeatInterval" in by_field[".heartbeatInterval"]["message"]
+    assert "a pool task has no template" in by_field[".workerGroup"]["message"]
+    assert by_field[".workerGroup"]["reason"] == "FieldValueForbidden"
+    [max_rule] = backoff["x-kubernetes-validations"]
+    assert max_rule["fieldPath"] == ".max"
+
+
+def test_every_duration_is_whole_milliseconds(schema: dict[str, Any]) -> None:
+    durations = {
+        path: node
+        for path, node in schema_nodes(schema["properties"]["spec"], "spec")
+        if node.get("pattern") == GO_DURATION_PATTERN
+    }
+    assert len(durations) == 8
+    for path, node in durations.items():
+        assert WHOLE_MILLISECONDS_RULE in node["x-kubernetes-validations"], path
+    # A backoff may be zero (no wait); a lease timing may not.
+    positive = {
+        p for p, n in durations.items() if POSITIVE_DURATION_RULE in n["x-kubernetes-validations"]
+    }
+    assert positive == {
+        "spec.ackTimeout",
+        "spec.reportProgressTimeout",
+        "spec.heartbeatInterval",
+        "spec.attemptTimeout",
+        "spec.activeDeadline",
+        "spec.lateAfter",
+    }
+
+
+def test_parameters_are_bounded_to_fit_in_one_environment_variable(
+    schema: dict[str, Any],
+) -> None:
+    parameters = schema["properties"]["spec"]["properties"]["parameters"]
+    assert parameters["maxProperties"] == MAX_PARAMETERS
+    assert parameters["additionalProperties"] == {
+        "type": "string",
+        "maxLength": MAX_PARAMETERS_BYTES,
+    }
+    rules = " ".join(rule["rule"] for rule in parameters["x-kubernetes-validations"])
+    assert f"size(name) <= {MAX_PARAMETER_NAME_LENGTH}" in rules
+    assert f".sum() <= {MAX_PARAMETERS_BYTES}" in rules
+    # The worst case JSON: every byte escaped to six ("\u0001"), and per parameter two pairs
+    # of quotes, ": " and ", ". Linux's MAX_ARG_STRLEN counts "NAME=value" and its NUL.
+    worst = 2 + 6 * MAX_PARAMETERS_BYTES + 8 * MAX_PARAMETERS
+    assert len("TASKLEASE_PARAMETERS=") + worst + 1 < 128 * 1024
+    # ... and the limits are stated in `kubectl explain task.spec.parameters`.
+    for stated in (f"at most {MAX_PARAMETERS} parameters", f"{MAX_PARAMETERS_BYTES} bytes"):
+        assert stated in parameters["description"]
 
 
 # --- defaults ------------------------------------------------------------------------------

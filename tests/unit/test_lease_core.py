@@ -1683,7 +1683,8 @@ def test_a_foreign_phase_on_a_running_task_is_restored_and_steers_nothing(writte
     assert task.status.phase == Phase.RUNNING
     harness.write_result("FINISHED")
     harness.settle()
-    assert harness.task.status.phase == Phase.SUCCEEDED  # the result decides, as ever
+    finished = harness.task
+    assert finished.status.phase == Phase.SUCCEEDED  # the result decides, as ever
 
 
 def test_a_foreign_final_phase_on_a_task_never_handed_out_is_restored() -> None:
@@ -1693,3 +1694,61 @@ def test_a_foreign_final_phase_on_a_task_never_handed_out_is_restored() -> None:
     assert only(decision, RecordEvent).reason == "StatusOverwritten"
     assert harness.task.status.phase == Phase.PENDING
     assert harness.step().why == "hand out epoch 1"  # and the task runs
+
+
+# --- a pod the API server refuses to create -----------------------------------------------
+
+
+def refused_at_hand_out(*, invalid: bool, retry_in_s: float = 2.0) -> Harness:
+    """Epoch 1 handed out; the API server refused its pod (the reconciler's PodState)."""
+    harness = Harness.new()
+    decision = harness.decide()
+    harness.perform(decision, crash_after=1)  # the lease write; the pod was refused
+    harness.pods["demo-1"] = PodState.refused(
+        "demo-1",
+        1,
+        message="HTTP 422: spec.containers[0].image: Required value",
+        invalid=invalid,
+        retry_at=None if invalid else harness.clock.monotonic + retry_in_s,
+    )
+    assert harness.step().why == "record the hand-out of epoch 1"
+    return harness
+
+
+def test_an_invalid_pod_fails_the_task_at_once_with_the_api_servers_message() -> None:
+    harness = refused_at_hand_out(invalid=True)
+    decision = harness.step()
+    task = harness.task
+    assert task.status.phase == Phase.FAILED
+    assert task.status.attempts[-1].outcome == Outcome.POD_REJECTED
+    assert "spec.containers[0].image" in (task.status.attempts[-1].message or "")
+    events = of_type(decision, RecordEvent)
+    assert next(e.reason for e in events) == "FailedCreate"
+    assert harness.created_pods == []
+    assert of_type(decision, DeletePod) == []  # there is nothing to stop
+
+
+def test_a_refused_pod_that_may_clear_is_shown_then_tried_again_after_its_backoff() -> None:
+    harness = refused_at_hand_out(invalid=False, retry_in_s=2.0)
+    shown = harness.step()
+    assert shown.why == "say the pod could not be created"
+    leased = next(c for c in harness.task.status.conditions if c.type == "Leased")
+    assert leased.reason == "FailedCreate" and "Required value" in leased.message
+    waiting = harness.step()
+    assert waiting.why == "waiting to create the pod again" and not waiting.actions
+    harness.advance(2.0)
+    again = harness.step()
+    assert kinds(again) == ["CreatePod"]
+    assert harness.created_pods == ["demo-1"]
+
+
+def test_a_refusal_that_lasts_past_the_ack_window_ends_the_attempt_saying_why() -> None:
+    harness = refused_at_hand_out(invalid=False, retry_in_s=ACK_S * 2)
+    harness.step()  # the condition
+    harness.advance(ACK_S)
+    decision = harness.step()
+    assert decision.why.startswith("AckTimeout")
+    harness.step()  # the status records the ended attempt after the next lease
+    attempt = harness.task.status.attempts[0]
+    assert attempt.outcome == Outcome.ACK_TIMEOUT
+    assert "its pod could not be created: HTTP 422" in (attempt.message or "")

@@ -1,11 +1,15 @@
-"""The Task API models: durations, parsing real objects, lease annotations, phases."""
+"""The Task API models: durations, parsing real objects, the limits the API server shares, lease
+annotations, phases."""
 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import random
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,11 +23,15 @@ from tasklease.api.durations import (
     MAX_DURATION_LENGTH,
     format_go_duration,
     parse_go_duration,
+    parse_whole_milliseconds,
 )
 from tasklease.api.models import (
     API_VERSION,
     FINAL_PHASES,
     KIND,
+    MAX_PARAMETER_NAME_LENGTH,
+    MAX_PARAMETERS,
+    MAX_PARAMETERS_BYTES,
     Lease,
     Outcome,
     Phase,
@@ -31,6 +39,7 @@ from tasklease.api.models import (
     Task,
     TaskSpec,
 )
+from tasklease.lease.pods import ENV_PARAMETERS, runner_pod
 
 TEMPLATE: dict[str, Any] = {"spec": {"containers": [{"name": "runner", "image": "busybox"}]}}
 
@@ -370,6 +379,135 @@ def test_a_template_without_a_pod_spec_is_refused() -> None:
         TaskSpec.model_validate({"template": {"metadata": {}}})
 
 
+# --- what the API server refuses, the models refuse too -----------------------------------
+# (tests/integration/test_task_api.py tries the same against the API server's CEL rules.)
+
+DURATION_FIELDS = [
+    "ackTimeout",
+    "reportProgressTimeout",
+    "heartbeatInterval",
+    "attemptTimeout",
+    "activeDeadline",
+    "lateAfter",
+    "retry.backoff.initial",
+    "retry.backoff.max",
+]
+
+
+def spec_with(path: str, value: Any) -> dict[str, Any]:
+    """A pod-per-attempt spec with the field at a dotted path set."""
+    spec: dict[str, Any] = {"template": TEMPLATE}
+    *parents, leaf = path.split(".")
+    target = spec
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+    return spec
+
+
+@pytest.mark.parametrize("value", ["1ns", "1us", "1.5ms", "999999ns", "1s1ns", "0.00001m"])
+@pytest.mark.parametrize("field", DURATION_FIELDS)
+def test_a_duration_finer_than_a_millisecond_is_refused(field: str, value: str) -> None:
+    with pytest.raises(ValidationError, match="is not a whole number of milliseconds"):
+        TaskSpec.model_validate(spec_with(field, value))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1ms", timedelta(milliseconds=1)),
+        ("1000us", timedelta(milliseconds=1)),
+        ("1000000ns", timedelta(milliseconds=1)),
+        ("1.001s", timedelta(seconds=1, milliseconds=1)),
+        ("0.0001m", timedelta(milliseconds=6)),
+        ("2562047h", timedelta(hours=2562047)),
+    ],
+)
+def test_whole_milliseconds_are_accepted_however_written(text: str, expected: timedelta) -> None:
+    assert parse_whole_milliseconds(text) == expected
+    assert TaskSpec.model_validate(spec_with("lateAfter", text)).late_after == expected
+
+
+def test_whole_milliseconds_are_judged_on_the_exact_value() -> None:
+    # 999999ns rounds up to the microsecond 1ms, but it is not 1ms.
+    assert parse_go_duration("999999ns") == timedelta(milliseconds=1)
+    with pytest.raises(ValueError, match="not a whole number of milliseconds"):
+        parse_whole_milliseconds("999999ns")
+    with pytest.raises(ValueError, match="not a whole number of milliseconds"):
+        parse_whole_milliseconds(timedelta(microseconds=1500))
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_whole_milliseconds("ten minutes")
+
+
+def test_a_backoff_whose_max_is_below_its_initial_delay_is_refused() -> None:
+    for backoff in ({"initial": "1m", "max": "30s"}, {"initial": "10m"}):  # max: 5m by default
+        with pytest.raises(ValidationError, match=r"spec\.retry\.backoff\.max \(5m unless set\)"):
+            TaskSpec.model_validate(spec_with("retry.backoff", backoff))
+    for backoff in ({"initial": "1m", "max": "1m"}, {"initial": "0s", "max": "0s"}):
+        TaskSpec.model_validate(spec_with("retry.backoff", backoff))
+
+
+def test_a_template_and_a_worker_group_together_are_refused() -> None:
+    with pytest.raises(ValidationError, match="a pool task has no template"):
+        TaskSpec.model_validate({"template": TEMPLATE, "workerGroup": "gpu"})
+    assert TaskSpec.model_validate({"workerGroup": "gpu"}).template is None
+    assert TaskSpec.model_validate({"template": TEMPLATE}).worker_group is None
+
+
+@pytest.mark.parametrize(
+    ("parameters", "refusal"),
+    [
+        ({f"p{i}": "x" for i in range(MAX_PARAMETERS + 1)}, "at most 256 items"),
+        ({"": "x"}, "names must be 1 to 253 characters"),
+        ({"n" * (MAX_PARAMETER_NAME_LENGTH + 1): "x"}, "names must be 1 to 253 characters"),
+        ({"v": "x" * (MAX_PARAMETERS_BYTES + 1)}, "at most 16384 characters"),
+        ({"a": "x" * MAX_PARAMETERS_BYTES}, "16385 bytes of names and values"),
+        # Bytes of UTF-8, not characters: 8192 characters of two bytes each, and the name.
+        ({"a": "é" * (MAX_PARAMETERS_BYTES // 2)}, "16385 bytes of names and values"),
+    ],
+    ids=["257-parameters", "empty-name", "long-name", "long-value", "16KiB+1", "utf8"],
+)
+def test_parameters_beyond_the_limits_are_refused(parameters: dict[str, str], refusal: str) -> None:
+    with pytest.raises(ValidationError, match=refusal):
+        TaskSpec.model_validate({"template": TEMPLATE, "parameters": parameters})
+
+
+# Characters Python's JSON escapes as six bytes ("\u0001"): the worst case per byte.
+_SIX_BYTE_ESCAPES = [chr(c) for c in (*range(0x20), 0x7F) if chr(c) not in "\b\t\n\f\r"]
+
+
+def worst_case_parameters() -> dict[str, str]:
+    """As many parameters and bytes as the limits admit, every byte escaped to six."""
+    names = [a + b for a in _SIX_BYTE_ESCAPES for b in _SIX_BYTE_ESCAPES][:MAX_PARAMETERS]
+    value_bytes = (MAX_PARAMETERS_BYTES - 2 * MAX_PARAMETERS) // MAX_PARAMETERS
+    return {name: _SIX_BYTE_ESCAPES[0] * value_bytes for name in names}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MAX_ARG_STRLEN is Linux's limit")
+def test_the_largest_parameters_the_limits_admit_reach_the_runners_environment() -> None:
+    parameters = worst_case_parameters()
+    assert sum(len(k.encode()) + len(v.encode()) for k, v in parameters.items()) == (
+        MAX_PARAMETERS_BYTES
+    )
+    task = Task.model_validate(
+        {"metadata": {"name": "t"}, "spec": {"template": TEMPLATE, "parameters": parameters}}
+    )
+    pod = runner_pod(task, epoch=1, attempt=1, checkpoint=None)
+    [env] = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == ENV_PARAMETERS]
+    entry = f"{ENV_PARAMETERS}={env['value']}".encode()
+    assert len(entry) + 1 < 100 * 1024  # well below Linux's MAX_ARG_STRLEN of 128 KiB
+    assert json.loads(env["value"]) == parameters
+
+    # Started for real with it (the runner's interpreter, which reads it back) ...
+    check = "import os, sys; sys.exit(len(os.environ['TASKLEASE_PARAMETERS']) == 0)"
+    environment = {ENV_PARAMETERS: env["value"]}
+    subprocess.run([sys.executable, "-c", check], env=environment, check=True)
+    # ... where 128 KiB is refused: "Argument list too long", the failure the limits prevent.
+    with pytest.raises(OSError, match="Argument list too long") as refused:
+        subprocess.run([sys.executable, "-c", ""], env={ENV_PARAMETERS: "x" * 128 * 1024})
+    assert refused.value.errno == errno.E2BIG
+
+
 def test_a_progress_report_needs_a_current_looking_epoch() -> None:
     raw = realistic_task()
     raw["status"]["progress"]["epoch"] = 0
@@ -416,6 +554,9 @@ _BODIES_AS_WATCHED: list[tuple[str, dict[str, Any]]] = [
     ("a garbled time", _with(realistic_task(), "status.progress.reportTime", "yesterday")),
     ("a list for a map", _with(realistic_task(), "spec.parameters", ["a"])),
     ("null spec", _with(realistic_task(), "spec", None)),
+    ("a sub-millisecond duration", _with(realistic_task(), "spec.ackTimeout", "1500us")),
+    ("a template and a worker group", _with(realistic_task(), "spec.workerGroup", "gpu")),
+    ("an empty parameter name", _with(realistic_task(), "spec.parameters", {"": "x"})),
 ]
 
 

@@ -196,3 +196,9 @@ policy bindings pick the namespaces) and not the operator. */}}
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The namespace label that says some tasklease release watches the namespace: no
+release's unwatched-namespace policy warns there (admission-policy-unwatched.yaml). */}}
+{{- define "tasklease.watchedLabel" -}}
+tasklease.io/watched
+{{- end }}

@@ -148,10 +148,17 @@ def _with_fraction(whole: int, fraction: int, *, digits: int) -> str:
     return f"{whole}.{fraction:0{digits}d}".rstrip("0")
 
 
-# CEL has no remainder for durations: a duration is whole milliseconds when it equals its
-# own count of milliseconds (getMilliseconds() truncates: "1.5ms" gives 1).
+# CEL has no remainder for durations, and a rule that builds a duration from a string it
+# made costs too much for the API server's estimate. getMilliseconds() counts whole
+# milliseconds (truncating), so a duration of at least 1ms is whole milliseconds exactly
+# when taking one nanosecond off lowers that count; below 1ms only zero is. (A negative one
+# is left to the pattern, which refuses it: this message would not be the reason.)
 WHOLE_MILLISECONDS_RULE: dict[str, str] = {
-    "rule": "duration(self) == duration(string(duration(self).getMilliseconds()) + 'ms')",
+    "rule": (
+        "duration(self) < duration('1ms') ? duration(self) <= duration('0s') : "
+        "(duration(self) - duration('1ns')).getMilliseconds() "
+        "< duration(self).getMilliseconds()"
+    ),
     "message": "must be a whole number of milliseconds, such as '250ms', '1.5s' or '2m'",
 }
 

@@ -13,7 +13,7 @@ import enum
 import functools
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasGenerator,
@@ -22,10 +22,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
-from tasklease.api.durations import Duration
+from tasklease.api.durations import WHOLE_MILLISECONDS_RULE, Duration, format_go_duration
 
 GROUP = "tasklease.io"
 VERSION = "v1alpha1"
@@ -68,7 +69,41 @@ MAX_ATTEMPT_HISTORY = 20
 # Environment variables of runner containers the operator owns (tasklease.lease.pods).
 RESERVED_ENV_PREFIX = "TASKLEASE_"
 POSITIVE_DURATION_RULE = {"rule": "duration(self) > duration('0s')", "message": "must be > 0"}
-_MUST_BE_POSITIVE: dict[str, Any] = {"x-kubernetes-validations": [POSITIVE_DURATION_RULE]}
+# A lease timing of zero means nothing (a heartbeat every 0s); being whole milliseconds, a
+# positive one is at least 1ms. These replace the Duration type's rules, so they repeat its
+# whole-milliseconds rule.
+_MUST_BE_POSITIVE: dict[str, Any] = {
+    "x-kubernetes-validations": [POSITIVE_DURATION_RULE, WHOLE_MILLISECONDS_RULE]
+}
+
+# Parameters reach the runner JSON-encoded in one environment variable
+# (TASKLEASE_PARAMETERS), and Linux refuses an environment string over 128 KiB
+# (MAX_ARG_STRLEN): the pod then fails with "Argument list too long". Python's JSON
+# escapes a byte of UTF-8 into at most six (a control character: "\u0001"), so 16 KiB of
+# names and values plus the quotes and separators of 256 entries stay under 100 KiB in the
+# worst case. The bounds on the count and on single names and values keep the CEL rules'
+# estimated cost within what the API server admits.
+MAX_PARAMETERS = 256
+MAX_PARAMETER_NAME_LENGTH = 253
+MAX_PARAMETERS_BYTES = 16 * 1024
+_PARAMETERS_RULES: dict[str, Any] = {
+    "x-kubernetes-validations": [
+        {
+            "rule": f"self.all(name, size(name) >= 1 && size(name) <= {MAX_PARAMETER_NAME_LENGTH})",
+            "message": f"parameter names must be 1 to {MAX_PARAMETER_NAME_LENGTH} characters long",
+        },
+        {
+            "rule": (
+                "self.map(name, size(bytes(name)) + size(bytes(self[name]))).sum() "
+                f"<= {MAX_PARAMETERS_BYTES}"
+            ),
+            "message": (
+                f"must not exceed {MAX_PARAMETERS_BYTES} bytes of names and values (UTF-8) in "
+                "all: the runner gets them in one environment variable (TASKLEASE_PARAMETERS)"
+            ),
+        },
+    ]
+}
 
 
 class _Model(BaseModel):
@@ -82,12 +117,41 @@ class _Model(BaseModel):
     )
 
 
+_DEFAULT_BACKOFF_MAX = timedelta(minutes=5)
+_BACKOFF_MAX_BELOW_INITIAL = (
+    f"spec.retry.backoff.max ({format_go_duration(_DEFAULT_BACKOFF_MAX)} unless set) must "
+    "not be below spec.retry.backoff.initial"
+)
+
+
 class Backoff(_Model):
     """How long to wait before the next attempt after a failed one."""
 
+    # The models check this in RetryPolicy, where a Backoff is part of a Task; retry_delay
+    # caps a bare Backoff whose initial exceeds its max. The has() guards are for the API
+    # server's check of the CRD itself, which tries the rule on the object's default ({},
+    # its fields not yet defaulted); in a Task both fields are always there.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": (
+                        "!has(self.initial) || !has(self.max) "
+                        "|| duration(self.initial) <= duration(self.max)"
+                    ),
+                    "message": _BACKOFF_MAX_BELOW_INITIAL,
+                    "fieldPath": ".max",
+                }
+            ]
+        }
+    )
+
     initial: Duration = Field(
         default=timedelta(seconds=10),
-        description="Delay before the second attempt, e.g. '10s'. Later delays grow by `factor`.",
+        description=(
+            "Delay before the second attempt, e.g. '10s' ('0s': none). Later delays grow by "
+            "`factor`."
+        ),
     )
     factor: float = Field(
         default=2.0,
@@ -96,8 +160,8 @@ class Backoff(_Model):
         description="Multiplier applied to the delay after each further failed attempt.",
     )
     max: Duration = Field(
-        default=timedelta(minutes=5),
-        description="Upper bound of the delay, e.g. '5m'.",
+        default=_DEFAULT_BACKOFF_MAX,
+        description="Upper bound of the delay, e.g. '5m'; not below `initial`.",
     )
     jitter: float = Field(
         default=0.2,
@@ -139,9 +203,25 @@ class RetryPolicy(_Model):
         ),
     )
 
+    @model_validator(mode="after")
+    def _backoff_max_is_not_below_initial(self) -> RetryPolicy:
+        if self.backoff.max < self.backoff.initial:
+            raise ValueError(_BACKOFF_MAX_BELOW_INITIAL)
+        return self
+
+
+_TEMPLATE_AND_WORKER_GROUP = (
+    "spec.workerGroup and spec.template exclude each other: a pool task has no template "
+    "(a pool runner of its worker group claims it); set one of the two"
+)
+
 
 class TaskSpec(_Model):
-    """What to run, and the lease, retry and deadline policy that governs its attempts."""
+    """What to run, and the lease, retry and deadline policy that governs its attempts.
+
+    Durations are written as Go durations ('90s', '15m', '1h30m', '250ms') and must be whole
+    milliseconds.
+    """
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -152,6 +232,12 @@ class TaskSpec(_Model):
                         "set spec.template (a runner pod per attempt) or spec.workerGroup "
                         "(a pool runner claims the task)"
                     ),
+                },
+                {
+                    "rule": "!(has(self.template) && has(self.workerGroup))",
+                    "message": _TEMPLATE_AND_WORKER_GROUP,
+                    "fieldPath": ".workerGroup",
+                    "reason": "FieldValueForbidden",
                 },
                 {
                     "rule": "duration(self.ackTimeout) <= duration(self.reportProgressTimeout)",
@@ -219,17 +305,27 @@ class TaskSpec(_Model):
             },
         },
     )
-    parameters: dict[str, str] = Field(
+    parameters: dict[str, Annotated[str, Field(max_length=MAX_PARAMETERS_BYTES)]] = Field(
         default_factory=dict,
-        description="Named string values handed to the runner (AWS: the task's fields).",
+        max_length=MAX_PARAMETERS,
+        description=(
+            "Named string values handed to the runner (AWS: the task's fields), JSON-encoded "
+            "in its environment variable TASKLEASE_PARAMETERS. They must fit in one "
+            "environment variable, which Linux limits to 128 KiB: at most "
+            f"{MAX_PARAMETERS} parameters, names of 1 to {MAX_PARAMETER_NAME_LENGTH} "
+            f"characters, and {MAX_PARAMETERS_BYTES} bytes (16 KiB, UTF-8) of names and "
+            "values in all. Pass larger inputs by reference (an object store URL, a "
+            "ConfigMap's name)."
+        ),
+        json_schema_extra=_PARAMETERS_RULES,
     )
     worker_group: str | None = Field(
         default=None,
         max_length=63,
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
         description=(
-            "Worker group whose pool runners may claim this task (AWS workerGroup). Used "
-            "when spec.template is not set."
+            "Worker group whose pool runners may claim this task (AWS workerGroup). Set "
+            "either this or spec.template, not both."
         ),
     )
     priority: int = Field(
@@ -305,6 +401,31 @@ class TaskSpec(_Model):
         json_schema_extra=_MUST_BE_POSITIVE,
     )
 
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_fit_in_one_environment_variable(
+        cls, parameters: dict[str, str]
+    ) -> dict[str, str]:
+        for name in parameters:
+            if not 1 <= len(name) <= MAX_PARAMETER_NAME_LENGTH:
+                raise ValueError(
+                    f"spec.parameters: parameter names must be 1 to {MAX_PARAMETER_NAME_LENGTH} "
+                    "characters long"
+                )
+        size = sum(len(name.encode()) + len(value.encode()) for name, value in parameters.items())
+        if size > MAX_PARAMETERS_BYTES:
+            raise ValueError(
+                f"spec.parameters are {size} bytes of names and values (UTF-8); at most "
+                f"{MAX_PARAMETERS_BYTES} fit in the runner's environment variable"
+            )
+        return parameters
+
+    @model_validator(mode="after")
+    def _template_or_worker_group(self) -> TaskSpec:
+        if self.template is not None and self.worker_group is not None:
+            raise ValueError(_TEMPLATE_AND_WORKER_GROUP)
+        return self
+
     @field_validator("template")
     @classmethod
     def _template_leaves_the_lease_identity_to_the_operator(
@@ -373,6 +494,9 @@ class Outcome(enum.StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     POD_FAILED = "PodFailed"
     POD_LOST = "PodLost"
+    # The API server refused to create the attempt's pod as invalid (HTTP 400 or 422): the
+    # template is wrong, and every attempt would be refused alike, so the task fails.
+    POD_REJECTED = "PodRejected"
     RUNNER_LOST = "RunnerLost"  # a pool runner's own Lease expired or its pod died
     RELEASED = "Released"  # a pool runner gave the task back (it was told to stop)
     CANCELED = "Canceled"

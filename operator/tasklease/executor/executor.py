@@ -97,11 +97,16 @@ TOKEN_EXPIRATION_S: Final = 3600
 _REQUEST_TIMEOUT: Final = (10.0, 30.0)
 _STATUS_ATTEMPTS: Final = 3
 _STATUS_RETRY_S: Final = 2.0
+_START_RETRY_S: Final = 1.0
 _LOCK_FILE: Final = ".executor.lock"
 
 
 class ExecutorError(RuntimeError):
     """The executor could not start (state dir in use, API server unreachable, ...)."""
+
+
+class _NotYet(Exception):
+    """A pod cannot start now for a reason that passes (the API server is away)."""
 
 
 class _StartFailure(Exception):
@@ -166,6 +171,8 @@ class _Run:
     # A status the API server did not take (it was down): written again at `status_at`.
     unwritten_status: dict[str, Any] | None = None
     status_at: float | None = None
+    # The API server was away when the process was to start (no token): start it then.
+    start_at: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -523,7 +530,9 @@ class LocalExecutor:
                     self._handle(message)
                 self._fire_timers()
             except Exception:
-                logger.exception("the executor's worker failed to handle %s", message)
+                logger.exception(
+                    "the executor's worker failed to handle %s", type(message).__name__
+                )
             if self._stopping:
                 if not any(run.alive for run in self._runs.values()):
                     return
@@ -541,6 +550,7 @@ class LocalExecutor:
             for moment in (
                 *((run.kill_at, run.refresh_at) if run.alive else ()),
                 run.status_at,
+                run.start_at,
             )
             if moment is not None
         ]
@@ -572,6 +582,14 @@ class LocalExecutor:
             if run.status_at is not None and run.status_at <= current:
                 assert run.unwritten_status is not None
                 self._write_status(run, run.unwritten_status)
+            if run.start_at is not None and run.start_at <= current:
+                run.start_at = None
+                newest = self._newest_view(run.pod)
+                if newest is None or newest["metadata"].get("deletionTimestamp"):
+                    self._runs.pop(run.uid, None)  # deleted meanwhile: never started
+                else:
+                    run.pod = newest
+                    self._start(run)
             if not run.alive:
                 continue
             if run.kill_at is not None and run.kill_at <= current:
@@ -699,6 +717,10 @@ class LocalExecutor:
             full_env = process_env(
                 inherited=self._inherited, pod_name=run.name, container=env, executor=own
             )
+        except _NotYet as error:
+            logger.warning("pod %s: not started yet (%s); trying again", run.key, error)
+            run.start_at = time.monotonic() + _START_RETRY_S
+            return
         except (EnvError, _StartFailure) as error:
             reason = error.reason if isinstance(error, _StartFailure) else CONFIG_ERROR
             self._fail_start(run, reason, str(error))
@@ -802,11 +824,15 @@ class LocalExecutor:
                 _request_timeout=_REQUEST_TIMEOUT,
             )
         except ApiException as error:
+            if error.status in (429,) or error.status >= 500:
+                raise _NotYet(_api_message(error)) from error
             raise _StartFailure(
                 CONFIG_ERROR,
                 f"cannot get a token for ServiceAccount {run.namespace}/{account}: "
                 f"{_api_message(error)}",
             ) from error
+        except Exception as error:  # no answer: the API server is away
+            raise _NotYet(str(error)) from error
         return parse_token(json.loads(response.data))
 
     def _credentials_dir(self, run: _Run) -> Path:

@@ -44,6 +44,11 @@ from tasklease.lease.backoff import retry_delay
 from tasklease.lease.pods import runner_pod, runner_pod_name
 
 ACTIVE_PHASES = frozenset({Phase.ASSIGNED, Phase.RUNNING})
+# PodState reasons of a pod that does not exist because its creation was refused: for a
+# reason that may clear (quota, a ServiceAccount not there yet, Pod Security, the API server
+# away), or because it is invalid (Event reasons too, as the Job controller's).
+FAILED_CREATE = "FailedCreate"
+POD_REJECTED = "PodRejected"
 
 # Outcomes whose runner reported its own end: its pod is exiting by itself and keeps its
 # logs; every other outcome means the runner may still be running and must be stopped.
@@ -84,6 +89,18 @@ class PodState:
     terminating: bool = False  # deletionTimestamp is set
     reason: str | None = None
     message: str | None = None
+    # A pod the API server refused to create (reason FAILED_CREATE, with its message): it
+    # may be tried again at `retry_at` (monotonic). An invalid one has reason POD_REJECTED.
+    retry_at: float | None = None
+
+    @classmethod
+    def refused(
+        cls, name: str, epoch: int, *, message: str, invalid: bool, retry_at: float | None = None
+    ) -> PodState:
+        """The state of a pod whose creation the API server refused."""
+        if invalid:
+            return cls(name, epoch, phase="Failed", gone=True, reason=POD_REJECTED, message=message)
+        return cls(name, epoch, gone=True, reason=FAILED_CREATE, message=message, retry_at=retry_at)
 
     @property
     def terminated(self) -> bool:
@@ -901,7 +918,15 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
                 pod=pod,
             )
             return
-    elif pod is not None and pod.epoch == lease.epoch:
+    elif pod is not None and pod.epoch == lease.epoch and pod.reason == POD_REJECTED:
+        message = f"the API server refused to create pod {pod.name}: {pod.message}"
+        plan.actions.append(RecordEvent("Warning", FAILED_CREATE, message))
+        _end_attempt(
+            task, plan, outcome=Outcome.POD_REJECTED, message=message, final_phase=Phase.FAILED,
+            pod=pod,
+        )  # fmt: skip
+        return
+    elif pod is not None and pod.epoch == lease.epoch and pod.reason != FAILED_CREATE:
         if pod.gone or pod.terminating:
             what = "was deleted" if pod.gone else "is being deleted"
             _end_attempt(
@@ -940,7 +965,34 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
         if acknowledged:
             _acknowledge(task, plan)
             return
-        if pod is None and not sighting.pod_ensured and spec.template is not None:
+        refused = pod is not None and pod.reason == FAILED_CREATE
+        ack_deadline = sighting.epoch_seen_at + spec.ack_timeout.total_seconds()
+        if refused and clock.monotonic < ack_deadline:
+            assert pod is not None
+            if not _condition_is_reason(task, CONDITION_LEASED, "True", FAILED_CREATE):
+                # Shown while it lasts: the Task says why it has no runner.
+                conditions = set_condition(
+                    status.conditions,
+                    type_=CONDITION_LEASED,
+                    status="True",
+                    reason=FAILED_CREATE,
+                    message=f"pod {pod.name} could not be created (retrying): {pod.message}",
+                    now=clock.wall,
+                    generation=task.generation,
+                )
+                plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
+                plan.why = "say the pod could not be created"
+                return
+            if pod.retry_at is not None and clock.monotonic < pod.retry_at:
+                plan.wake(min(pod.retry_at, ack_deadline))
+                plan.why = "waiting to create the pod again"
+                return
+        if (
+            (pod is None or refused)
+            and not sighting.pod_ensured
+            and spec.template is not None
+            and (not refused or clock.monotonic < ack_deadline)
+        ):
             checkpoint = status.progress.checkpoint if status.progress else None
             plan.actions.append(
                 CreatePod(
@@ -949,18 +1001,22 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
                     )
                 )
             )
-            plan.why = "ensure the runner pod exists"
+            plan.why = "create the runner pod again" if refused else "ensure the runner pod exists"
             return
-        ack_deadline = sighting.epoch_seen_at + spec.ack_timeout.total_seconds()
         if clock.monotonic >= ack_deadline:
             plan.expired_at = ack_deadline
+            why = (
+                f"; its pod could not be created: {pod.message}"
+                if pod is not None and pod.reason == FAILED_CREATE
+                else ""
+            )
             _end_attempt(
                 task,
                 plan,
                 outcome=Outcome.ACK_TIMEOUT,
                 message=(
                     f"no progress report within spec.ackTimeout "
-                    f"({format_go_duration(spec.ack_timeout)})"
+                    f"({format_go_duration(spec.ack_timeout)}){why}"
                 ),
                 pod=pod,
             )

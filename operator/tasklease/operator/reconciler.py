@@ -48,10 +48,11 @@ from tasklease.api.models import (
     Phase,
     Task,
 )
-from tasklease.kube.errors import Conflict, Gone
+from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.kube.refs import ObjectRef
 from tasklease.lease.core import (
     CONDITION_INVALID,
+    FAILED_CREATE,
     Clock,
     CreatePod,
     Decision,
@@ -80,6 +81,11 @@ Body = bytes | dict[str, Any]
 # A decision loop that keeps producing writes is a bug, not a workload: stop and retry later.
 _MAX_STEPS_PER_RECONCILE = 8
 _RETRY_AFTER_ERROR_S = 5.0
+# A pod creation refused for a reason that may clear is tried again after 1, 2, 4 ... 60 s
+# (within the ack window), with a Warning Event on the first refusal and every tenth.
+_CREATE_RETRY_FIRST_S = 1.0
+_CREATE_RETRY_MAX_S = 60.0
+_CREATE_REFUSAL_EVENT_EVERY = 10
 # A Task whose deadline comes is read this long before it, so that the write at the deadline
 # is the first request after it (the scale benchmark's detection time counts every round
 # trip between a lease's deadline and its replacement pod). Longer than a read takes on a
@@ -153,6 +159,10 @@ class _Entry:
     pods: tuple[PodState, ...] = ()  # runner pods seen (by name; one or two, rarely more)
     deleting: set[str] | None = None  # pods we asked to delete (a set only when there are)
     pod_created_for_epoch: int = 0
+    # The API server refused to create the current epoch's pod (a PodState saying why, and
+    # when to try again), and how many times in a row.
+    refused_pod: PodState | None = None
+    refusals: int = 0
     expired_at: float | None = None  # a lease deadline passed; the replacement is pending
     indexed_holder: str | None = None  # the pool runner `held_by` lists this task under
 
@@ -453,7 +463,10 @@ class Reconciler:
                 self._queue.done(key)
 
     def _pod_for(self, entry: _Entry, epoch: int) -> PodState | None:
-        return next((p for p in entry.pods if p.epoch == epoch), None)
+        seen = next((p for p in entry.pods if p.epoch == epoch), None)
+        if seen is None and entry.refused_pod is not None and entry.refused_pod.epoch == epoch:
+            return entry.refused_pod
+        return seen
 
     async def _reconcile(self, key: TaskKey) -> None:
         entry = self._entries.get(key)
@@ -522,10 +535,6 @@ class Reconciler:
             if self._entries.get(key) is not entry:
                 return  # deleted meanwhile
             self._account(entry, task, decision, decided_at=clock.monotonic)
-            for action in decision.actions:
-                if isinstance(action, CreatePod):
-                    labels = action.manifest["metadata"]["labels"]
-                    entry.pod_created_for_epoch = int(labels[EPOCH_LABEL])
             task = self._parse(entry, raw, seen_at=self._monotonic())
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
 
@@ -620,7 +629,14 @@ class Reconciler:
                     resource_version = _resource_version(written)
                     failpoints.reached(failpoints.AFTER_STATUS_WRITE)
                 case CreatePod(manifest=manifest):
-                    await self._writer.create_pod(namespace, manifest)
+                    epoch = int(manifest["metadata"]["labels"][EPOCH_LABEL])
+                    try:
+                        await self._writer.create_pod(namespace, manifest)
+                    except ApiError as error:
+                        self._pod_refused(entry, task, manifest["metadata"]["name"], epoch, error)
+                        continue
+                    entry.pod_created_for_epoch = epoch
+                    entry.refused_pod, entry.refusals = None, 0
                     failpoints.reached(failpoints.AFTER_POD_CREATE)
                 case DeletePod(name=pod_name):
                     # Off the critical path: the lease already fences the old runner, and
@@ -631,6 +647,50 @@ class Reconciler:
                     about = ObjectRef(namespace, name, task.uid, resource_version)
                     self._events.post(PendingEvent(about, type_, reason, message))
         return written
+
+    def _pod_refused(
+        self, entry: _Entry, task: Task, pod: str, epoch: int, error: ApiError
+    ) -> None:
+        """Remember why the API server would not create the pod, for the next decision:
+        invalid (400, 422: the template is wrong, the task fails), or a refusal that may
+        clear (a missing ServiceAccount, quota, Pod Security, the API server away: tried
+        again with backoff while the ack window lasts, and shown on the Task). Never an
+        error loop with a traceback."""
+        invalid = error.status in (400, 422)
+        if entry.refused_pod is None or entry.refused_pod.epoch != epoch:
+            entry.refusals = 0
+        entry.refusals += 1
+        delay = min(_CREATE_RETRY_MAX_S, _CREATE_RETRY_FIRST_S * 2 ** (entry.refusals - 1))
+        entry.refused_pod = PodState.refused(
+            pod,
+            epoch,
+            message=f"HTTP {error.status}: {error.message}",
+            invalid=invalid,
+            retry_at=None if invalid else self._monotonic() + delay,
+        )
+        if entry.refusals == 1:
+            logger.warning(
+                "task %s/%s: the API server refused pod %s (%s)",
+                task.namespace,
+                task.name,
+                pod,
+                entry.refused_pod.message,
+            )
+        if not invalid:
+            if entry.refusals % _CREATE_REFUSAL_EVENT_EVERY == 1:
+                about = ObjectRef(
+                    task.namespace, task.name, task.uid, str(task.metadata.get("resourceVersion"))
+                )
+                self._events.post(
+                    PendingEvent(
+                        about,
+                        "Warning",
+                        FAILED_CREATE,
+                        f"could not create pod {pod} (try {entry.refusals}, again in "
+                        f"{delay:g}s): {entry.refused_pod.message}",
+                    )
+                )
+            self._deadlines.schedule(entry.key, self._monotonic() + delay)
 
     async def _stop_stale_pods(self, entry: _Entry, task: Task, clock: Clock) -> float | None:
         """Delete runner pods that lost the lease; return when to look again (monotonic)."""

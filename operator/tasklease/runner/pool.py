@@ -23,6 +23,7 @@ to stop (SIGTERM, or its Lease deleted) releases the tasks it has not finished.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -287,7 +288,10 @@ class PoolRunner:
             if error.status in (404, 409, 422):
                 return None  # another runner won, or the task moved on
             if _transient(error):
-                return None  # not claimed; the next poll tries again
+                # Not claimed; the next poll tries again. A refusal may pass (an API server
+                # restarting), but say it: a policy refusing every claim is a misconfiguration.
+                logger.warning("claim of task %s refused: %s", metadata["name"], _reason(error))
+                return None
             raise
         except Exception as error:
             if _transient(error):
@@ -370,6 +374,13 @@ class _HeldTask(TaskLease):
         super().close()
         if self in self._pool._held and (self.lost or self._result_sent):
             self._pool._held.remove(self)
+
+
+def _reason(error: Any) -> str:
+    try:
+        return str(json.loads(error.body).get("message"))
+    except Exception:
+        return str(getattr(error, "reason", error))
 
 
 def _transient(error: BaseException) -> bool:
