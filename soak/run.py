@@ -7,7 +7,10 @@ with leader election, while faults are injected at random:
 - a runner process stopped (SIGSTOP) and resumed later as a zombie, or killed (SIGKILL);
 - an operator replica killed (`kill -9`), and failpoints armed in both replicas that kill
   them between the writes of a hand-out (`tasklease.operator.failpoints`);
-- the API server restarted, cleanly or with `kill -9`, for less or more than a lease window.
+- the API server restarted, cleanly or with `kill -9`, for less or more than a lease window;
+- the node cut off from the API server: the local executor and its runners reach the API
+  server through a relay (`soak/relay.py`) that is cut for up to three windows, as a network
+  partition of one node looks (the operator sees all along, and hands the tasks on).
 
 The runners are real: the local executor (`tasklease.executor`) runs each runner pod's
 command (the wrapper, `tasklease run`) as a process with the pod's ServiceAccount token, and
@@ -45,6 +48,7 @@ from kubernetes import client, config
 from soak.audit import apiserver_args, audit_log_path
 from soak.checker import Report, check
 from soak.history import History
+from soak.relay import Relay
 from tasklease.api.models import GROUP, PLURAL, VERSION
 from tasklease.controlplane import ControlPlane
 from tasklease.controlplane.kubeconfig import write_kubeconfig
@@ -75,6 +79,7 @@ class Config:
     pool_runners: int = 2
     operator_kills: int = 6
     apiserver_restarts: int = 2
+    node_partitions: int = 2
     runner_faults: int = 12
     failpoint_probability: float = 0.02
     detection_bound_s: float = 5.0
@@ -294,9 +299,12 @@ class _Faults:
         executor: LocalExecutor,
         operators: _Operators,
         core: client.CoreV1Api,
+        relay: Relay,
     ) -> None:
         self._config, self._rng = config, rng
         self._plane, self._executor, self._operators, self._core = plane, executor, operators, core
+        self._relay = relay
+        self._heal_at: float | None = None
         self.counts: Counter[str] = Counter()
         self.blind: list[tuple[datetime, datetime]] = []
         self._stopped: dict[int, float] = {}  # SIGSTOPped pid -> when to resume it
@@ -306,6 +314,7 @@ class _Faults:
         kinds = (
             ["operator_kill"] * config.operator_kills
             + ["apiserver_restart"] * config.apiserver_restarts
+            + ["node_partition"] * config.node_partitions
             + [rng.choice(["runner_stop", "runner_kill"]) for _ in range(config.runner_faults)]
         )
         return sorted((rng.uniform(5.0, config.seconds), kind) for kind in kinds)
@@ -324,6 +333,11 @@ class _Faults:
                 self._plane.restart_apiserver(down_for_s=down_s, clean=clean)
                 self.blind.append((began, datetime.now(UTC)))
                 self.counts[f"apiserver_restart_{'clean' if clean else 'kill'}"] += 1
+            case "node_partition":
+                if self._heal_at is None:
+                    self._relay.cut()
+                    self._heal_at = time.monotonic() + self._rng.uniform(WINDOW_S, 3 * WINDOW_S)
+                    self.counts[kind] += 1
             case "runner_stop" | "runner_kill":
                 pid = self._a_runner()
                 if pid is None:
@@ -349,6 +363,9 @@ class _Faults:
 
     def resume_due(self, *, all_of_them: bool = False) -> None:
         now = time.monotonic()
+        if self._heal_at is not None and (all_of_them or self._heal_at <= now):
+            self._relay.heal()
+            self._heal_at = None
         for pid, when in list(self._stopped.items()):
             if all_of_them or when <= now:
                 with contextlib.suppress(ProcessLookupError):
@@ -414,9 +431,16 @@ def _run_on(plane: ControlPlane, folder: Path, config: Config, rng: random.Rando
     _wait(lambda: _exists(core, "default"), "the namespace's default ServiceAccount", 60)
     _rbac(api)
     operators = _Operators(plane, folder, config.failpoint_probability)
-    with LocalExecutor(plane.kubeconfig, folder / "executor", all_pods=True) as executor:
+    host, port = plane.server.removeprefix("https://").rsplit(":", 1)
+    relay = Relay((host, int(port)))
+    # The node (the executor, and the runners it gives the same server) behind the relay.
+    node_kubeconfig = folder / "node.kubeconfig"
+    node_kubeconfig.write_text(
+        plane.kubeconfig.read_text().replace(plane.server, f"https://127.0.0.1:{relay.port}")
+    )
+    with relay, LocalExecutor(node_kubeconfig, folder / "executor", all_pods=True) as executor:
         operators.start()
-        faults = _Faults(config, rng, plane, executor, operators, core)
+        faults = _Faults(config, rng, plane, executor, operators, core, relay)
         pool_runners = [_pool_runner(i) for i in range(config.pool_runners)]
         names = [f"t-{i:04d}" for i in range(config.tasks)]
         arrivals = sorted(rng.uniform(0.0, config.seconds * 0.8) for _ in names)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from soak.relay import Relay
 from tasklease.controlplane.process import die_with_parent
 from tasklease.runner import TaskLease
 from tests.integration.chart_support import (
@@ -31,7 +32,6 @@ from tests.integration.support import (
     pod_env,
     unbind_runner,
 )
-from tests.relay import Relay
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster

@@ -1,6 +1,6 @@
 """A short soak (`make soak` runs longer ones): traffic of every shape under random faults
-(runners stopped, killed and resumed as zombies; operator replicas killed, also at
-failpoints inside a hand-out; the API server restarted), judged by the invariants over the
+(runners stopped, killed and resumed as zombies; the node cut off from the API server;
+operator replicas killed, also at failpoints inside a hand-out; the API server restarted), judged by the invariants over the
 API server's audit log (soak/checker.py)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ def test_short_soak_has_no_violations(control_plane_binaries: object) -> None:
         seconds=25.0,
         operator_kills=2,
         apiserver_restarts=1,
+        node_partitions=1,
         runner_faults=6,
         failpoint_probability=0.05,
         settle_timeout_s=120.0,
