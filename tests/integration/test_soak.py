@@ -1,7 +1,7 @@
 """A short soak (`make soak` runs longer ones): traffic of every shape under random faults
 (runners stopped, killed and resumed as zombies; the node cut off from the API server;
-operator replicas killed, also at failpoints inside a hand-out; the API server restarted), judged by the invariants over the
-API server's audit log (soak/checker.py)."""
+operator replicas killed, also at failpoints inside a hand-out; the API server restarted),
+judged by the invariants over the API server's audit log (soak/checker.py)."""
 
 from __future__ import annotations
 
