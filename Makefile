@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k lease -x"`.
 PYTEST_ARGS ?=
+# `make test` runs on this many workers (a module each at a time; each starts its own control
+# plane): two suits two cores, most of the time is waiting.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help venv binaries manifests check-manifests lint test test-unit test-kind demo bench soak cluster image node-deps clean
 
@@ -41,8 +44,8 @@ lint: venv  ## ruff, mypy --strict, import layering, manifest drift
 	$(BIN)/lint-imports
 	$(PY) -m tasklease.api.crd --check
 
-test: lint binaries  ## The whole suite: lint, unit tests, integration tests on a real API server
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: lint binaries  ## The whole suite: lint, unit, integration (real API server) and end-to-end (real node) tests
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-unit: venv  ## Unit tests only (no control plane)
 	$(BIN)/pytest -m "not cluster and not kind" $(PYTEST_ARGS)

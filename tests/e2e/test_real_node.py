@@ -1,7 +1,13 @@
-"""The product as users run it, on the local real node: the image built from the Dockerfile
-(`make image`), installed by the chart (`helm install`, the README's own lines), the operator
-and the runner pods as containers of that image, under the chart's ServiceAccounts, RBAC
-and admission policies.
+"""The local real node, and the product as users run it on it.
+
+First the node itself: it runs pods as containers, reachable from the host, and stops
+leaving nothing behind, so that two runs back to back both work. (That pods reach the API
+server as in-cluster clients do is what every operator and runner pod below does.) Then the
+product: the image built from the Dockerfile (`make image`), installed by the chart (`helm
+install`, the README's own lines), the operator and the runner pods as containers of that
+image, under the chart's ServiceAccounts, RBAC and admission policies. One module, so that a
+parallel run keeps the node's tests on one worker: two nodes at once would share the
+kubelet's fixed host paths.
 
 The README's install lines are read from the README and run as a user's shell runs them, so
 the docs cannot drift from what is tested. The tests share one release, in the order a user
@@ -12,10 +18,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -23,7 +30,12 @@ from kubernetes import config
 
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import LocalCluster
+from tests.e2e.hoststate import host_state
 from tests.integration.support import Cluster, wait_for
+
+if TYPE_CHECKING:
+    from tasklease.controlplane import Binaries
+    from tasklease.controlplane.node import NodeImages
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -64,6 +76,47 @@ def readme_lines() -> list[str]:
     block = re.search(r"```sh\n(.*?)```", after[1], re.S)
     assert block is not None, "no ```sh block after the README marker"
     return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+# The pause image listens nowhere; its sandbox is what a pod's network and mounts are made of.
+POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: probe, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 0
+  containers:
+    - name: pause
+      image: %(image)s
+      imagePullPolicy: Never
+"""
+
+
+def test_node_runs_pods_and_stops_leaving_nothing_behind(
+    control_plane_binaries: Binaries, node_images: NodeImages
+) -> None:
+    from tasklease.controlplane import ControlPlane
+
+    before = host_state()
+    for run in (1, 2):
+        with ControlPlane.start(binaries=control_plane_binaries, node=node_images) as plane:
+            assert plane.node is not None and plane.node.addresses is not None
+            plane.kubectl("apply", "-f", "-", input=POD % {"image": node_images.sandbox_name})
+            plane.kubectl("wait", "pod/probe", "--for=condition=Ready", "--timeout=60s")
+            pod = json.loads(plane.kubectl("get", "pod", "probe", "-o", "json").stdout)
+            assert pod["spec"]["nodeName"] == "tasklease-node"
+            ip = pod["status"]["podIP"]
+            assert ip.startswith(plane.node.addresses.pod_cidr.rsplit(".", 2)[0]), ip
+            # The host routes the pod range to the node: a closed port answers at once.
+            with pytest.raises(ConnectionRefusedError), socket.create_connection((ip, 9), 5):
+                pass
+            # `kubectl logs` goes from the API server to the kubelet.
+            plane.kubectl("logs", "probe")
+            # The snapshot sees a running node (else its equality below would prove nothing).
+            seen = before.differences(host_state()).keys()
+            assert {"processes", "mounts", "links", "netns", "cgroups", "files"} <= seen, seen
+        differences = before.differences(host_state())
+        assert not differences, f"run {run} left behind (missing, extra): {differences}"
 
 
 @dataclass
