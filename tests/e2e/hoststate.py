@@ -5,11 +5,12 @@ host paths the kubelet, containerd and the CNI plugins use."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasklease.controlplane.node import HOST_DIRS, cgroup_hierarchies
+from tasklease.controlplane.node import DEVICE_PLUGIN_SOCKET, HOST_DIRS, cgroup_hierarchies
 
 # Programs a node starts; any of them running afterwards was left behind.
 NODE_PROGRAMS = frozenset(
@@ -54,12 +55,25 @@ def _cgroups() -> tuple[str, ...]:
     )
 
 
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _host_files() -> tuple[str, ...]:
     entries = []
     for folder in HOST_DIRS:
         if folder.is_dir():
             entries.append(f"{folder}/")
             entries += [str(entry) for entry in folder.iterdir()]
+    if DEVICE_PLUGIN_SOCKET.exists() and not _listening(DEVICE_PLUGIN_SOCKET):
+        # A kubelet that died without stopping leaves its socket at this fixed path; the next
+        # kubelet replaces it and removes it when it stops.
+        entries.remove(str(DEVICE_PLUGIN_SOCKET))
     return tuple(sorted(entries))
 
 

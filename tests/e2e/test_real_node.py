@@ -161,18 +161,29 @@ class Release:
     def describe(self, task: str) -> str:
         return self.cluster.kubectl("-n", NAMESPACE, "describe", "task", task, check=False).stdout
 
+    def create_runner_task(self, name: str, *, lease: str, work_s: int) -> None:
+        """A Task whose wrapped runner works `work_s` seconds, heartbeating every second
+        under `lease` (ack and progress timeouts); a lost lease is handed on at once."""
+        self.tasks.create_task(
+            name,
+            ackTimeout=lease,
+            reportProgressTimeout=lease,
+            heartbeatInterval="1s",
+            retry={"maxAttempts": 3, "backoff": {"initial": "0s"}},
+            template=template(wrapped_sleeper(work_s)),
+        )
+
+    def start_runner(self, name: str, *, lease: str, work_s: int) -> str:
+        """`create_runner_task`, then wait until it is Running; its runner pod's name."""
+        self.create_runner_task(name, lease=lease, work_s=work_s)
+        self.tasks.wait_phase(name, "Running", timeout=60)
+        return self.holder(name)[0]
+
     def start_runners(self, prefix: str, *, lease: str, work_s: int) -> list[str]:
-        """Three Tasks whose wrapped runners work `work_s` seconds, heartbeating every
-        second under `lease` (ack and progress timeouts); return once all are Running."""
+        """Three such Tasks; return once all are Running."""
         names = [f"{prefix}-{i}" for i in range(3)]
         for name in names:
-            self.tasks.create_task(
-                name,
-                ackTimeout=lease,
-                reportProgressTimeout=lease,
-                heartbeatInterval="1s",
-                template=template(wrapped_sleeper(work_s)),
-            )
+            self.create_runner_task(name, lease=lease, work_s=work_s)
         for name in names:
             self.tasks.wait_phase(name, "Running", timeout=60)
         return names
@@ -297,16 +308,7 @@ def test_hung_runner_container_is_replaced(release: Release) -> None:
     Running, as a hung process does: the operator hands the task on (ProgressTimeout) and
     the new pod resumes from the last checkpoint and finishes."""
     name = "hung-runner"
-    release.tasks.create_task(
-        name,
-        ackTimeout="6s",
-        reportProgressTimeout="6s",
-        heartbeatInterval="1s",
-        retry={"maxAttempts": 3, "backoff": {"initial": "0s"}},
-        template=template(wrapped_sleeper(10)),
-    )
-    release.tasks.wait_phase(name, "Running", timeout=60)
-    first_pod, _ = release.holder(name)
+    first_pod = release.start_runner(name, lease="6s", work_s=10)
     container = release.container_id(first_pod)
     wait_for(
         "a checkpoint past the first second",
@@ -338,16 +340,7 @@ def test_killed_runner_container_is_replaced_at_once(release: Release) -> None:
     """SIGKILL of the runner's container: the pod fails, and the operator ends the attempt as
     PodFailed and starts the next one, without waiting for any lease timeout (a minute)."""
     name = "killed-runner"
-    release.tasks.create_task(
-        name,
-        ackTimeout="60s",
-        reportProgressTimeout="60s",
-        heartbeatInterval="1s",
-        retry={"maxAttempts": 3, "backoff": {"initial": "0s"}},
-        template=template(wrapped_sleeper(5)),
-    )
-    release.tasks.wait_phase(name, "Running", timeout=60)
-    first_pod, _ = release.holder(name)
+    first_pod = release.start_runner(name, lease="60s", work_s=5)
     release.cluster.ctr(
         "tasks", "kill", "--all", "--signal", "SIGKILL", release.container_id(first_pod)
     )
