@@ -111,7 +111,8 @@ def _stop_all() -> None:
         plane.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -463,7 +464,7 @@ class ControlPlane:
         probe = _Probe(self.pki)
         pki = self.pki
 
-        client_port, peer_port = _free_port(), _free_port()
+        client_port, peer_port = free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         etcd = self._spawn(
@@ -489,7 +490,7 @@ class ControlPlane:
 
         self._await(etcd, etcd_ready, timeout=timeout, probe=probe)
 
-        secure_port = _free_port()
+        secure_port = free_port()
         self.server = f"https://127.0.0.1:{secure_port}"
         node_args: list[str] = []
         if node is not None:
