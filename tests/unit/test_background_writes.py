@@ -12,13 +12,10 @@ import warnings
 from typing import Any
 
 from tasklease.lease.core import Decision, DeletePod, RecordEvent
+from tasklease.operator.cache import TaskEntry
 from tasklease.operator.events import DEFAULT_SENDERS
-from tasklease.operator.reconciler import (
-    BACKGROUND_DELETIONS,
-    Reconciler,
-    _Entry,
-    connections_needed,
-)
+from tasklease.operator.pod_deletions import BACKGROUND_DELETIONS
+from tasklease.operator.reconciler import Reconciler, connections_needed
 from tests.unit.builders import make_task
 from tests.waiting import run_until
 
@@ -62,7 +59,7 @@ def test_a_burst_of_reassignments_holds_a_bounded_number_of_requests() -> None:
         try:
             task = make_task()
             for index in range(50):
-                entry = _Entry(key=("ns", f"t{index}"))
+                entry = TaskEntry(key=("ns", f"t{index}"))
                 decision = Decision(
                     actions=(
                         DeletePod(f"t{index}-1"),
@@ -101,7 +98,7 @@ def test_deletions_still_waiting_their_turn_are_dropped_quietly_on_stop() -> Non
         task = make_task()
         for index in range(BACKGROUND_DELETIONS + 3):
             decision = Decision(actions=(DeletePod(f"t{index}-1"),))
-            await reconciler._execute(_Entry(key=("ns", f"t{index}")), task, decision)
+            await reconciler._execute(TaskEntry(key=("ns", f"t{index}")), task, decision)
         await run_until("deletions held", lambda: writer.held == BACKGROUND_DELETIONS)
         await reconciler.stop()  # a replica that lost its leadership writes nothing more
         writer.gate.set()

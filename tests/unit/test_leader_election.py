@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 
 import pytest
 
+from tasklease.api.times import rfc3339_micro
 from tasklease.kube.leader import (
     Election,
     LeaderElector,
     LeaseRecord,
     RenewalClock,
-    micro_time,
 )
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
@@ -33,7 +33,7 @@ def held_by(holder: str | None, renew_time: str = "2026-11-28T11:00:00.000000Z")
 
 
 def test_micro_time_is_what_the_api_server_expects() -> None:
-    assert micro_time(NOW) == STAMP
+    assert rfc3339_micro(NOW) == STAMP
 
 
 def test_record_round_trips_through_the_lease_spec() -> None:

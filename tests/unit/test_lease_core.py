@@ -29,6 +29,7 @@ from tasklease.api.models import (
     Phase,
     Task,
 )
+from tasklease.api.runner_env import ENV_ATTEMPT, ENV_CHECKPOINT, ENV_EPOCH
 from tasklease.lease.backoff import retry_delay
 from tasklease.lease.core import (
     ACTIVE_PHASES,
@@ -52,7 +53,7 @@ from tasklease.lease.core import (
     stale_pod,
     when_to_stop_pod,
 )
-from tasklease.lease.pods import ENV_ATTEMPT, ENV_CHECKPOINT, ENV_EPOCH, runner_pod_name
+from tasklease.lease.pods import runner_pod_name
 from tests.unit.builders import (
     CREATED,
     MONOTONIC_START,

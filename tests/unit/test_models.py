@@ -39,7 +39,8 @@ from tasklease.api.models import (
     Task,
     TaskSpec,
 )
-from tasklease.lease.pods import ENV_PARAMETERS, runner_pod
+from tasklease.api.runner_env import ENV_PARAMETERS
+from tasklease.lease.pods import runner_pod
 
 TEMPLATE: dict[str, Any] = {"spec": {"containers": [{"name": "runner", "image": "busybox"}]}}
 

@@ -18,7 +18,7 @@ from tasklease.api.models import (
     RUNNER_ROLE,
     TASK_LABEL,
 )
-from tasklease.lease.pods import (
+from tasklease.api.runner_env import (
     ENV_ATTEMPT,
     ENV_CHECKPOINT,
     ENV_EPOCH,
@@ -27,10 +27,8 @@ from tasklease.lease.pods import (
     ENV_POD_NAME,
     ENV_TASK,
     RESERVED_ENV,
-    label_safe_task_name,
-    runner_pod,
-    runner_pod_name,
 )
+from tasklease.lease.pods import label_safe_task_name, runner_pod, runner_pod_name
 from tests.unit.builders import NAMESPACE, TEMPLATE, UID, make_task
 
 # A DNS-1123 subdomain made of labels (task names may contain dots), each label <= 63.

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tasklease.operator.reconciler import comparable_version
+from tasklease.operator.cache import comparable_version
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from tasklease.api.durations import WHOLE_MILLISECONDS_RULE, Duration, format_go_duration
+from tasklease.api.runner_env import RESERVED_ENV_PREFIX
+from tasklease.api.times import parse_rfc3339
 
 GROUP = "tasklease.io"
 VERSION = "v1alpha1"
@@ -66,8 +68,6 @@ WORKER_GROUP_LABEL = f"{GROUP}/worker-group"
 CLAIMABLE_LABEL = f"{GROUP}/claimable"
 
 MAX_ATTEMPT_HISTORY = 20
-# Environment variables of runner containers the operator owns (tasklease.lease.pods).
-RESERVED_ENV_PREFIX = "TASKLEASE_"
 POSITIVE_DURATION_RULE = {"rule": "duration(self) > duration('0s')", "message": "must be > 0"}
 # A lease timing of zero means nothing (a heartbeat every 0s); being whole milliseconds, a
 # positive one is at least 1ms. These replace the Duration type's rules, so they repeat its
@@ -664,7 +664,7 @@ class Task(_Model):
     @property
     def creation_time(self) -> datetime | None:
         stamp = self.metadata.get("creationTimestamp")
-        return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+        return parse_rfc3339(stamp) if isinstance(stamp, str) else None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -712,7 +712,7 @@ def _parse_time(text: Any) -> datetime | None:
     if not isinstance(text, str):
         return None
     try:
-        parsed = datetime.fromisoformat(text)
+        parsed = parse_rfc3339(text)
     except ValueError:
         return None
     # Kubernetes timestamps are UTC; one written without a zone is read as UTC too, so it

@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 from tasklease.api.models import EPOCH_ANNOTATION
+from tasklease.api.times import parse_rfc3339
 
 # Private to the operator's in-memory bodies (never written to the API server).
 WRITTEN_KEY: Final = "tasklease.io/written"
@@ -76,5 +77,5 @@ def ages(metadata: dict[str, Any]) -> dict[str, float]:
 
 
 def _parse(when: str) -> datetime:
-    parsed = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    parsed = parse_rfc3339(when)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -23,6 +23,8 @@ from typing import Any, Final
 
 import yaml
 
+from tasklease.api.times import parse_rfc3339
+
 TOKEN_FILE: Final = "token"
 KUBECONFIG_FILE: Final = "kubeconfig"
 
@@ -69,7 +71,7 @@ def token_request(*, pod_name: str, pod_uid: str, expiration_s: int) -> dict[str
 def parse_token(response: dict[str, Any]) -> Token:
     status = response.get("status") or {}
     expires = str(status.get("expirationTimestamp", "")).replace("Z", "+00:00")
-    return Token(value=str(status["token"]), expires_at=datetime.fromisoformat(expires))
+    return Token(value=str(status["token"]), expires_at=parse_rfc3339(expires))
 
 
 def _write_private(path: Path, text: str) -> None:

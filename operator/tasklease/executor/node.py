@@ -29,8 +29,8 @@ from typing import Any, Final
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tasklease.api.times import rfc3339, rfc3339_micro
 from tasklease.executor.env import LOCAL_IP
-from tasklease.executor.status import rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ CONDITION_TAINTS: Final = frozenset(
 )
 _REQUEST_TIMEOUT: Final = (10.0, 30.0)
 _ARCHITECTURES: Final = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
-
-
-def micro_time(at: datetime) -> str:
-    """A `metav1.MicroTime`, as Leases use."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def node_labels(name: str) -> dict[str, str]:
@@ -161,7 +156,7 @@ def node_lease(name: str, *, node_uid: str | None, renew: datetime) -> dict[str,
         "spec": {
             "holderIdentity": name,
             "leaseDurationSeconds": LEASE_DURATION_S,
-            "renewTime": micro_time(renew),
+            "renewTime": rfc3339_micro(renew),
         },
     }
 

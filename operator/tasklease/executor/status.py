@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from tasklease.api.times import rfc3339
 from tasklease.executor.env import LOCAL_IP
 
 SUCCEEDED: Final = "Succeeded"
@@ -29,11 +30,6 @@ TERMINAL_PHASES: Final = frozenset({SUCCEEDED, FAILED})
 START_ERROR: Final = "StartError"
 CONFIG_ERROR: Final = "CreateContainerConfigError"
 START_FAILURE_EXIT_CODE: Final = 128  # what containerd reports for a StartError
-
-
-def rfc3339(at: datetime) -> str:
-    """A `metav1.Time`: UTC, whole seconds."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now() -> datetime:

@@ -29,6 +29,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from yarl import URL
 
 from tasklease.api.models import GROUP, KIND, PLURAL, VERSION
+from tasklease.api.times import rfc3339
 from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.kube.refs import ObjectRef
 
@@ -364,7 +365,7 @@ class KubeWriter:
     ) -> None:
         """A core/v1 Event on the Task; failures are logged, never raised (best effort)."""
         await self._budget(self._event_limiter, "events")
-        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        now = rfc3339(datetime.now(UTC))  # first and last timestamps are metav1.Time
         namespace = task.namespace
         body = {
             "apiVersion": "v1",

@@ -1,11 +1,8 @@
 """Lean informers: list, then watch, raw JSON bodies to a callback (client-go's reflector).
 
-kopf put every Task event through its whole machinery (a per-object worker, causes, handler
-invocation, a per-object memory) before the reconciler saw it: two thirds of the operator's
-CPU per heartbeat, about 2.6 KiB per Task, and 2 ms per Task listed after a restart
-(docs/performance.md). The reconciler needs none of it: it wants each event's body, in order.
-The same holds for runner pods (a few events per attempt, one kopf memory per pod for as long
-as the pod exists) and pool runners' Leases.
+The reconciler wants each event's body, in order, and nothing more: no per-object worker,
+causes or per-object memory, which is why the operator has its own informers rather than
+kopf's watches (docs/decisions/own-informers.md).
 
 One `Informer` per kind of object (`TASKS`, `RUNNER_PODS`, `POOL_RUNNER_LEASES`) and watched
 namespace (or one for the whole cluster):

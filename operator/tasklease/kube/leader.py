@@ -38,6 +38,7 @@ from typing import Any, Final
 import aiohttp
 from kubernetes_asyncio import client as k8s
 
+from tasklease.api.times import rfc3339_micro
 from tasklease.kube.client import FIELD_MANAGER, json_body
 from tasklease.kube.errors import ApiError, Conflict, Gone
 
@@ -58,11 +59,6 @@ def candidate_identity() -> str:
     same pod is a new candidate, never mistaken for the holder it replaced."""
     host = os.environ.get("HOSTNAME") or socket.gethostname() or "tasklease"
     return f"{host}_{secrets.token_hex(4)}"
-
-
-def micro_time(moment: datetime) -> str:
-    """A Kubernetes MicroTime (RFC 3339 with microseconds, UTC)."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +124,7 @@ class Election:
     def claim(self, record: LeaseRecord | None, *, now: datetime) -> LeaseRecord | None:
         """The record that makes us the holder (a renewal if we are already), or None when
         another holder's lease is still valid. `record` None: there is no Lease yet."""
-        stamp = micro_time(now)
+        stamp = rfc3339_micro(now)
         if record is None:
             return LeaseRecord(self.identity, self._duration_s, stamp, stamp, 0)
         self.observe(record)
@@ -141,7 +137,7 @@ class Election:
     def release(self, record: LeaseRecord, *, now: datetime) -> LeaseRecord:
         """The record that gives the Lease up (client-go's release): no holder, and a
         duration of one second for candidates that judge by the record alone."""
-        stamp = micro_time(now)
+        stamp = rfc3339_micro(now)
         return dataclasses.replace(
             record, holder=None, duration_s=1, acquire_time=stamp, renew_time=stamp
         )

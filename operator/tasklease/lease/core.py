@@ -39,6 +39,7 @@ from tasklease.api.models import (
     ResultStatus,
     Task,
 )
+from tasklease.api.times import rfc3339_model
 from tasklease.api.written import ages
 from tasklease.lease.backoff import retry_delay
 from tasklease.lease.pods import runner_pod, runner_pod_name
@@ -234,8 +235,13 @@ class RecordEvent:
 Action = PatchLease | PatchStatus | CreatePod | DeletePod | RecordEvent
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
+    """What `decide` concluded: the writes to make in order, and when to be asked again.
+
+    Filled in rule by rule while `decide` runs (`_Plan`); nothing changes it afterwards.
+    """
+
     actions: tuple[Action, ...] = ()
     wake_at: float | None = None  # monotonic; ask again then even if nothing changes
     why: str = ""
@@ -255,39 +261,20 @@ class Decision:
 
 @dataclass(slots=True)
 class _Plan:
-    """Accumulates actions and the earliest wake-up while `decide` walks the rules."""
+    """The decision being made, and the clock it is made by, while `decide` walks the rules."""
 
     clock: Clock
-    actions: list[Action] = field(default_factory=list)
-    wake_at: float | None = None
-    why: str = ""
-    ended: Outcome | None = None
-    retrying: bool = False
-    expired_at: float | None = None
-    handed_out: int | None = None  # the epoch this decision hands out
-    deferrable: bool = False
+    decision: Decision = field(default_factory=Decision)
+
+    def add(self, action: Action) -> None:
+        self.decision.actions += (action,)
 
     def wake(self, at: float) -> None:
-        self.wake_at = at if self.wake_at is None else min(self.wake_at, at)
-
-    def decision(self) -> Decision:
-        return Decision(
-            actions=tuple(self.actions),
-            wake_at=self.wake_at,
-            why=self.why,
-            ended=self.ended,
-            retrying=self.retrying,
-            expired_at=self.expired_at,
-            handed_out=self.handed_out,
-            deferrable=self.deferrable,
-        )
+        wake_at = self.decision.wake_at
+        self.decision.wake_at = at if wake_at is None else min(wake_at, at)
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def _iso(when: datetime) -> str:
-    return when.isoformat().replace("+00:00", "Z")
 
 
 def set_condition(
@@ -298,7 +285,7 @@ def set_condition(
     reason: str,
     message: str,
     now: datetime,
-    generation: int,
+    generation: int | None,
 ) -> list[Condition]:
     """Conditions with one replaced; lastTransitionTime moves only when status changes."""
     previous = next((c for c in conditions if c.type == type_), None)
@@ -316,7 +303,7 @@ def set_condition(
     return [c for c in conditions if c.type != type_] + [updated]
 
 
-def _dump_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
+def dump_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
     return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions]
 
 
@@ -339,22 +326,21 @@ def _hand_out(task: Task, plan: _Plan, *, previous: AttemptRecord | None = None)
     acts; the pod's runner can acknowledge as soon as it starts. The status is not written
     here: the next decision sees the lease ahead of the status and records the hand-out
     (`_record_hand_out`), a write the reconciler may put off while the API budget is spent
-    on hand-outs. Two writes per hand-out on the critical path instead of three: the
-    scale benchmark's hand-out rate and detection time are bounded by exactly these round
-    trips (docs/performance.md). `previous` is the attempt this hand-out supersedes,
-    recorded with the lease so that nothing about it is lost if the status write never
-    comes (an operator crash in between).
+    on hand-outs. Two writes on the critical path, not three: a hand-out's rate and a
+    reassignment's delay are bounded by these round trips (docs/decisions/two-write-hand-out.md).
+    `previous` is the attempt this hand-out supersedes, recorded with the lease so that
+    nothing about it is lost if the status write never comes (an operator crash in between).
     """
     now = plan.clock.wall
     epoch = task.lease.epoch + 1
     holder = runner_pod_name(task.name, epoch)
     attempt = task.status.attempt + 1
-    plan.actions.append(
+    plan.add(
         PatchLease(
             {
                 HOLDER_ANNOTATION: holder,
                 EPOCH_ANNOTATION: str(epoch),
-                ACQUIRE_TIME_ANNOTATION: _iso(now),
+                ACQUIRE_TIME_ANNOTATION: rfc3339_model(now),
                 PREVIOUS_ATTEMPT_ANNOTATION: (
                     previous.model_dump_json(by_alias=True, exclude_none=True)
                     if previous is not None
@@ -364,10 +350,8 @@ def _hand_out(task: Task, plan: _Plan, *, previous: AttemptRecord | None = None)
         )
     )
     checkpoint = task.status.progress.checkpoint if task.status.progress else None
-    plan.actions.append(
-        CreatePod(runner_pod(task, epoch=epoch, attempt=attempt, checkpoint=checkpoint))
-    )
-    plan.actions.append(
+    plan.add(CreatePod(runner_pod(task, epoch=epoch, attempt=attempt, checkpoint=checkpoint)))
+    plan.add(
         RecordEvent(
             "Normal",
             "HandedOut",
@@ -375,8 +359,8 @@ def _hand_out(task: Task, plan: _Plan, *, previous: AttemptRecord | None = None)
             f"to pod {holder}",
         )
     )
-    plan.why = f"hand out epoch {epoch}"
-    plan.handed_out = epoch
+    plan.decision.why = f"hand out epoch {epoch}"
+    plan.decision.handed_out = epoch
 
 
 def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState | None) -> None:
@@ -413,7 +397,7 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
     attempts.append(AttemptRecord(attempt=attempt, epoch=epoch, holder=holder, start_time=acquired))
     acknowledged = sighting.epoch == epoch and sighting.acknowledged
     conditions = _leased(task, plan, holder=holder, epoch=epoch, acknowledged=acknowledged)
-    plan.actions.append(
+    plan.add(
         PatchStatus(
             {
                 "phase": (Phase.RUNNING if acknowledged else Phase.ASSIGNED).value,
@@ -421,24 +405,22 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
                 "epoch": epoch,
                 "holder": holder,
                 "attempts": _dump_attempts(attempts),
-                "startTime": _iso(status.start_time or acquired),
+                "startTime": rfc3339_model(status.start_time or acquired),
                 "nextAttemptTime": None,
-                "conditions": _dump_conditions(conditions),
+                "conditions": dump_conditions(conditions),
                 "observedGeneration": task.generation,
             }
         )
     )
-    plan.why = f"record the hand-out of epoch {epoch}"
+    plan.decision.why = f"record the hand-out of epoch {epoch}"
     # A pool task has no pod of its own: the runner that claimed it is the holder.
     if task.spec.template is not None and pod is None and not sighting.pod_ensured:
         # Nobody in this process made the pod: the lease was written just before a crash.
         checkpoint = status.progress.checkpoint if status.progress else None
-        plan.actions.append(
-            CreatePod(runner_pod(task, epoch=epoch, attempt=attempt, checkpoint=checkpoint))
-        )
-        plan.why = f"finish the hand-out of epoch {epoch}"
+        plan.add(CreatePod(runner_pod(task, epoch=epoch, attempt=attempt, checkpoint=checkpoint)))
+        plan.decision.why = f"finish the hand-out of epoch {epoch}"
     if task.is_pool_task:
-        plan.actions.append(
+        plan.add(
             RecordEvent(
                 "Normal",
                 "Claimed",
@@ -446,13 +428,13 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
                 f"claimed by pool runner {holder}",
             )
         )
-        plan.handed_out = epoch
+        plan.decision.handed_out = epoch
     if acknowledged:
-        plan.actions.append(_acknowledged_event(holder))
+        plan.add(_acknowledged_event(holder))
     # Only a bookkeeping write is left: it may wait for a free API budget. Anything that
     # makes a pod, or a cancellation, may not.
-    plan.deferrable = not task.spec.cancel and not any(
-        isinstance(action, CreatePod) for action in plan.actions
+    plan.decision.deferrable = not task.spec.cancel and not any(
+        isinstance(action, CreatePod) for action in plan.decision.actions
     )
 
 
@@ -482,17 +464,17 @@ def _acknowledged_event(holder: str) -> RecordEvent:
 def _acknowledge(task: Task, plan: _Plan) -> None:
     holder = task.lease.holder or ""
     conditions = _leased(task, plan, holder=holder, epoch=task.lease.epoch, acknowledged=True)
-    plan.actions.append(
+    plan.add(
         PatchStatus(
             {
                 "phase": Phase.RUNNING.value,
-                "conditions": _dump_conditions(conditions),
+                "conditions": dump_conditions(conditions),
                 "observedGeneration": task.generation,
             }
         )
     )
-    plan.actions.append(_acknowledged_event(holder))
-    plan.why = "acknowledged"
+    plan.add(_acknowledged_event(holder))
+    plan.decision.why = "acknowledged"
 
 
 def _end_attempt(
@@ -532,17 +514,17 @@ def _end_attempt(
             if delay > timedelta(0):
                 next_attempt_time = now + delay
 
-    plan.ended = outcome
-    plan.retrying = final_phase is None
+    plan.decision.ended = outcome
+    plan.decision.retrying = final_phase is None
     if final_phase is None and next_attempt_time is None and task.spec.template is not None:
         # Straight on to the next attempt (a lost lease, AWS's reassignment): the new lease
         # carries the end of this attempt, and the status records both afterwards.
         ended = attempts[-1] if attempts and attempts[-1].epoch == task.lease.epoch else None
         _hand_out(task, plan, previous=ended)
-        plan.why = f"{outcome.value} -> {plan.why}"
+        plan.decision.why = f"{outcome.value} -> {plan.decision.why}"
         _stop_runner(task, plan, outcome=outcome, pod=pod)
         text = f"attempt {status.attempt} ended: {message}"
-        plan.actions.append(RecordEvent("Warning", outcome.value, text))
+        plan.add(RecordEvent("Warning", outcome.value, text))
         return
 
     patch: dict[str, Any] = {
@@ -553,7 +535,7 @@ def _end_attempt(
     conditions = status.conditions
     if final_phase is not None:
         patch["phase"] = final_phase.value
-        patch["completionTime"] = _iso(now)
+        patch["completionTime"] = rfc3339_model(now)
         patch["nextAttemptTime"] = None
         conditions = set_condition(
             conditions,
@@ -577,11 +559,11 @@ def _end_attempt(
             "Normal" if final_phase in (Phase.SUCCEEDED, Phase.SKIPPED) else "Warning"
         )
         event_reason = final_phase.value if outcome in RUNNER_REPORTED else outcome.value
-        plan.why = f"{outcome.value} -> {final_phase.value}"
+        plan.decision.why = f"{outcome.value} -> {final_phase.value}"
     else:
         patch["phase"] = Phase.PENDING.value
-        patch["nextAttemptTime"] = _iso(next_attempt_time) if next_attempt_time else None
-        wait = f"; next attempt at {_iso(next_attempt_time)}" if next_attempt_time else ""
+        patch["nextAttemptTime"] = rfc3339_model(next_attempt_time) if next_attempt_time else None
+        wait = f"; next attempt at {rfc3339_model(next_attempt_time)}" if next_attempt_time else ""
         conditions = set_condition(
             conditions,
             type_=CONDITION_LEASED,
@@ -594,11 +576,11 @@ def _end_attempt(
         event_type = "Warning"
         event_reason = outcome.value
         message = f"attempt {status.attempt} ended: {message}{wait}"
-        plan.why = f"{outcome.value} -> retry"
-    patch["conditions"] = _dump_conditions(conditions)
-    plan.actions.append(PatchStatus(patch))
+        plan.decision.why = f"{outcome.value} -> retry"
+    patch["conditions"] = dump_conditions(conditions)
+    plan.add(PatchStatus(patch))
     _stop_runner(task, plan, outcome=outcome, pod=pod)
-    plan.actions.append(RecordEvent(event_type, event_reason, message))
+    plan.add(RecordEvent(event_type, event_reason, message))
 
 
 def _stop_runner(task: Task, plan: _Plan, *, outcome: Outcome, pod: PodState | None) -> None:
@@ -609,7 +591,7 @@ def _stop_runner(task: Task, plan: _Plan, *, outcome: Outcome, pod: PodState | N
     pod_per_attempt = task.spec.template is not None
     pod_done = pod is not None and (pod.gone or pod.terminated)
     if holder and pod_per_attempt and runner_may_still_run and not pod_done:
-        plan.actions.append(DeletePod(holder))
+        plan.add(DeletePod(holder))
 
 
 def _mark_late(task: Task, plan: _Plan, *, late_after: timedelta) -> None:
@@ -623,8 +605,8 @@ def _mark_late(task: Task, plan: _Plan, *, late_after: timedelta) -> None:
         now=plan.clock.wall,
         generation=task.generation,
     )
-    plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
-    plan.actions.append(RecordEvent("Warning", "Late", text))
+    plan.add(PatchStatus({"conditions": dump_conditions(conditions)}))
+    plan.add(RecordEvent("Warning", "Late", text))
 
 
 def _release_lease(plan: _Plan, *, claimable: bool | None = None) -> None:
@@ -635,8 +617,8 @@ def _release_lease(plan: _Plan, *, claimable: bool | None = None) -> None:
     labels: dict[str, str | None] = {}
     if claimable is not None:
         labels[CLAIMABLE_LABEL] = "true" if claimable else None
-    plan.actions.append(PatchLease({HOLDER_ANNOTATION: None}, labels))
-    plan.why = "release lease" if not claimable else "back to the pool"
+    plan.add(PatchLease({HOLDER_ANNOTATION: None}, labels))
+    plan.decision.why = "release lease" if not claimable else "back to the pool"
 
 
 # --- the decision -------------------------------------------------------------------------
@@ -661,24 +643,24 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
             now=now,
             generation=task.generation,
         )
-        plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
-        plan.why = "spec fixed"
-        return plan.decision()
+        plan.add(PatchStatus({"conditions": dump_conditions(conditions)}))
+        plan.decision.why = "spec fixed"
+        return plan.decision
 
     if (restored := _phase_from_facts(task, sighting)) is not None:
         _restore_phase(task, plan, restored)
-        return plan.decision()
+        return plan.decision
 
     if status.phase.is_final:
         if lease.holder or CLAIMABLE_LABEL in task.labels:
             _release_lease(plan, claimable=False if task.is_pool_task else None)
-        return plan.decision()
+        return plan.decision
 
     if lease.epoch > status.epoch and lease.holder:
         # A hand-out or a pool runner's claim wrote the lease; the status follows. Before
         # anything else: every other rule reads the current attempt from the status.
         _record_hand_out(task, plan, sighting=sighting, pod=pod)
-        return plan.decision()
+        return plan.decision
 
     if spec.cancel:
         if status.phase in ACTIVE_PHASES:
@@ -692,7 +674,7 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
             )
         else:
             _finish_without_attempt(task, plan, Phase.CANCELED, "Canceled", "spec.cancel is true")
-        return plan.decision()
+        return plan.decision
 
     created = task.creation_time
     if spec.active_deadline is not None and created is not None:
@@ -710,7 +692,7 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
                 )
             else:
                 _finish_without_attempt(task, plan, Phase.FAILED, "DeadlineExceeded", text)
-            return plan.decision()
+            return plan.decision
         plan.wake(clock.monotonic_at(deadline))
 
     if spec.late_after is not None and created is not None:
@@ -719,16 +701,16 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
             if not _condition_is(task, CONDITION_LATE, "True"):
                 _mark_late(task, plan, late_after=spec.late_after)
                 # One write at a time: the next decision sees the condition and goes on.
-                return plan.decision()
+                return plan.decision
         else:
             plan.wake(clock.monotonic_at(late_at))
 
     if status.phase == Phase.PENDING:
         _decide_pending(task, plan)
-        return plan.decision()
+        return plan.decision
 
     _decide_active(task, plan, sighting=sighting, pod=pod)
-    return plan.decision()
+    return plan.decision
 
 
 def _phase_from_facts(task: Task, sighting: Sighting) -> Phase | None:
@@ -783,9 +765,9 @@ def _restore_phase(task: Task, plan: _Plan, phase: Phase) -> None:
             now=plan.clock.wall,
             generation=task.generation,
         )
-        patch["conditions"] = _dump_conditions(conditions)
-    plan.actions.append(PatchStatus(patch))
-    plan.actions.append(
+        patch["conditions"] = dump_conditions(conditions)
+    plan.add(PatchStatus(patch))
+    plan.add(
         RecordEvent(
             type="Warning",
             reason="StatusOverwritten",
@@ -796,7 +778,7 @@ def _restore_phase(task: Task, plan: _Plan, phase: Phase) -> None:
             ),
         )
     )
-    plan.why = f"restore phase {phase} over a foreign {written}"
+    plan.decision.why = f"restore phase {phase} over a foreign {written}"
 
 
 def _finish_without_attempt(
@@ -812,21 +794,19 @@ def _finish_without_attempt(
         now=now,
         generation=task.generation,
     )
-    plan.actions.append(
+    plan.add(
         PatchStatus(
             {
                 "phase": phase.value,
-                "completionTime": _iso(now),
+                "completionTime": rfc3339_model(now),
                 "nextAttemptTime": None,
-                "conditions": _dump_conditions(conditions),
+                "conditions": dump_conditions(conditions),
                 "observedGeneration": task.generation,
             }
         )
     )
-    plan.actions.append(
-        RecordEvent("Normal" if phase == Phase.CANCELED else "Warning", reason, message)
-    )
-    plan.why = f"{reason} -> {phase.value}"
+    plan.add(RecordEvent("Normal" if phase == Phase.CANCELED else "Warning", reason, message))
+    plan.decision.why = f"{reason} -> {phase.value}"
 
 
 def _decide_pending(task: Task, plan: _Plan) -> None:
@@ -844,7 +824,7 @@ def _decide_pending(task: Task, plan: _Plan) -> None:
         if task.lease.holder or CLAIMABLE_LABEL in task.labels:
             _release_lease(plan, claimable=False if task.is_pool_task else None)
         plan.wake(plan.clock.monotonic_at(status.next_attempt_time))
-        plan.why = plan.why or "backing off"
+        plan.decision.why = plan.decision.why or "backing off"
         return
     if task.is_pool_task:
         _offer_to_pool(task, plan)
@@ -867,13 +847,13 @@ def _offer_to_pool(task: Task, plan: _Plan) -> None:
         or labels.get(WORKER_GROUP_LABEL) != group
         or task.metadata.get("annotations", {}).get(EPOCH_ANNOTATION) != str(lease.epoch)
     ):
-        plan.actions.append(
+        plan.add(
             PatchLease(
                 {HOLDER_ANNOTATION: None, EPOCH_ANNOTATION: str(lease.epoch)},
                 {WORKER_GROUP_LABEL: group, CLAIMABLE_LABEL: "true"},
             )
         )
-        plan.why = "offer to the pool"
+        plan.decision.why = "offer to the pool"
     leased = next((c for c in task.status.conditions if c.type == CONDITION_LEASED), None)
     if leased is None or leased.reason != "WaitingForRunner":
         conditions = set_condition(
@@ -885,8 +865,8 @@ def _offer_to_pool(task: Task, plan: _Plan) -> None:
             now=plan.clock.wall,
             generation=task.generation,
         )
-        plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
-        plan.why = plan.why or "waiting for a runner"
+        plan.add(PatchStatus({"conditions": dump_conditions(conditions)}))
+        plan.decision.why = plan.decision.why or "waiting for a runner"
 
 
 def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState | None) -> None:
@@ -920,7 +900,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
             return
     elif pod is not None and pod.epoch == lease.epoch and pod.reason == POD_REJECTED:
         message = f"the API server refused to create pod {pod.name}: {pod.message}"
-        plan.actions.append(RecordEvent("Warning", FAILED_CREATE, message))
+        plan.add(RecordEvent("Warning", FAILED_CREATE, message))
         _end_attempt(
             task, plan, outcome=Outcome.POD_REJECTED, message=message, final_phase=Phase.FAILED,
             pod=pod,
@@ -949,7 +929,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
         else:
             attempt_deadline_mono = clock.monotonic_at(lease.acquire_time + spec.attempt_timeout)
         if clock.monotonic >= attempt_deadline_mono:
-            plan.expired_at = attempt_deadline_mono
+            plan.decision.expired_at = attempt_deadline_mono
             _end_attempt(
                 task,
                 plan,
@@ -980,12 +960,12 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
                     now=clock.wall,
                     generation=task.generation,
                 )
-                plan.actions.append(PatchStatus({"conditions": _dump_conditions(conditions)}))
-                plan.why = "say the pod could not be created"
+                plan.add(PatchStatus({"conditions": dump_conditions(conditions)}))
+                plan.decision.why = "say the pod could not be created"
                 return
             if pod.retry_at is not None and clock.monotonic < pod.retry_at:
                 plan.wake(min(pod.retry_at, ack_deadline))
-                plan.why = "waiting to create the pod again"
+                plan.decision.why = "waiting to create the pod again"
                 return
         if (
             (pod is None or refused)
@@ -994,17 +974,19 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
             and (not refused or clock.monotonic < ack_deadline)
         ):
             checkpoint = status.progress.checkpoint if status.progress else None
-            plan.actions.append(
+            plan.add(
                 CreatePod(
                     runner_pod(
                         task, epoch=lease.epoch, attempt=status.attempt, checkpoint=checkpoint
                     )
                 )
             )
-            plan.why = "create the runner pod again" if refused else "ensure the runner pod exists"
+            plan.decision.why = (
+                "create the runner pod again" if refused else "ensure the runner pod exists"
+            )
             return
         if clock.monotonic >= ack_deadline:
-            plan.expired_at = ack_deadline
+            plan.decision.expired_at = ack_deadline
             why = (
                 f"; its pod could not be created: {pod.message}"
                 if pod is not None and pod.reason == FAILED_CREATE
@@ -1022,7 +1004,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
             )
             return
         plan.wake(ack_deadline)
-        plan.why = plan.why or "waiting for acknowledgement"
+        plan.decision.why = plan.decision.why or "waiting for acknowledgement"
         return
 
     # Running: the lease lives while reports keep coming.
@@ -1031,7 +1013,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
     )
     progress_deadline = last_seen + spec.report_progress_timeout.total_seconds()
     if clock.monotonic >= progress_deadline:
-        plan.expired_at = progress_deadline
+        plan.decision.expired_at = progress_deadline
         _end_attempt(
             task,
             plan,
@@ -1044,7 +1026,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
         )
         return
     plan.wake(progress_deadline)
-    plan.why = plan.why or "lease held"
+    plan.decision.why = plan.decision.why or "lease held"
 
 
 def _decide_result(task: Task, plan: _Plan) -> None:

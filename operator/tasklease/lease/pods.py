@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from typing import Any
 
 from tasklease.api.models import (
@@ -21,25 +20,13 @@ from tasklease.api.models import (
     TASK_LABEL,
     Task,
 )
+from tasklease.api.runner_env import ENV_POD_NAME, RESERVED_ENV, runner_env
 
-# Names of the environment variables the operator gives every runner container. The runner
-# SDK and the wrapper command read the same names (tasklease.runner.identity).
-ENV_TASK = "TASKLEASE_TASK"
-ENV_NAMESPACE = "TASKLEASE_NAMESPACE"
-ENV_EPOCH = "TASKLEASE_EPOCH"
-ENV_ATTEMPT = "TASKLEASE_ATTEMPT"
-ENV_POD_NAME = "TASKLEASE_POD_NAME"
-ENV_PARAMETERS = "TASKLEASE_PARAMETERS"
-ENV_CHECKPOINT = "TASKLEASE_CHECKPOINT"
-RESERVED_ENV = (
-    ENV_TASK,
-    ENV_NAMESPACE,
-    ENV_EPOCH,
-    ENV_ATTEMPT,
-    ENV_POD_NAME,
-    ENV_PARAMETERS,
-    ENV_CHECKPOINT,
-)
+# The runner learns its pod's name from the pod itself (the downward API).
+_POD_NAME_ENV: dict[str, Any] = {
+    "name": ENV_POD_NAME,
+    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+}
 
 _MAX_NAME = 63  # pod names become hostnames, which DNS limits to one 63-character label
 
@@ -78,16 +65,19 @@ def runner_pod(task: Task, *, epoch: int, attempt: int, checkpoint: Any) -> dict
     labels[EPOCH_LABEL] = str(epoch)
     labels[ROLE_LABEL] = RUNNER_ROLE
 
-    identity_env: list[dict[str, Any]] = [
-        {"name": ENV_TASK, "value": task.name},
-        {"name": ENV_NAMESPACE, "value": task.namespace},
-        {"name": ENV_EPOCH, "value": str(epoch)},
-        {"name": ENV_ATTEMPT, "value": str(attempt)},
-        {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": ENV_PARAMETERS, "value": json.dumps(task.spec.parameters, sort_keys=True)},
+    variables = runner_env(
+        task=task.name,
+        namespace=task.namespace,
+        epoch=epoch,
+        attempt=attempt,
+        pod_name="",
+        parameters=task.spec.parameters,
+        checkpoint=checkpoint,
+    )
+    identity_env = [
+        _POD_NAME_ENV if name == ENV_POD_NAME else {"name": name, "value": value}
+        for name, value in variables.items()
     ]
-    if checkpoint is not None:
-        identity_env.append({"name": ENV_CHECKPOINT, "value": json.dumps(checkpoint)})
     for container in pod_spec.get("containers", []):
         # Ours come last so that a template cannot spoof the lease identity.
         user_env = [e for e in container.get("env") or [] if e.get("name") not in RESERVED_ENV]

@@ -5,14 +5,11 @@ status, its conditions), and client-go's event recorder drops Events too (its br
 queues 1,000 and drops what comes beyond). What an Event must never do is cost a hand-out or a
 reassignment anything, or hold memory without bound.
 
-Each Event used to be a background request of its own. At 10,000 Tasks the acknowledgement
-burst left over 4,000 of them waiting for a connection at once, each with its request already
-built (some 12 KiB of objects): the operator's RSS rose by a hundred MiB in a minute and never
-came down (CPython keeps an arena while any object in it lives, and the burst's objects were
-interleaved with the Tasks' long-lived ones), and the lease writes queued for a connection
-behind them (docs/design.md, "What the benchmark changed"). Now a posted Event is a few
-strings in a queue of at most `DEFAULT_CAPACITY`, and `DEFAULT_SENDERS` coroutines send them,
-each on a connection of its own (the client's pool is sized for them beside the workers).
+A posted Event is a few strings in a queue of at most `DEFAULT_CAPACITY`, and
+`DEFAULT_SENDERS` coroutines send them, each on a connection of its own (the client's pool
+is sized for them beside the workers): a burst of Events never holds a burst of built
+requests, nor makes the lease writes wait for a connection
+(docs/decisions/bounded-event-queue.md).
 
 When the queue is full, a Warning (an attempt that failed, a lease that expired) displaces
 the oldest Normal Event; anything else is dropped, counted, and logged at most once a minute.

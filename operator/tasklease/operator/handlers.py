@@ -1,18 +1,19 @@
-"""kopf wiring: start and stop the operator's work.
+"""kopf's part of the operator: two handlers, and kopf's settings.
 
-kopf runs the operator process: startup and cleanup, signals, logging and the liveness
-endpoint. It watches nothing. Tasks, runner pods and pool runners' Leases go through our own
-informers (tasklease.kube.informer) straight to the reconciler, without kopf's per-event
-machinery (a per-object worker, causes, handler invocation, a per-object memory), which cost
-two thirds of the operator's CPU per heartbeat, most of a restart, and memory per object
-(docs/performance.md). Nor does it time anything: kopf timers put a finalizer on every
-object, cost an asyncio task per object and expire only at their interval; the reconciler
-keeps its own deadlines (tasklease.operator.queues).
+Besides running the process (`main.py`), kopf calls `start_operator` once its loop runs
+and `stop_operator` when it stops (a signal, or our `Shutdown`), and that is all: no
+handler watches a resource, and `configure` turns off kopf's Event posting, its peering and
+its scanning, so kopf lists, watches, times and annotates nothing
+(docs/decisions/kopf-runs-the-process.md; an import contract keeps kopf to this module and
+`main.py`).
 
-With leader election (TASKLEASE_LEADER_ELECTION) the work (tasklease.operator.workload)
-starts only once this replica leads; kopf runs standalone either way. A leader that fails to
-renew stops its work and ends the operator with exit status 1 (`Shutdown`), so that
-Kubernetes restarts it as a standby.
+Everything else is ours, started here: Tasks, runner pods and pool runners' Leases come
+through our own informers (tasklease.kube.informer, docs/decisions/own-informers.md) to
+the reconciler, which keeps its own deadlines (tasklease.operator.queues,
+docs/decisions/one-deadline-queue.md). With leader election (TASKLEASE_LEADER_ELECTION,
+docs/decisions/lease-leader-election.md) the work (tasklease.operator.workload) starts only
+once this replica leads. A leader that fails to renew stops its work and ends the operator
+with exit status 1 (`Shutdown`), so that Kubernetes restarts it as a standby.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
         metrics=metrics,
         monotonic=sight.clock,
     )
-    metrics.attach(reconciler)
+    metrics.attach(reconciler.cache)
     if operator.metrics_port:
         metrics.serve(operator.metrics_port)
     workload = Workload(api, reconciler, namespaces, sight=sight)

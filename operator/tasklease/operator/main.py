@@ -1,4 +1,11 @@
-"""Run the operator: `tasklease operator`."""
+"""Run the operator: `tasklease operator`.
+
+kopf runs the process, and only the process (docs/decisions/kopf-runs-the-process.md): the
+event loop, SIGTERM and SIGINT, a graceful stop, and the liveness endpoint (`/healthz`). It
+runs standalone and watches nothing. All the operator's work is our code, which kopf starts
+and stops through the two handlers in `handlers.py`; the exit status is ours too
+(`handlers.Shutdown`).
+"""
 
 from __future__ import annotations
 

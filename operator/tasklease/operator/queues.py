@@ -4,7 +4,7 @@ Why not one kopf timer per Task: kopf runs an asyncio task per timer per object 
 18 KiB each, and they stall the loop when they fire together), and a timer only looks at
 its object every `interval`, so a lease would expire up to one interval late. One heap of
 deadlines costs a few dozen bytes per Task and wakes exactly when the earliest deadline is
-due (client-go's delaying queue does the same).
+due (client-go's delaying queue does the same; docs/decisions/one-deadline-queue.md).
 
 The work queue guarantees that a key is processed by one worker at a time and that a key
 marked dirty while being processed is processed again afterwards, so no observation is lost

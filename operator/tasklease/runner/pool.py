@@ -43,19 +43,13 @@ from tasklease.api.models import (
     VERSION,
     WORKER_GROUP_LABEL,
 )
-from tasklease.runner.sdk import Identity, TaskLease, default_api_client
+from tasklease.api.runner_env import ENV_NAMESPACE, ENV_POD_NAME
+from tasklease.api.times import rfc3339_micro
+from tasklease.runner.sdk import Identity, TaskLease, default_api_client, json_pointer
 
 logger = logging.getLogger(__name__)
 
 JSON_PATCH = "application/json-patch+json"
-
-
-def _pointer(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
-
-
-def _now_micro() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def claim_order(task: dict[str, Any]) -> tuple[int, str, str]:
@@ -73,20 +67,24 @@ def claim_patch(*, epoch: int, holder: str, acquire_time: str) -> list[dict[str,
     """The compare-and-swap that claims a claimable Task at `epoch` for `holder`."""
     annotations = "/metadata/annotations/"
     return [
-        {"op": "test", "path": annotations + _pointer(EPOCH_ANNOTATION), "value": str(epoch)},
-        {"op": "test", "path": "/metadata/labels/" + _pointer(CLAIMABLE_LABEL), "value": "true"},
-        {"op": "add", "path": annotations + _pointer(HOLDER_ANNOTATION), "value": holder},
+        {"op": "test", "path": annotations + json_pointer(EPOCH_ANNOTATION), "value": str(epoch)},
+        {
+            "op": "test",
+            "path": "/metadata/labels/" + json_pointer(CLAIMABLE_LABEL),
+            "value": "true",
+        },
+        {"op": "add", "path": annotations + json_pointer(HOLDER_ANNOTATION), "value": holder},
         {
             "op": "replace",
-            "path": annotations + _pointer(EPOCH_ANNOTATION),
+            "path": annotations + json_pointer(EPOCH_ANNOTATION),
             "value": str(epoch + 1),
         },
         {
             "op": "add",
-            "path": annotations + _pointer(ACQUIRE_TIME_ANNOTATION),
+            "path": annotations + json_pointer(ACQUIRE_TIME_ANNOTATION),
             "value": acquire_time,
         },
-        {"op": "remove", "path": "/metadata/labels/" + _pointer(CLAIMABLE_LABEL)},
+        {"op": "remove", "path": "/metadata/labels/" + json_pointer(CLAIMABLE_LABEL)},
     ]
 
 
@@ -94,9 +92,9 @@ def release_patch(*, epoch: int, holder: str) -> list[dict[str, Any]]:
     """Give a held Task back: fenced on epoch and holder, removes the holder."""
     annotations = "/metadata/annotations/"
     return [
-        {"op": "test", "path": annotations + _pointer(EPOCH_ANNOTATION), "value": str(epoch)},
-        {"op": "test", "path": annotations + _pointer(HOLDER_ANNOTATION), "value": holder},
-        {"op": "remove", "path": annotations + _pointer(HOLDER_ANNOTATION)},
+        {"op": "test", "path": annotations + json_pointer(EPOCH_ANNOTATION), "value": str(epoch)},
+        {"op": "test", "path": annotations + json_pointer(HOLDER_ANNOTATION), "value": holder},
+        {"op": "remove", "path": annotations + json_pointer(HOLDER_ANNOTATION)},
     ]
 
 
@@ -117,7 +115,7 @@ class PoolRunner:
 
         self.worker_group = worker_group
         self.namespace = namespace or _own_namespace()
-        self.pod_name = pod_name or os.environ.get("TASKLEASE_POD_NAME") or os.environ["HOSTNAME"]
+        self.pod_name = pod_name or os.environ.get(ENV_POD_NAME) or os.environ["HOSTNAME"]
         self._api_client = api_client or default_api_client()
         self._custom = client.CustomObjectsApi(self._api_client)
         self._coordination = client.CoordinationV1Api(self._api_client)
@@ -281,7 +279,9 @@ class PoolRunner:
                 metadata["namespace"],
                 PLURAL,
                 metadata["name"],
-                claim_patch(epoch=epoch, holder=self.pod_name, acquire_time=_now_micro()),
+                claim_patch(
+                    epoch=epoch, holder=self.pod_name, acquire_time=rfc3339_micro(datetime.now(UTC))
+                ),
                 _content_type=JSON_PATCH,
             )
         except ApiException as error:
@@ -327,7 +327,7 @@ class PoolRunner:
             "spec": {
                 "holderIdentity": self.pod_name,
                 "leaseDurationSeconds": self.lease_duration_s,
-                "renewTime": _now_micro(),
+                "renewTime": rfc3339_micro(datetime.now(UTC)),
             },
         }
 
@@ -398,9 +398,9 @@ def _own_namespace() -> str:
     if os.path.exists(path):
         with open(path) as file:
             return file.read().strip()
-    namespace = os.environ.get("TASKLEASE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
+    namespace = os.environ.get(ENV_NAMESPACE) or os.environ.get("POD_NAMESPACE")
     if not namespace:
-        raise RuntimeError("cannot tell this runner's namespace: set TASKLEASE_NAMESPACE")
+        raise RuntimeError(f"cannot tell this runner's namespace: set {ENV_NAMESPACE}")
     return namespace
 
 

@@ -57,7 +57,7 @@ from tasklease.api.models import (
     VERSION,
     ResultStatus,
 )
-from tasklease.lease.pods import (
+from tasklease.api.runner_env import (
     ENV_ATTEMPT,
     ENV_CHECKPOINT,
     ENV_EPOCH,
@@ -66,6 +66,7 @@ from tasklease.lease.pods import (
     ENV_POD_NAME,
     ENV_TASK,
 )
+from tasklease.api.times import rfc3339_micro
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,9 @@ REQUEST_TIMEOUT_MIN_S = 1.0
 _PATCH_NOT_APPLIED = "the server rejected our request due to an error in our request"
 
 
-def _json_pointer(key: str) -> str:
+def json_pointer(key: str) -> str:
+    """A key as one JSON Pointer step (RFC 6901: `~` and `/` escaped)."""
     return key.replace("~", "~0").replace("/", "~1")
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _utc_now() -> datetime:
@@ -378,12 +376,12 @@ class TaskLease:
         fence = [
             {
                 "op": "test",
-                "path": f"/metadata/annotations/{_json_pointer(EPOCH_ANNOTATION)}",
+                "path": f"/metadata/annotations/{json_pointer(EPOCH_ANNOTATION)}",
                 "value": str(identity.epoch),
             },
             {
                 "op": "test",
-                "path": f"/metadata/annotations/{_json_pointer(HOLDER_ANNOTATION)}",
+                "path": f"/metadata/annotations/{json_pointer(HOLDER_ANNOTATION)}",
                 "value": identity.pod_name,
             },
         ]
@@ -449,7 +447,7 @@ class TaskLease:
             self._server_offset = offset
 
     def _report_time(self) -> str:
-        return _rfc3339(self._wall() + self._server_offset)
+        return rfc3339_micro(self._wall() + self._server_offset)
 
     def _read_at_start(self) -> dict[str, Any] | None:
         """The Task, read with retries until the ack window ends; None when given up."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -43,15 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Final, Protocol
 
-from tasklease.lease.pods import (
-    ENV_ATTEMPT,
-    ENV_CHECKPOINT,
-    ENV_EPOCH,
-    ENV_NAMESPACE,
-    ENV_PARAMETERS,
-    ENV_POD_NAME,
-    ENV_TASK,
-)
+from tasklease.api.runner_env import runner_env
 from tasklease.runner.progress_file import MAX_FILE_BYTES, ProgressUpdate, parse_progress_bytes
 from tasklease.runner.sdk import Identity, LeaseLost, TaskLease
 
@@ -524,17 +515,15 @@ def _cannot_start(task: RunnerLease, argv: list[str], error: OSError) -> int:
 
 def identity_env(identity: Identity) -> dict[str, str]:
     """The TASKLEASE_* variables a runner pod of this identity would have."""
-    env = {
-        ENV_TASK: identity.task,
-        ENV_NAMESPACE: identity.namespace,
-        ENV_EPOCH: str(identity.epoch),
-        ENV_ATTEMPT: str(identity.attempt),
-        ENV_POD_NAME: identity.pod_name,
-        ENV_PARAMETERS: json.dumps(identity.parameters, sort_keys=True),
-    }
-    if identity.checkpoint is not None:
-        env[ENV_CHECKPOINT] = json.dumps(identity.checkpoint)
-    return env
+    return runner_env(
+        task=identity.task,
+        namespace=identity.namespace,
+        epoch=identity.epoch,
+        attempt=identity.attempt,
+        pod_name=identity.pod_name,
+        parameters=identity.parameters,
+        checkpoint=identity.checkpoint,
+    )
 
 
 def run_pool(
