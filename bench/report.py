@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+from tasklease.controlplane import scrape
 
 # The closing JSON line carries exactly these keys, in this order.
 RESULT_KEYS: Final = (
@@ -166,27 +167,14 @@ def missed_goals(figures: Mapping[str, Any]) -> list[str]:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """`name{labels}` -> value for each sample line of a Prometheus text exposition."""
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        if not name:
-            continue
-        try:
-            samples[name.strip()] = float(value)
-        except ValueError:
-            continue
-    return samples
+    """`name{labels}` -> value for each sample of a Prometheus text exposition, the labels
+    in the order `tasklease.controlplane.scrape.sample_key` puts them."""
+    return scrape.parse(text)
 
 
 def metric_sum(samples: Mapping[str, float], name: str) -> float:
     """The sum over all label sets of metric `name`."""
-    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
-
-
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+    return scrape.total(samples, name)
 
 
 APISERVER_REQUESTS = "apiserver_request_duration_seconds"
@@ -208,7 +196,7 @@ def request_latency_by_kind(
         for key, value in after.items():
             if not key.startswith(prefix):
                 continue
-            labels = dict(_LABEL.findall(key[len(prefix) - 1 :]))
+            _, labels = scrape.split_key(key)
             if labels.get("verb") in ("WATCH", "CONNECT"):
                 continue
             resource = labels.get("resource", "")

@@ -1,8 +1,8 @@
 """Shared fixtures: one real control plane per test session, started on first use.
 
-Tests that use any of `control_plane`, `namespace`, `kubectl`, `kube_config` must be marked
-`cluster` (a `pytestmark` in the module), so `-m "not cluster"` runs the fast suite without
-ever building or starting anything; collection fails loudly if one forgets.
+Tests that use any of `CLUSTER_FIXTURES` (`control_plane`, `namespace`, `kubectl`, ...) must
+be marked `cluster` (a `pytestmark` in the module), so `-m "not cluster"` runs the fast suite
+without ever building or starting anything; collection fails loudly if one forgets.
 
 The control plane is session-scoped because starting one costs seconds while a fresh
 namespace per test costs milliseconds; tests isolate themselves by namespace. Namespaces are
@@ -30,7 +30,14 @@ if TYPE_CHECKING:  # imported lazily: `-m "not cluster"` runs need no `local` ex
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CRDS_DIR = REPO_ROOT / "crds"
 CLUSTER_FIXTURES = frozenset(
-    {"control_plane", "control_plane_binaries", "namespace", "kubectl", "kube_config"}
+    {
+        "control_plane",
+        "control_plane_binaries",
+        "helm_binary",
+        "namespace",
+        "kubectl",
+        "kube_config",
+    }
 )
 
 
@@ -90,6 +97,15 @@ def control_plane_binaries(request: pytest.FixtureRequest) -> Binaries:
 
     with _uncaptured(request):
         return obtain_binaries()
+
+
+@pytest.fixture(scope="session")
+def helm_binary(request: pytest.FixtureRequest) -> Path:
+    """helm, built into the per-user cache on first use (`go install`, like the binaries)."""
+    from tasklease.controlplane.binaries import obtain_helm
+
+    with _uncaptured(request):
+        return obtain_helm()
 
 
 @pytest.fixture(scope="session")

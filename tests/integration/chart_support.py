@@ -1,5 +1,6 @@
-"""Helpers for the chart's tests: helm, the chart installed into a test namespace, and API
-clients acting as the chart's ServiceAccounts (real tokens, or impersonation).
+"""Helpers for the chart's tests: helm, the chart installed into a test namespace (or once
+for a whole module: `ChartInstaller`), and API clients acting as the chart's ServiceAccounts
+(real tokens, or impersonation).
 
 Every release installed here watches only its own test namespace and binds its admission
 policy to that namespace alone: the control plane is shared by the whole session, and a
@@ -10,16 +11,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
+import secrets
 import subprocess
 import textwrap
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -27,21 +30,14 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.api.times import rfc3339_micro
+from tests.integration.support import Cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "tasklease"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 RUNNER_SA = "tasklease-runner"
 POOL_RUNNER_SA = "tasklease-pool-runner"
-
-
-def uncaptured(request: pytest.FixtureRequest) -> contextlib.AbstractContextManager[None]:
-    """Let a helm build's progress through pytest's capture (a cold build takes minutes)."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is None:
-        return contextlib.nullcontext()
-    manager: contextlib.AbstractContextManager[None] = capture.global_and_fixture_disabled()
-    return manager
 
 
 @dataclass(frozen=True)
@@ -150,6 +146,85 @@ def installed(
         yield Release(name, namespace, documents, notes=out.stdout)
     finally:
         helm("uninstall", name, "--namespace", namespace, "--wait", "--timeout=60s", check=False)
+
+
+@dataclass
+class ChartSetup:
+    """The chart installed once for a test module (see `ChartInstaller`)."""
+
+    namespace: str  # the release's, the one it watches
+    other_namespace: str  # one it does not watch
+    release: Release
+    control_plane: Any
+    admin: client.ApiClient
+    kubectl: Any
+    tmp: Path
+
+    @functools.cached_property
+    def cluster(self) -> Cluster:
+        """The admin's shortcuts in the release's namespace."""
+        return Cluster(self.admin, self.namespace)
+
+    def can_i(
+        self,
+        user: str,
+        verb: str,
+        resource: str,
+        namespace: str | None = None,
+        *,
+        name: str | None = None,
+    ) -> bool:
+        """`kubectl auth can-i` as `user`: `resource` may name a subresource
+        (`tasks.tasklease.io/status`), `name` one object; no namespace means all of them."""
+        resource, _, subresource = resource.partition("/")
+        args = ["auth", "can-i", verb, f"{resource}/{name}" if name else resource, f"--as={user}"]
+        args += [f"--subresource={subresource}"] if subresource else []
+        args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+        result = self.kubectl(*args, check=False)
+        answer = str(result.stdout).strip()
+        assert answer in ("yes", "no"), result.stdout + result.stderr
+        return answer == "yes"
+
+
+S = TypeVar("S", bound=ChartSetup)
+
+
+@dataclass(frozen=True)
+class ChartInstaller:
+    """What installing the chart for a module takes (the `chart_installer` fixture)."""
+
+    helm: Helm
+    tmp_path_factory: pytest.TempPathFactory
+    control_plane: Any
+    admin: client.ApiClient
+    kubectl: Any
+
+    @contextlib.contextmanager
+    def install(
+        self,
+        kind: type[S],
+        *,
+        prefix: str,
+        values: Callable[[str], dict[str, Any]] = scoped_values,
+    ) -> Iterator[S]:
+        """The chart installed into a namespace `t-<prefix>-<random>` of its own, with
+        `values` for that namespace, beside a namespace it does not watch; an instance of
+        `kind` (ChartSetup or a subclass with defaults for its own fields) describes them.
+        `helm uninstall` afterwards, and both namespaces deleted without waiting."""
+        core = client.CoreV1Api(self.admin)
+        namespace = f"t-{prefix}-{secrets.token_hex(3)}"
+        other = f"{namespace}-other"
+        tmp = self.tmp_path_factory.mktemp(prefix)
+        for name in (namespace, other):
+            core.create_namespace({"metadata": {"name": name}})
+        try:
+            with installed(self.helm, namespace, tmp, values(namespace)) as release:
+                yield kind(
+                    namespace, other, release, self.control_plane, self.admin, self.kubectl, tmp
+                )
+        finally:
+            for name in (namespace, other):
+                core.delete_namespace(name, propagation_policy="Background")
 
 
 # --- identities -----------------------------------------------------------------------------
@@ -295,16 +370,12 @@ def progress(epoch: int, percent: float = 10.0) -> dict[str, Any]:
         "epoch": epoch,
         "percent": percent,
         "message": "working",
-        "reportTime": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+        "reportTime": rfc3339_micro(datetime.now(UTC)),
     }
 
 
 def result(epoch: int) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "status": "FINISHED",
-        "reportTime": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
-    }
+    return {"epoch": epoch, "status": "FINISHED", "reportTime": rfc3339_micro(datetime.now(UTC))}
 
 
 def patch_status(
@@ -333,11 +404,3 @@ def message(error: ApiException) -> str:
         return str(json.loads(error.body).get("message", ""))
     except (TypeError, ValueError):
         return str(error.reason)
-
-
-def poll(what: str, condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)

@@ -7,8 +7,40 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
 
+from tests.integration.chart_support import ChartInstaller, Helm
 from tests.integration.support import RUNNER, Cluster, OperatorProcess, bind_runner, runner_role
+
+
+@pytest.fixture(scope="module")
+def helm(helm_binary: Path, control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """helm as the admin, with its cache and config in a folder of the module's."""
+    return Helm(
+        helm_binary, kubeconfig=control_plane.kubeconfig, home=tmp_path_factory.mktemp("helm")
+    )
+
+
+@pytest.fixture(scope="module")
+def chart_installer(
+    helm: Helm,
+    tmp_path_factory: pytest.TempPathFactory,
+    control_plane: Any,
+    kube_config: Any,
+    kubectl: Any,
+) -> ChartInstaller:
+    """Installs the chart once for a module: `with chart_installer.install(Setup, ...)`."""
+    return ChartInstaller(helm, tmp_path_factory, control_plane, kube_config, kubectl)
+
+
+@pytest.fixture
+def second_namespace(kube_config: Any, namespace: str) -> Iterator[str]:
+    """Another fresh namespace beside `namespace`, deleted after the test without waiting."""
+    core = client.CoreV1Api(kube_config)
+    name = f"{namespace}-b"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
 
 
 @pytest.fixture

@@ -8,19 +8,19 @@ test process with the SDK, using the identity the operator gave the runner pod.
 from __future__ import annotations
 
 import json
-import socket
-import urllib.request
-from typing import Any, TypeVar
+import threading
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.api.models import CLAIMABLE_LABEL, GROUP, HOLDER_ANNOTATION, PLURAL, VERSION
 from tasklease.controlplane.process import OperatorProcess
+from tasklease.controlplane.scrape import scrape as scrape_url
 from tasklease.runner import Identity, TaskLease
 from tests.waiting import wait_for
-
-T = TypeVar("T")
 
 __all__ = ["OperatorProcess", "wait_for"]  # re-exported: the integration tests import them
 
@@ -63,6 +63,16 @@ class Cluster:
         )
         return created
 
+    def create_pool_task(self, name: str, group: str, **spec: Any) -> None:
+        """A Task for the pool runners of worker group `group` (no pod template)."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Task",
+            "metadata": {"name": name},
+            "spec": {**FAST_SPEC, "workerGroup": group, **spec},
+        }
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+
     def task(self, name: str) -> dict[str, Any]:
         found: dict[str, Any] = self.custom.get_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, name
@@ -75,22 +85,29 @@ class Cluster:
         )
 
     def status(self, name: str) -> dict[str, Any]:
-        return self.task(name).get("status") or {}
+        return status_of(self.task(name))
 
     def annotations(self, name: str) -> dict[str, str]:
         return self.task(name)["metadata"].get("annotations") or {}
 
     def wait_phase(self, name: str, phase: str, *, timeout: float = 30.0) -> dict[str, Any]:
-        last: dict[str, Any] = {}
+        """The Task's status once it is in `phase`."""
+        task = wait_phase(f"task {name}", lambda: self.task(name), phase, timeout=timeout)
+        status: dict[str, Any] = task["status"]
+        return status
 
-        def reached() -> dict[str, Any] | None:
-            last.update(status=self.status(name))
-            return last["status"] if last["status"].get("phase") == phase else None
+    def wait_offered(self, name: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        """The pool Task once it is offered to its pool: claimable, and held by nobody."""
 
-        try:
-            return wait_for(f"task {name} to reach phase {phase}", reached, timeout=timeout)
-        except AssertionError as error:
-            raise AssertionError(f"{error}\nstatus: {dumps(last.get('status'))}") from None
+        def offered() -> dict[str, Any] | None:
+            task = self.task(name)
+            labels = task["metadata"].get("labels") or {}
+            annotations = task["metadata"].get("annotations") or {}
+            if labels.get(CLAIMABLE_LABEL) == "true" and HOLDER_ANNOTATION not in annotations:
+                return task
+            return None
+
+        return wait_for(f"task {name} to be offered to the pool", offered, timeout=timeout)
 
     def wait_epoch(self, name: str, epoch: int, *, timeout: float = 30.0) -> dict[str, Any]:
         """Wait until the hand-out of `epoch` is complete (status caught up, phase Assigned+)."""
@@ -163,6 +180,29 @@ class Cluster:
         )
 
 
+def wait_phase(
+    what: str, read: Callable[[], dict[str, Any] | None], *phases: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    """The object `read` returns (a Task, a pod; None while there is none) once its
+    status.phase is one of `phases`; a failure shows the last status seen."""
+    seen: list[dict[str, Any] | None] = [None]
+
+    def reached() -> dict[str, Any] | None:
+        seen[0] = read()
+        return seen[0] if seen[0] and status_of(seen[0]).get("phase") in phases else None
+
+    try:
+        return wait_for(f"{what} to reach phase {' or '.join(phases)}", reached, timeout=timeout)
+    except AssertionError as error:
+        last = status_of(seen[0]) if seen[0] else None
+        raise AssertionError(f"{error}\nstatus: {dumps(last)}") from None
+
+
+def status_of(body: dict[str, Any]) -> dict[str, Any]:
+    status: dict[str, Any] = body.get("status") or {}
+    return status
+
+
 def pod_env(pod: Any) -> dict[str, Any]:
     """The first container's environment, downward-API references resolved like a kubelet."""
     env: dict[str, Any] = {}
@@ -203,23 +243,26 @@ def raw_fenced_patch(
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def scrape(port: int) -> dict[str, float]:
-    """Prometheus text exposition as {'name{labels}': value}, comments dropped."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    """The operator's metrics on `port`, each sample keyed by `scrape.sample_key`."""
+    return scrape_url(f"http://127.0.0.1:{port}/metrics")
+
+
+def watches_opened(api_client: client.ApiClient) -> threading.Event:
+    """An Event set each time a request through `api_client` opens a watch (clear it to wait
+    for the next one): a long poll that watches has listed, and waits for what comes next.
+    Set as the request is sent; the watch starts from the list's resourceVersion, so nothing
+    written after the Event is set can pass it by."""
+    opened = threading.Event()
+    call_api = api_client.call_api
+
+    def noting(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if "watch=true" in urllib.parse.urlsplit(url).query.split("&"):
+            opened.set()
+        return call_api(method, url, *args, **kwargs)
+
+    api_client.call_api = noting
+    return opened
 
 
 def dumps(value: Any) -> str:

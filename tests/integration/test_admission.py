@@ -12,6 +12,7 @@ matches that namespace only (the control plane is shared by the whole session).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,27 +21,22 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tasklease.api.models import GROUP, PLURAL, VERSION
-from tasklease.controlplane.binaries import obtain_helm
 from tasklease.runner import Identity, TaskLease
 from tests.integration.chart_support import (
     RUNNER_SA,
-    Helm,
-    Release,
+    ChartInstaller,
+    ChartSetup,
     impersonating_client,
-    installed,
     leased_task,
     message,
     patch_status,
-    poll,
     progress,
     result,
     runner_pod,
-    scoped_values,
     service_account_token,
     token_client,
-    uncaptured,
 )
+from tests.integration.support import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -49,12 +45,8 @@ OTHER = "runner-b"
 
 
 @dataclass
-class Setup:
-    namespace: str
-    release: Release
-    control_plane: Any
-    admin: client.ApiClient
-    pods: dict[str, Any]
+class Setup(ChartSetup):
+    pods: dict[str, Any] = dataclasses.field(default_factory=dict)  # runner pods, by name
 
     def as_pod(self, pod: str, how: str) -> client.ApiClient:
         """The runner ServiceAccount acting from `pod`, by bound token or impersonation."""
@@ -74,38 +66,15 @@ class Setup:
             assert patch_status(self.admin, self.namespace, name, status) is None
         return name
 
-    def status(self, name: str) -> dict[str, Any]:
-        custom = client.CustomObjectsApi(self.admin)
-        task: dict[str, Any] = custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name
-        )
-        status: dict[str, Any] = task.get("status") or {}
-        return status
-
 
 @pytest.fixture(scope="module")
-def setup(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    control_plane: Any,
-    kube_config: Any,
-) -> Iterator[Setup]:
-    with uncaptured(request):
-        binary = obtain_helm()
-    tmp = tmp_path_factory.mktemp("admission")
-    helm = Helm(binary, kubeconfig=control_plane.kubeconfig, home=tmp / "helm")
-    core = client.CoreV1Api(kube_config)
-    namespace = f"t-vap-{secrets.token_hex(3)}"
-    core.create_namespace({"metadata": {"name": namespace}})
-    try:
-        with installed(helm, namespace, tmp, scoped_values(namespace)) as release:
-            assert "ValidatingAdmissionPolicy" in release.kinds()
-            pods = {name: runner_pod(core, namespace, name) for name in (HOLDER, OTHER)}
-            ready = Setup(namespace, release, control_plane, kube_config, pods)
-            _wait_until_policy_is_active(ready)
-            yield ready
-    finally:
-        core.delete_namespace(namespace, propagation_policy="Background")
+def setup(chart_installer: ChartInstaller) -> Iterator[Setup]:
+    with chart_installer.install(Setup, prefix="vap") as ready:
+        assert "ValidatingAdmissionPolicy" in ready.release.kinds()
+        for name in (HOLDER, OTHER):
+            ready.pods[name] = runner_pod(ready.cluster.core, ready.namespace, name)
+        _wait_until_policy_is_active(ready)
+        yield ready
 
 
 def _wait_until_policy_is_active(setup: Setup) -> None:
@@ -117,7 +86,7 @@ def _wait_until_policy_is_active(setup: Setup) -> None:
     included, with failurePolicy Fail.)"""
     name = setup.task()
     intruder = setup.as_pod(OTHER, "impersonation")
-    poll(
+    wait_for(
         "the admission policy to refuse a non-holder's write",
         lambda: (
             patch_status(intruder, setup.namespace, name, {"progress": progress(2)}) is not None
@@ -143,7 +112,8 @@ def test_admission_refuses_non_holder_pod(setup: Setup, how: str) -> None:
             f"(epoch 2); only the holder may write status.progress and status.result"
         ) in text, text
         assert "ValidatingAdmissionPolicy" in text
-    assert "progress" not in setup.status(name) and "result" not in setup.status(name)
+    status = setup.cluster.status(name)
+    assert "progress" not in status and "result" not in status
 
 
 @pytest.mark.parametrize("how", IDENTITIES)
@@ -183,7 +153,8 @@ def test_admission_refuses_a_future_epoch_saying_it_is_ahead(setup: Setup, how: 
             f"epoch of task {name} is 9 (holder {HOLDER}); epoch 10 has not been handed out"
         ) in text, text
         assert "stale" not in text, text
-    assert "progress" not in setup.status(name) and "result" not in setup.status(name)
+    status = setup.cluster.status(name)
+    assert "progress" not in status and "result" not in status
 
 
 @pytest.mark.parametrize("how", IDENTITIES)
@@ -193,7 +164,7 @@ def test_admission_admits_the_holder_with_the_current_epoch(setup: Setup, how: s
     assert patch_status(holder, setup.namespace, name, {"progress": progress(2, 40.0)}) is None
     assert patch_status(holder, setup.namespace, name, {"progress": progress(2, 80.0)}) is None
     assert patch_status(holder, setup.namespace, name, {"result": result(2)}) is None
-    status = setup.status(name)
+    status = setup.cluster.status(name)
     assert status["progress"]["percent"] == 80.0
     assert status["result"]["status"] == "FINISHED"
 
@@ -205,7 +176,7 @@ def test_the_runner_sdk_passes_the_policy_with_a_bound_token(setup: Setup) -> No
     with TaskLease(identity, api_client=setup.as_pod(HOLDER, "bound-token")) as lease:
         assert lease.progress(percent=50, checkpoint={"row": 5})
     assert not lease.lost, lease.cancel_reason
-    assert setup.status(name)["result"]["epoch"] == 2
+    assert setup.cluster.status(name)["result"]["epoch"] == 2
 
 
 def test_the_runner_sdk_from_another_pod_is_refused_every_time(setup: Setup) -> None:
@@ -220,7 +191,7 @@ def test_the_runner_sdk_from_another_pod_is_refused_every_time(setup: Setup) -> 
     assert lease.progress(percent=10) is False
     lease.close()
     assert f"pod {OTHER} does not hold the lease on task {name}" in (lease.last_report_error or "")
-    assert "progress" not in setup.status(name)
+    assert "progress" not in setup.cluster.status(name)
 
 
 def test_admission_refuses_a_token_not_bound_to_a_pod(setup: Setup) -> None:
@@ -261,7 +232,7 @@ def test_status_writes_leaving_progress_and_result_alone_are_not_matched(setup: 
     holder = setup.as_pod(HOLDER, "impersonation")
     assert patch_status(holder, setup.namespace, name, {"progress": progress(2)}) is None
     # Re-sending the very same progress changes nothing: not matched even from another pod.
-    same = setup.status(name)["progress"]
+    same = setup.cluster.status(name)["progress"]
     intruder = setup.as_pod(OTHER, "impersonation")
     assert patch_status(intruder, setup.namespace, name, {"progress": same}) is None
 
@@ -325,4 +296,4 @@ def test_a_first_status_write_is_admitted(setup: Setup) -> None:
     name = setup.task(holder=HOLDER, epoch=2, with_status=False)
     holder = setup.as_pod(HOLDER, "bound-token")
     assert patch_status(holder, setup.namespace, name, {"progress": progress(2)}) is None
-    assert setup.status(name)["progress"]["epoch"] == 2
+    assert setup.cluster.status(name)["progress"]["epoch"] == 2

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.context import REPO_ROOT
 from bench.report import RESULT_KEYS
-from bench.run import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tasklease.controlplane.binaries import obtain_helm
 from tasklease.runner import TaskLease
 from tests.integration.chart_support import (
     CHART,
@@ -30,7 +28,6 @@ from tests.integration.chart_support import (
     scoped_values,
     service_account_token,
     token_client,
-    uncaptured,
     write_token_kubeconfig,
 )
 from tests.integration.support import Cluster, OperatorProcess, identity_from_pod, wait_for
@@ -165,24 +162,6 @@ def all_options(namespaces: list[str]) -> dict[str, Any]:
         "matchLabels": {"kubernetes.io/metadata.name": namespaces[0]}
     }
     return values
-
-
-@pytest.fixture(scope="module")
-def helm(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, control_plane: Any
-) -> Helm:
-    with uncaptured(request):
-        binary = obtain_helm()
-    return Helm(binary, kubeconfig=control_plane.kubeconfig, home=tmp_path_factory.mktemp("helm"))
-
-
-@pytest.fixture
-def second_namespace(kube_config: Any, namespace: str) -> Iterator[str]:
-    core = client.CoreV1Api(kube_config)
-    name = f"{namespace}-b"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name, propagation_policy="Background")
 
 
 def _leaves(values: Any, prefix: str = "") -> set[str]:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +47,23 @@ from tasklease.api.models import (
     VERSION,
     WORKER_GROUP_LABEL,
 )
-from tasklease.controlplane.binaries import obtain_helm
+from tasklease.api.times import rfc3339_micro
 from tasklease.controlplane.process import die_with_parent
 from tasklease.runner.pool import PoolRunner, claim_patch, release_patch
 from tests.integration.chart_support import (
     CHART,
     POOL_RUNNER_SA,
     RUNNER_SA,
+    ChartInstaller,
+    ChartSetup,
     Helm,
-    Release,
-    installed,
     message,
     patch_status,
-    poll,
     progress,
     runner_pod,
     scoped_values,
     service_account_token,
     token_client,
-    uncaptured,
     write_token_kubeconfig,
 )
 from tests.integration.support import OperatorProcess, wait_for
@@ -84,31 +83,15 @@ PROGRAM = [
 FORBIDDEN = re.compile(r"(?<![,\d])403(?!\d)|[Ff]orbidden|[Nn]ot enough permissions")
 
 
+# The pool tasks' timings: long enough for a test to claim, check and release at leisure.
+TIMINGS = {"ackTimeout": "30s", "reportProgressTimeout": "60s"}
+
+
 def pool_values(namespace: str, **pools: Any) -> dict[str, Any]:
     return scoped_values(namespace, pools={"enabled": True, **pools})
 
 
 # --- rendering ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def helm_binary(request: pytest.FixtureRequest) -> Path:
-    with uncaptured(request):
-        return obtain_helm()
-
-
-@pytest.fixture
-def helm(helm_binary: Path, control_plane: Any, tmp_path: Path) -> Helm:
-    return Helm(helm_binary, kubeconfig=control_plane.kubeconfig, home=tmp_path / "helm")
-
-
-@pytest.fixture
-def second_namespace(kube_config: Any, namespace: str) -> Iterator[str]:
-    core = client.CoreV1Api(kube_config)
-    name = f"{namespace}-b"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name, propagation_policy="Background")
 
 
 def _groups(second: str) -> list[dict[str, Any]]:
@@ -286,20 +269,9 @@ def test_pool_values_are_checked(helm: Helm, tmp_path: Path) -> None:
 
 
 @dataclass
-class Setup:
-    namespace: str
-    other_namespace: str
-    release: Release
-    control_plane: Any
-    admin: client.ApiClient
-    kubectl: Any
-    operator: OperatorProcess
-    tmp: Path
-    pods: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def custom(self) -> client.CustomObjectsApi:
-        return client.CustomObjectsApi(self.admin)
+class Setup(ChartSetup):
+    operator: OperatorProcess = field(init=False)  # under the chart's RBAC
+    pods: dict[str, Any] = field(default_factory=dict)  # pool runner pods, by name
 
     @property
     def deployment(self) -> dict[str, Any]:
@@ -325,15 +297,14 @@ class Setup:
         if name not in self.pods:
             template = copy.deepcopy(self.deployment["spec"]["template"])
             template["metadata"]["name"] = name
-            core = client.CoreV1Api(self.admin)
-            self.pods[name] = core.create_namespaced_pod(self.namespace, template)
+            self.pods[name] = self.cluster.core.create_namespaced_pod(self.namespace, template)
         return self.pods[name]
 
     def other_pool_pod(self, name: str) -> Any:
         """A hand-made pool runner pod (the pool ServiceAccount and role label only)."""
         if name not in self.pods:
             self.pods[name] = runner_pod(
-                client.CoreV1Api(self.admin),
+                self.cluster.core,
                 self.namespace,
                 name,
                 service_account=POOL_RUNNER_SA,
@@ -342,9 +313,8 @@ class Setup:
         return self.pods[name]
 
     def token(self, pod: str | None) -> str:
-        core = client.CoreV1Api(self.admin)
         bound = self.pods[pod] if pod is not None else None
-        return service_account_token(core, self.namespace, POOL_RUNNER_SA, pod=bound)
+        return service_account_token(self.cluster.core, self.namespace, POOL_RUNNER_SA, pod=bound)
 
     def as_pod(self, pod: str | None) -> client.ApiClient:
         """The pool ServiceAccount with a token bound to `pod` (None: not bound)."""
@@ -356,58 +326,7 @@ class Setup:
         )
 
     def create_task(self, name: str, group: str, **spec: Any) -> None:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Task",
-            "metadata": {"name": name},
-            "spec": {
-                "workerGroup": group,
-                "ackTimeout": "30s",
-                "reportProgressTimeout": "60s",
-                "heartbeatInterval": "1s",
-                "retry": {"maxAttempts": 3, "backoff": {"initial": "0s"}},
-                **spec,
-            },
-        }
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
-
-    def task(self, name: str) -> dict[str, Any]:
-        found: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name
-        )
-        return found
-
-    def annotations(self, name: str) -> dict[str, str]:
-        return dict(self.task(name)["metadata"].get("annotations") or {})
-
-    def wait_offered(self, name: str, *, timeout: float = 30) -> dict[str, Any]:
-        def offered() -> dict[str, Any] | None:
-            task = self.task(name)
-            labels = task["metadata"].get("labels") or {}
-            annotations = task["metadata"].get("annotations") or {}
-            if labels.get(CLAIMABLE_LABEL) == "true" and HOLDER_ANNOTATION not in annotations:
-                return task
-            return None
-
-        return wait_for(f"task {name} to be offered to the pool", offered, timeout=timeout)
-
-    def wait_phase(self, name: str, phase: str, *, timeout: float = 30) -> dict[str, Any]:
-        status: dict[str, Any] = wait_for(
-            f"task {name} to reach phase {phase}",
-            lambda: s if (s := self.task(name).get("status") or {}).get("phase") == phase else None,
-            timeout=timeout,
-        )
-        return status
-
-    def can_i(self, user: str, verb: str, resource: str, namespace: str | None = None) -> bool:
-        resource, _, subresource = resource.partition("/")
-        args = ["auth", "can-i", verb, resource, f"--as={user}"]
-        args += [f"--subresource={subresource}"] if subresource else []
-        args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
-        answer = self.kubectl(*args, check=False)
-        text = str(answer.stdout).strip()
-        assert text in ("yes", "no"), answer.stdout + answer.stderr
-        return text == "yes"
+        self.cluster.create_pool_task(name, group, **{**TIMINGS, **spec})
 
 
 def patch_task(
@@ -443,9 +362,7 @@ def _pointer(key: str, base: str = "/metadata/annotations/") -> str:
 
 
 def _now() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+    return rfc3339_micro(datetime.now(UTC))
 
 
 def _epoch(task: dict[str, Any]) -> int:
@@ -453,45 +370,29 @@ def _epoch(task: dict[str, Any]) -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(
-    helm_binary: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    control_plane: Any,
-    kube_config: Any,
-    kubectl: Any,
-) -> Iterator[Setup]:
-    tmp = tmp_path_factory.mktemp("pools")
-    helm = Helm(helm_binary, kubeconfig=control_plane.kubeconfig, home=tmp / "helm")
-    core = client.CoreV1Api(kube_config)
-    suffix = secrets.token_hex(3)
-    namespace, other = f"t-pools-{suffix}", f"t-pools-{suffix}-other"
-    for name in (namespace, other):
-        core.create_namespace({"metadata": {"name": name}})
-    values = pool_values(namespace, groups=[{"name": DEPLOYED_GROUP, "args": PROGRAM}])
-    try:
-        with installed(helm, namespace, tmp, values) as release:
-            assert "Worker pools: pool runners run as ServiceAccount" in release.notes
-            token = service_account_token(core, namespace, release.operator_sa)
-            kubeconfig = write_token_kubeconfig(
-                tmp / "operator.kubeconfig", control_plane, token, release.operator_sa
-            )
-            operator = OperatorProcess(
-                kubeconfig=kubeconfig, namespace=namespace, log_path=tmp / "operator.log"
-            ).start()
-            ready = Setup(
-                namespace, other, release, control_plane, kube_config, kubectl, operator, tmp
-            )
-            try:
-                _wait_until_policies_are_active(ready)
-                yield ready
-            finally:
-                alive = operator.alive
-                operator.stop()
-                if not alive:
-                    print(f"--- operator log (DEAD) ---\n{operator.log()[-6000:]}")
-    finally:
-        for name in (namespace, other):
-            core.delete_namespace(name, propagation_policy="Background")
+def setup(chart_installer: ChartInstaller) -> Iterator[Setup]:
+    with chart_installer.install(
+        Setup,
+        prefix="pools",
+        values=lambda ns: pool_values(ns, groups=[{"name": DEPLOYED_GROUP, "args": PROGRAM}]),
+    ) as ready:
+        assert "Worker pools: pool runners run as ServiceAccount" in ready.release.notes
+        sa = ready.release.operator_sa
+        token = service_account_token(ready.cluster.core, ready.namespace, sa)
+        kubeconfig = write_token_kubeconfig(
+            ready.tmp / "operator.kubeconfig", ready.control_plane, token, sa
+        )
+        ready.operator = operator = OperatorProcess(
+            kubeconfig=kubeconfig, namespace=ready.namespace, log_path=ready.tmp / "operator.log"
+        ).start()
+        try:
+            _wait_until_policies_are_active(ready)
+            yield ready
+        finally:
+            alive = operator.alive
+            operator.stop()
+            if not alive:
+                print(f"--- operator log (DEAD) ---\n{operator.log()[-6000:]}")
 
 
 def _wait_until_policies_are_active(setup: Setup) -> None:
@@ -500,26 +401,26 @@ def _wait_until_policies_are_active(setup: Setup) -> None:
     ns = setup.namespace
     _, intruder_pod = setup.pods_for("probe")
     setup.create_task("probe", "probe")
-    setup.wait_offered("probe")
+    setup.cluster.wait_offered("probe")
     intruder = setup.as_pod(intruder_pod)
     count = itertools.count(1)
 
     def annotation() -> dict[str, Any]:
         return {"metadata": {"annotations": {"example.com/probe": str(next(count))}}}
 
-    poll(
+    wait_for(
         "the pool-claims policy to refuse an annotation write",
         lambda: patch_task(intruder, ns, "probe", annotation(), json_patch=False) is not None,
         timeout=60,
     )
-    poll(
+    wait_for(
         "the fencing policy to refuse a status write to an unheld task",
         lambda: (
             patch_status(intruder, ns, "probe", {"progress": progress(next(count))}) is not None
         ),
         timeout=60,
     )
-    poll(
+    wait_for(
         "the status-fields policy to refuse an attempt write",
         lambda: patch_status(intruder, ns, "probe", {"attempt": 100 + next(count)}) is not None,
         timeout=60,
@@ -535,8 +436,8 @@ def _wait_until_policies_are_active(setup: Setup) -> None:
         client.CoordinationV1Api(setup.admin).delete_namespaced_lease("not-mine", ns)
         return False
 
-    poll("the runner-leases policy to refuse another pod's Lease", lease_refused, timeout=60)
-    setup.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "probe")
+    wait_for("the runner-leases policy to refuse another pod's Lease", lease_refused, timeout=60)
+    setup.cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "probe")
 
 
 def _group() -> str:
@@ -601,7 +502,7 @@ def test_pool_runner_rbac_holds_for_real_requests(setup: Setup) -> None:
     ns, other = setup.namespace, setup.other_namespace
     group = _group()
     setup.create_task("rbac-real", group)
-    offered = setup.wait_offered("rbac-real")
+    offered = setup.cluster.wait_offered("rbac-real")
     api = setup.as_pod(pod_a)
     custom = client.CustomObjectsApi(api)
     core = client.CoreV1Api(api)
@@ -619,7 +520,7 @@ def test_pool_runner_rbac_holds_for_real_requests(setup: Setup) -> None:
     assert patch_task(api, ns, "rbac-real", claim) is None
     assert patch_status(api, ns, "rbac-real", {"progress": progress(epoch + 1)}) is None
     assert patch_task(api, ns, "rbac-real", release_patch(epoch=epoch + 1, holder=pod_a)) is None
-    setup.wait_offered("rbac-real")
+    setup.cluster.wait_offered("rbac-real")
     # (The Lease is named after the pod: deleting it tells the operator the runner is gone.)
     lease = {
         "metadata": {"name": pod_a, "labels": {ROLE_LABEL: POOL_RUNNER_ROLE}},
@@ -639,7 +540,7 @@ def test_pool_runner_rbac_holds_for_real_requests(setup: Setup) -> None:
             GROUP, VERSION, ns, PLURAL, "rbac-real"
         ),
         "replace a task": lambda: custom.replace_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, "rbac-real", setup.task("rbac-real")
+            GROUP, VERSION, ns, PLURAL, "rbac-real", setup.cluster.task("rbac-real")
         ),
         "get pods": lambda: core.read_namespaced_pod(pod_a, ns),
         "create pods": lambda: core.create_namespaced_pod(
@@ -670,20 +571,20 @@ def test_admission_allows_pool_claim_for_itself_and_release(setup: Setup) -> Non
     pod_a, pod_b = setup.pods_for("flow")
     group = _group()
     setup.create_task("handed-back", group, parameters={"shard": "3"})
-    setup.wait_offered("handed-back")
+    setup.cluster.wait_offered("handed-back")
 
     with setup.runner(pod_b, group) as first:
         task = first.poll_for_task(timeout_s=15)
         assert task is not None and task.epoch == 1
         assert task.parameters == {"shard": "3"}
-        annotations = setup.annotations("handed-back")
+        annotations = setup.cluster.annotations("handed-back")
         assert annotations[HOLDER_ANNOTATION] == pod_b
         assert annotations[EPOCH_ANNOTATION] == "1"
         task.start()  # the acknowledgement: a fenced status patch
-        setup.wait_phase("handed-back", "Running")
+        setup.cluster.wait_phase("handed-back", "Running")
         assert task.progress(percent=30, checkpoint={"row": 30})
         assert first.release(task)  # gives it back, through the policy
-    back = setup.wait_offered("handed-back")
+    back = setup.cluster.wait_offered("handed-back")
     assert back["status"]["attempts"][0]["outcome"] == "Released"
     assert back["status"]["attempts"][0]["holder"] == pod_b
 
@@ -694,7 +595,7 @@ def test_admission_allows_pool_claim_for_itself_and_release(setup: Setup) -> Non
         with task:
             assert task.progress(percent=100, message="done")
         assert not task.lost, task.cancel_reason
-    status = setup.wait_phase("handed-back", "Succeeded")
+    status = setup.cluster.wait_phase("handed-back", "Succeeded")
     assert [a["holder"] for a in status["attempts"]] == [pod_b, pod_a]
     assert status["result"]["epoch"] == 2
 
@@ -733,7 +634,7 @@ def test_chart_pool_pod_runs_tasks_under_the_policies(setup: Setup) -> None:
         preexec_fn=die_with_parent(os.getpid()),
     )
     try:
-        status = setup.wait_phase("wrapped", "Succeeded", timeout=60)
+        status = setup.cluster.wait_phase("wrapped", "Succeeded", timeout=60)
         assert status["attempts"][-1]["holder"] == pod_a
         assert status["progress"]["message"] == "done with wrapped"
         leases = client.CoordinationV1Api(setup.admin)
@@ -757,7 +658,7 @@ def test_admission_refuses_claim_for_another_pod(
     pod_a, pod_b = setup.pods_for("other")
     group = _group()
     setup.create_task("not-yours", group)
-    epoch = _epoch(setup.wait_offered("not-yours"))
+    epoch = _epoch(setup.cluster.wait_offered("not-yours"))
     ns = setup.namespace
 
     # pool-b claims for pool-a, with the fence (so only the policy refuses it).
@@ -777,9 +678,9 @@ def test_admission_refuses_claim_for_another_pod(
         group, namespace=ns, pod_name=pod_a, api_client=setup.as_pod(pod_b), renew_interval_s=60
     )
     with caplog.at_level(logging.WARNING, logger="tasklease.runner.pool"):
-        assert impostor._claim(setup.task("not-yours")) is None
+        assert impostor._claim(setup.cluster.task("not-yours")) is None
     assert "may claim task not-yours only for itself" in caplog.text, caplog.text
-    assert _epoch(setup.task("not-yours")) == epoch  # still on offer
+    assert _epoch(setup.cluster.task("not-yours")) == epoch  # still on offer
 
     # A token not bound to a pod claims for no one.
     refusal = patch_task(setup.as_pod(None), ns, "not-yours", claim)
@@ -789,7 +690,7 @@ def test_admission_refuses_claim_for_another_pod(
         "task not-yours"
     ) in message(refusal)
 
-    task = setup.wait_offered("not-yours")  # still offered, still unheld, same epoch
+    task = setup.cluster.wait_offered("not-yours")  # still offered, still unheld, same epoch
     assert _epoch(task) == epoch
 
 
@@ -797,7 +698,7 @@ def test_admission_refuses_claim_of_held_task(setup: Setup) -> None:
     pod_a, pod_b = setup.pods_for("held")
     group = _group()
     setup.create_task("taken", group)
-    offered = setup.wait_offered("taken")
+    offered = setup.cluster.wait_offered("taken")
     ns = setup.namespace
     with setup.runner(pod_a, group) as holder:
         task = holder.poll_for_task(timeout_s=15)
@@ -826,10 +727,10 @@ def test_admission_refuses_claim_of_held_task(setup: Setup) -> None:
             refusal = patch_task(setup.as_pod(pod_a), ns, "taken", handover)
             assert refusal is not None and refusal.status == 403
             assert "(rule: release removes the holder)" in message(refusal)
-            assert setup.annotations("taken")[HOLDER_ANNOTATION] == pod_a
+            assert setup.cluster.annotations("taken")[HOLDER_ANNOTATION] == pod_a
             assert task.progress(percent=100)
         assert not task.lost, task.cancel_reason
-    status = setup.wait_phase("taken", "Succeeded")
+    status = setup.cluster.wait_phase("taken", "Succeeded")
     assert [a["holder"] for a in status["attempts"]] == [pod_a]
 
 
@@ -838,7 +739,7 @@ def test_admission_refuses_pool_runner_changing_spec(setup: Setup) -> None:
     group = _group()
     ns = setup.namespace
     setup.create_task("fixed-spec", group, priority=1)
-    epoch = _epoch(setup.wait_offered("fixed-spec"))
+    epoch = _epoch(setup.cluster.wait_offered("fixed-spec"))
     api = setup.as_pod(pod_a)
 
     # A claim that also changes the spec is refused as a whole.
@@ -852,7 +753,7 @@ def test_admission_refuses_pool_runner_changing_spec(setup: Setup) -> None:
         f"pool runner pod {pod_a} may not change the spec of task fixed-spec: a pool runner "
         "only claims and releases tasks (rule: spec unchanged)"
     ) in message(refusal)
-    assert setup.wait_offered("fixed-spec")["spec"]["priority"] == 1
+    assert setup.cluster.wait_offered("fixed-spec")["spec"]["priority"] == 1
 
     with setup.runner(pod_a, group) as runner:
         task = runner.poll_for_task(timeout_s=15)
@@ -898,9 +799,9 @@ def test_admission_refuses_pool_runner_changing_spec(setup: Setup) -> None:
             assert f"pod {pod_b} does not hold the lease on task fixed-spec" in message(refusal)
             assert task.progress(percent=100)
         assert not task.lost, task.cancel_reason
-    status = setup.wait_phase("fixed-spec", "Succeeded")
+    status = setup.cluster.wait_phase("fixed-spec", "Succeeded")
     assert status["result"]["epoch"] == task.epoch
-    current = setup.task("fixed-spec")
+    current = setup.cluster.task("fixed-spec")
     assert current["spec"]["priority"] == 1 and not current["spec"]["cancel"]
     assert current["metadata"]["labels"][WORKER_GROUP_LABEL] == group
     assert "finalizers" not in current["metadata"]
@@ -911,7 +812,7 @@ def test_admission_refuses_malformed_claims_and_releases(setup: Setup) -> None:
     group = _group()
     ns = setup.namespace
     setup.create_task("by-the-book", group)
-    epoch = _epoch(setup.wait_offered("by-the-book"))
+    epoch = _epoch(setup.cluster.wait_offered("by-the-book"))
     api = setup.as_pod(pod_a)
     skipped_epoch = [
         {"op": "add", "path": _pointer(HOLDER_ANNOTATION), "value": pod_a},
@@ -939,18 +840,18 @@ def test_admission_refuses_malformed_claims_and_releases(setup: Setup) -> None:
     assert "(rule: release changes nothing else)" in message(refusal)
     assert patch_task(api, ns, "by-the-book", release_patch(epoch=epoch + 1, holder=pod_a)) is None
     # Back on offer (the operator may not even have seen the short-lived claim).
-    assert _epoch(setup.wait_offered("by-the-book")) == epoch + 1
+    assert _epoch(setup.cluster.wait_offered("by-the-book")) == epoch + 1
 
     with setup.runner(pod_a, group) as runner:
         task = runner.poll_for_task(timeout_s=15)
         assert task is not None and task.epoch == epoch + 2
         with task:
             assert task.progress(percent=100)
-    setup.wait_phase("by-the-book", "Succeeded")
+    setup.cluster.wait_phase("by-the-book", "Succeeded")
 
     # A finished task is off the pool (no claimable label): nobody may claim it again.
     def off_the_pool() -> dict[str, Any] | None:
-        task = setup.task("by-the-book")
+        task = setup.cluster.task("by-the-book")
         metadata = task["metadata"]
         off = CLAIMABLE_LABEL not in metadata["labels"]
         return task if off and HOLDER_ANNOTATION not in metadata["annotations"] else None

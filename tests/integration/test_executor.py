@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tasklease.api.models import TASK_LABEL
 from tasklease.executor import LOCAL_EXECUTOR_LABEL, LocalExecutor
-from tests.integration.support import wait_for
+from tests.integration.support import wait_for, wait_phase
 
 pytestmark = pytest.mark.cluster
 
@@ -82,14 +82,12 @@ def read_pod(core: client.CoreV1Api, namespace: str, name: str) -> dict[str, Any
     return pod
 
 
-def wait_phase(
+def wait_pod_phase(
     core: client.CoreV1Api, namespace: str, name: str, *phases: str, timeout: float = 30.0
 ) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        pod = read_pod(core, namespace, name)
-        return pod if pod and (pod.get("status") or {}).get("phase") in phases else None
-
-    return wait_for(f"pod {name} in phase {phases}", reached, timeout=timeout)
+    return wait_phase(
+        f"pod {name}", lambda: read_pod(core, namespace, name), *phases, timeout=timeout
+    )
 
 
 def terminated(pod: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +124,7 @@ def test_failing_process_fails_the_pod_with_its_exit_code_and_keeps_its_output(
 ) -> None:
     core.create_namespaced_pod(namespace, pod_manifest("fails", "echo hi; exit 3"))
 
-    pod = wait_phase(core, namespace, "fails", "Failed")
+    pod = wait_pod_phase(core, namespace, "fails", "Failed")
 
     assert pod["spec"]["nodeName"] == executor.node_name
     assert pod["status"]["podIP"] == "127.0.0.1"
@@ -145,7 +143,7 @@ def test_process_exiting_zero_succeeds_the_pod(
 ) -> None:
     core.create_namespaced_pod(namespace, pod_manifest("works", "echo done; exit 0"))
 
-    pod = wait_phase(core, namespace, "works", "Succeeded")
+    pod = wait_pod_phase(core, namespace, "works", "Succeeded")
 
     assert terminated(pod)["exitCode"] == 0
     assert terminated(pod)["reason"] == "Completed"
@@ -160,7 +158,7 @@ def test_running_pod_is_reported_running_and_sigkill_fails_it_with_137(
 ) -> None:
     core.create_namespaced_pod(namespace, pod_manifest("sleeper", "sleep 100"))
 
-    pod = wait_phase(core, namespace, "sleeper", "Running")
+    pod = wait_pod_phase(core, namespace, "sleeper", "Running")
     status = pod["status"]
     assert status["podIP"] == "127.0.0.1"
     assert status["containerStatuses"][0]["state"]["running"]["startedAt"]
@@ -174,7 +172,7 @@ def test_running_pod_is_reported_running_and_sigkill_fails_it_with_137(
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
 
-    pod = wait_phase(core, namespace, "sleeper", "Failed", timeout=5.0)
+    pod = wait_pod_phase(core, namespace, "sleeper", "Failed", timeout=5.0)
     assert time.monotonic() - killed_at < 3.0
     assert terminated(pod)["exitCode"] == 137
     assert terminated(pod)["signal"] == signal.SIGKILL
@@ -213,7 +211,7 @@ def test_environment_has_values_downward_api_fields_and_referenced_data(
     manifest["metadata"]["annotations"] = {"note": "from the test"}
     created = core.create_namespaced_pod(namespace, manifest)
 
-    wait_phase(core, namespace, "env", "Succeeded")
+    wait_pod_phase(core, namespace, "env", "Succeeded")
 
     output = executor.logs(namespace, "env").splitlines()
     seen = dict(line.split("=", 1) for line in output if "=" in line)
@@ -305,7 +303,7 @@ def test_pod_process_authenticates_as_its_service_account_bound_to_the_pod(
     manifest["spec"]["containers"][0]["command"] = ["python", "-c", review]
     core.create_namespaced_pod(namespace, manifest)
 
-    wait_phase(core, namespace, "whoami", "Succeeded")
+    wait_pod_phase(core, namespace, "whoami", "Succeeded")
 
     output = executor.logs(namespace, "whoami").strip().splitlines()[-1]
     user = json.loads(output)["status"]["userInfo"]
@@ -328,7 +326,7 @@ def test_pod_without_its_service_account_fails_with_a_clear_message(
     core.delete_namespaced_service_account("short-lived", namespace)
     core.patch_namespaced_pod("orphan", namespace, {"spec": {"schedulingGates": None}})
 
-    pod = wait_phase(core, namespace, "orphan", "Failed")
+    pod = wait_pod_phase(core, namespace, "orphan", "Failed")
 
     assert pod["spec"]["nodeName"] == executor.node_name
     assert pod["status"]["reason"] == "CreateContainerConfigError"
@@ -346,12 +344,12 @@ def test_missing_command_or_executable_fails_the_pod_at_start(
     del no_command["spec"]["containers"][0]["command"]
     core.create_namespaced_pod(namespace, no_command)
 
-    pod = wait_phase(core, namespace, "missing", "Failed")
+    pod = wait_pod_phase(core, namespace, "missing", "Failed")
     assert pod["status"]["reason"] == "StartError"
     assert "/nonexistent/program" in pod["status"]["message"]
     assert terminated(pod)["exitCode"] == 128
 
-    pod = wait_phase(core, namespace, "imageonly", "Failed")
+    pod = wait_pod_phase(core, namespace, "imageonly", "Failed")
     assert pod["status"]["reason"] == "CreateContainerConfigError"
     assert "no command" in pod["status"]["message"]
 
@@ -365,7 +363,7 @@ def test_default_executor_takes_only_tasklease_pods(
         core.create_namespaced_pod(
             namespace, pod_manifest("runner", "exit 0", labels={TASK_LABEL: "t"})
         )
-        pod = wait_phase(core, namespace, "runner", "Succeeded")
+        pod = wait_pod_phase(core, namespace, "runner", "Succeeded")
         assert pod["spec"]["nodeName"] == node
         other = read_pod(core, namespace, "other")
         assert other is not None
@@ -389,7 +387,7 @@ def test_no_pod_process_outlives_the_executor(
         )
 
     assert not [member for member in members if process_alive(member)]
-    pod = wait_phase(core, namespace, "busy", "Failed", timeout=5.0)
+    pod = wait_pod_phase(core, namespace, "busy", "Failed", timeout=5.0)
     assert pod["status"]["reason"] == "Terminated"
     node = core.read_node(executor.node_name)
     assert next(c for c in node.status.conditions if c.type == "Ready").status == "False"
@@ -407,7 +405,7 @@ def test_pods_left_on_the_node_are_settled_when_an_executor_starts(
     assert read_pod(core, namespace, "doomed") is not None  # waits for its node's kubelet
 
     with LocalExecutor(control_plane.kubeconfig, tmp_path / "executor", node_name=node) as ex:
-        pod = wait_phase(core, namespace, "lost", "Failed")
+        pod = wait_pod_phase(core, namespace, "lost", "Failed")
         assert pod["status"]["reason"] == "ContainerStatusUnknown"
         assert terminated(pod)["exitCode"] == 137
         wait_for("doomed to go", lambda: read_pod(core, namespace, "doomed") is None)
@@ -436,7 +434,7 @@ def test_cli_survives_nothing_of_a_killed_executor_and_stops_on_sigterm(
         script = "sleep 100 & echo ready; wait"
         labels = {TASK_LABEL: "t"}
         core.create_namespaced_pod(namespace, pod_manifest("busy", script, labels=labels))
-        pod = wait_phase(core, namespace, "busy", "Running")
+        pod = wait_pod_phase(core, namespace, "busy", "Running")
         main_pid = int(pod["status"]["containerStatuses"][0]["containerID"].split("://")[1])
         children: list[int] = wait_for(
             "the pod's processes", lambda: p if len(p := marked_pids(str(state))) >= 2 else None
@@ -447,7 +445,7 @@ def test_cli_survives_nothing_of_a_killed_executor_and_stops_on_sigterm(
         wait_for("the main process to die", lambda: not process_alive(main_pid), timeout=5)
 
         second = subprocess.Popen(argv, stdout=log, stderr=log)
-        pod = wait_phase(core, namespace, "busy", "Failed")
+        pod = wait_pod_phase(core, namespace, "busy", "Failed")
         assert pod["status"]["reason"] == "ContainerStatusUnknown"
         # The orphaned `sleep` was found by its marker and killed when the executor came back.
         assert not [pid for pid in children if process_alive(pid)]
@@ -491,7 +489,7 @@ def test_executor_never_starts_a_deleted_pod(
     # The executor's queue is first in, first out: once a pod created after all of these
     # runs, every message about them has been handled.
     core.create_namespaced_pod(namespace, pod_manifest("sentinel", "sleep 30", **bound))
-    wait_phase(core, namespace, "sentinel", "Running", timeout=120)
+    wait_pod_phase(core, namespace, "sentinel", "Running", timeout=120)
     started = [name for name in doomed if executor.log_path(namespace, name).exists()]
     assert started == [], f"processes were started for deleted pods: {started}"
     tried = [r.getMessage() for r in caplog.records if "doomed" in r.getMessage()]

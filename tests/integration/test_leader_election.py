@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ from kubernetes_asyncio import client as k8s
 from tasklease.kube.client import api_client
 from tasklease.kube.leader import LeaderElector
 from tests.integration.support import Cluster, OperatorProcess, wait_for
+from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.cluster
 
@@ -55,13 +56,25 @@ class Candidate:
         self.stopped = time.monotonic()
 
 
-async def wait_until(what: str, condition: Any) -> float:
+async def wait_until(what: str, condition: Callable[[], object]) -> float:
+    """The seconds until `condition` held (at most 15)."""
     started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > 15:
-            raise AssertionError(f"timed out after 15s waiting for {what}")
-        await asyncio.sleep(0.05)
+    await wait_for_async(what, condition, timeout=15)
     return time.monotonic() - started
+
+
+def first_answer(api: k8s.ApiClient) -> asyncio.Event:
+    """An Event set once a request made through `api` has been answered."""
+    answered = asyncio.Event()
+    call_api = api.call_api
+
+    async def noting(*args: Any, **kwargs: Any) -> Any:
+        response = await call_api(*args, **kwargs)
+        answered.set()
+        return response
+
+    api.call_api = noting
+    return answered
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -114,13 +127,17 @@ def test_a_crashed_leader_is_replaced_once_its_lease_expires(
 ) -> None:
     async def body() -> None:
         api = await api_client(kubeconfig=control_plane.kubeconfig)
+        # The standby's own client, to see it read the Lease.
+        standby_api = await api_client(kubeconfig=control_plane.kubeconfig)
         first = Candidate(api, namespace, "first_1")
-        second = Candidate(api, namespace, "second_1")
+        second = Candidate(standby_api, namespace, "second_1")
         try:
             first.elector.start()
             await wait_until("first to lead", lambda: first.started)
+            read = first_answer(standby_api)
             second.elector.start()
-            await asyncio.sleep(1.0)
+            # From its first read on, the standby times the lease on its own clock.
+            await wait_until("the standby to read the Lease", read.is_set)
             # A crash: no more renewals, and no release.
             await first.elector.stop()
             crashed = time.monotonic()
@@ -133,6 +150,7 @@ def test_a_crashed_leader_is_replaced_once_its_lease_expires(
             for candidate in (first, second):
                 await candidate.elector.stop()
             await api.close()
+            await standby_api.close()
 
     run(body())
 

@@ -17,6 +17,7 @@ import pytest
 from kubernetes import watch
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
+from tasklease.api.times import parse_rfc3339
 from tasklease.runner import LeaseLost, TaskLease
 from tests.integration.support import (
     Cluster,
@@ -188,7 +189,13 @@ def test_non_retryable_error_fails_at_once(
     assert attempt_outcomes(status) == ["Failed"]
     complete = next(c for c in status["conditions"] if c["type"] == "Complete")
     assert "BadInput" in complete["message"] and "nonRetryableErrors" in complete["message"]
-    time.sleep(1)
+    # The operator's last acts on a finished task: the lease released and the Event sent.
+    # From a final phase nothing hands out again, so no second pod can come after them.
+    wait_for(
+        "the lease released",
+        lambda: "tasklease.io/holder" not in cluster.annotations("bad-input"),
+    )
+    wait_for("the Failed event", lambda: "Failed" in cluster.event_reasons("bad-input"))
     assert len(cluster.pods("bad-input")) == 1  # no second attempt
 
 
@@ -393,7 +400,12 @@ def test_heartbeat_costs_operator_no_write(
     runner = cluster.runner("beat", epoch=1, heartbeat_interval_s=3600)
     runner.start()
     cluster.wait_phase("beat", "Running")
-    time.sleep(1)  # let the acknowledgement's writes and Event settle
+    # The acknowledgement's one status write is in (phase Running); its Event and the
+    # hand-out's are sent in the background: wait for both before counting.
+    wait_for(
+        "the hand-out's and the acknowledgement's Events",
+        lambda: {"HandedOut", "Acknowledged"} <= set(cluster.event_reasons("beat")),
+    )
     events_before = len(cluster.events("beat"))
     start_rv = cluster.task("beat")["metadata"]["resourceVersion"]
 
@@ -418,7 +430,7 @@ def test_heartbeat_costs_operator_no_write(
     heartbeats = 10
     for index in range(heartbeats):
         assert runner.progress(percent=index * 10)
-        time.sleep(0.4)
+        time.sleep(0.4)  # the runner's heartbeat interval: the load under test
     watcher.join()
 
     writers = []
@@ -483,7 +495,10 @@ def test_attempt_timeout_reassigns(cluster: Cluster, operator_process: OperatorP
 
 
 def test_active_deadline_fails_task(cluster: Cluster, operator_process: OperatorProcess) -> None:
-    cluster.create_task("bounded", activeDeadline="3s")
+    # The deadline runs from the Task's creation: create it once the operator watches, so
+    # that a slow start cannot spend it before the first hand-out.
+    wait_for("the operator to watch", lambda: "watching" in operator_process.log())
+    cluster.create_task("bounded", activeDeadline="5s")
     cluster.wait_epoch("bounded", 1)
     runner = cluster.runner("bounded", epoch=1, heartbeat_interval_s=0.5)
     with runner:
@@ -588,7 +603,7 @@ def test_last_report_column_ignores_the_runner_clock(
         for percent in (10, 20):
             assert runner.progress(percent=percent)
         task = cluster.task(name)
-        written = datetime.fromisoformat(task["status"]["progress"]["reportTime"])
+        written = parse_rfc3339(task["status"]["progress"]["reportTime"])
         assert abs((written - datetime.now(UTC)).total_seconds()) < 5, written
         table = kubectl("get", "task", name, "-n", cluster.namespace).stdout.splitlines()
         assert table[0].split()[-3:] == ["LAST", "REPORT", "AGE"], table[0]

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.support import Cluster, OperatorProcess, free_port, scrape, wait_for
+from tasklease.controlplane.cluster import free_port
+from tasklease.controlplane.scrape import sample_key
+from tests.integration.support import Cluster, OperatorProcess, scrape, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -21,9 +23,9 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
         metrics_port=port,
     ).start()
     try:
-        wait_for("the metrics endpoint", lambda: _try_scrape(port), timeout=30)
+        wait_for("the metrics endpoint", lambda: scrape(port), timeout=30, retrying=(OSError,))
         synced = {
-            f'tasklease_informer_synced{{namespace="{cluster.namespace}",resource="{resource}"}}'
+            sample_key("tasklease_informer_synced", namespace=cluster.namespace, resource=resource)
             for resource in ("tasks", "pods", "leases")
         }
 
@@ -37,7 +39,7 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
         cluster.create_task("counted", ackTimeout="2s", reportProgressTimeout="30s")
         cluster.wait_epoch("counted", 1)
         assert scrape(port)["tasklease_handouts_total"] == 1
-        assert scrape(port)['tasklease_tasks{phase="Assigned"}'] == 1
+        assert scrape(port)[sample_key("tasklease_tasks", phase="Assigned")] == 1
 
         cluster.wait_epoch("counted", 2, timeout=20)  # nobody acknowledged: reassigned
 
@@ -51,21 +53,30 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
             return samples if counted else None
 
         after = wait_for("the reassignment and the new hand-out to be counted", reassigned)
-        assert after['tasklease_reassignments_total{reason="AckTimeout"}'] == 1
+        assert after[sample_key("tasklease_reassignments_total", reason="AckTimeout")] == 1
         assert after["tasklease_handouts_total"] == 2
-        assert after['tasklease_attempts_ended_total{outcome="AckTimeout"}'] == 1
+        assert after[sample_key("tasklease_attempts_ended_total", outcome="AckTimeout")] == 1
         assert after["tasklease_reassignment_delay_seconds_count"] == 1
         assert after["tasklease_reassignment_delay_seconds_sum"] < 5
-        assert after['tasklease_attempt_duration_seconds_count{outcome="AckTimeout"}'] == 1
+        duration = sample_key("tasklease_attempt_duration_seconds_count", outcome="AckTimeout")
+        assert after[duration] == 1
         # The operator's part of that delay, and the API server's answers it waited for.
         assert after["tasklease_expiry_decision_delay_seconds_count"] == 1
         assert (
             after["tasklease_expiry_decision_delay_seconds_sum"]
             <= after["tasklease_reassignment_delay_seconds_sum"]
         )
-        requests = "tasklease_api_request_duration_seconds_count"
-        deleted = f'{requests}{{code="200",resource="pods",verb="DELETE"}}'
-        events = f'{requests}{{code="201",resource="events",verb="POST"}}'
+
+        def requests(verb: str, resource: str, code: str) -> str:
+            return sample_key(
+                "tasklease_api_request_duration_seconds_count",
+                verb=verb,
+                resource=resource,
+                code=code,
+            )
+
+        deleted = requests("DELETE", "pods", "200")
+        events = requests("POST", "events", "201")
 
         def answered() -> dict[str, float] | None:
             # The old pod's deletion and the Events are made in the background.
@@ -73,32 +84,27 @@ def test_metrics_exposed(control_plane: Any, cluster: Cluster, tmp_path: Path) -
             return samples if samples.get(deleted, 0) >= 1 and samples.get(events, 0) >= 3 else None
 
         writes = wait_for("the background requests to be answered", answered)
-        assert writes[f'{requests}{{code="201",resource="pods",verb="POST"}}'] == 2
+        assert writes[requests("POST", "pods", "201")] == 2
         # Two leases written (epochs 1 and 2), the attempt's first pod deleted once.
-        assert writes[f'{requests}{{code="200",resource="tasks",verb="PATCH"}}'] == 2
+        assert writes[requests("PATCH", "tasks", "200")] == 2
         assert writes[deleted] == 1
-        assert writes[f'{requests}{{code="200",resource="tasks/status",verb="PATCH"}}'] >= 2
+        assert writes[requests("PATCH", "tasks/status", "200")] >= 2
 
         with cluster.runner("counted", epoch=2) as runner:
             cluster.wait_phase("counted", "Running")
             running = scrape(port)
-            assert running['tasklease_tasks{phase="Running"}'] == 1
+            assert running[sample_key("tasklease_tasks", phase="Running")] == 1
             assert running["tasklease_report_age_seconds_count"] == 1
             runner.progress(percent=100)
         cluster.wait_phase("counted", "Succeeded")
 
         def succeeded() -> dict[str, float] | None:
             samples = scrape(port)
-            return samples if samples.get('tasklease_tasks{phase="Succeeded"}') else None
+            return (
+                samples if samples.get(sample_key("tasklease_tasks", phase="Succeeded")) else None
+            )
 
         done = wait_for("the success to be counted", succeeded)
-        assert done['tasklease_attempts_ended_total{outcome="Succeeded"}'] == 1
+        assert done[sample_key("tasklease_attempts_ended_total", outcome="Succeeded")] == 1
     finally:
         operator.stop()
-
-
-def _try_scrape(port: int) -> dict[str, float] | None:
-    try:
-        return scrape(port)
-    except OSError:
-        return None

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import config
 
+from tasklease.api.times import parse_rfc3339
 from tasklease.runner import TaskLease
 from tests.conftest import CRDS_DIR
 from tests.integration.chart_support import service_account_token, token_client
@@ -120,7 +121,7 @@ def test_apiserver_outage_longer_than_the_lease_reassigns_nothing(
 
 def _report_time(cluster: Cluster, name: str) -> datetime:
     progress = cluster.status(name).get("progress") or {}
-    return datetime.fromisoformat(progress.get("reportTime", "1970-01-01T00:00:00Z"))
+    return parse_rfc3339(progress.get("reportTime", "1970-01-01T00:00:00Z"))
 
 
 def test_crash_looping_operator_still_expires_dead_leases(

@@ -17,52 +17,31 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from kubernetes import client
 
-from tasklease.api.models import CLAIMABLE_LABEL, POOL_RUNNER_ROLE, ROLE_LABEL
+from tasklease.api.models import POOL_RUNNER_ROLE, ROLE_LABEL
 from tasklease.controlplane.process import die_with_parent
 from tasklease.runner.pool import PoolRunner
-from tests.integration.support import Cluster, OperatorProcess, wait_for
+from tests.integration.support import Cluster, OperatorProcess, wait_for, watches_opened
 
 pytestmark = pytest.mark.cluster
 
+WORKER_GROUP = "etl"
+
 
 def create_pool_task(cluster: Cluster, name: str, **spec: Any) -> None:
-    body = {
-        "apiVersion": "tasklease.io/v1alpha1",
-        "kind": "Task",
-        "metadata": {"name": name},
-        "spec": {
-            "workerGroup": "etl",
-            "ackTimeout": "10s",
-            "reportProgressTimeout": "30s",
-            "heartbeatInterval": "1s",
-            "retry": {"maxAttempts": 3, "backoff": {"initial": "0s"}},
-            **spec,
-        },
-    }
-    cluster.custom.create_namespaced_custom_object(
-        "tasklease.io", "v1alpha1", cluster.namespace, "tasks", body
-    )
+    cluster.create_pool_task(name, WORKER_GROUP, **spec)
 
 
-def wait_claimable(cluster: Cluster, name: str, *, timeout: float = 30) -> dict[str, Any]:
-    claimable: dict[str, Any] = wait_for(
-        f"task {name} to be offered to the pool",
-        lambda: (
-            t
-            if (t := cluster.task(name))["metadata"].get("labels", {}).get(CLAIMABLE_LABEL)
-            == "true"
-            and "tasklease.io/holder" not in t["metadata"].get("annotations", {})
-            else None
-        ),
-        timeout=timeout,
-    )
-    return claimable
-
-
-def pool_runner(cluster: Cluster, name: str, **kwargs: Any) -> PoolRunner:
+def pool_runner(
+    cluster: Cluster, name: str, *, api_client: client.ApiClient | None = None, **kwargs: Any
+) -> PoolRunner:
     return PoolRunner(
-        "etl", namespace=cluster.namespace, pod_name=name, api_client=cluster.api_client, **kwargs
+        WORKER_GROUP,
+        namespace=cluster.namespace,
+        pod_name=name,
+        api_client=api_client or cluster.api_client,
+        **kwargs,
     )
 
 
@@ -70,7 +49,7 @@ def test_pool_runner_claims_and_finishes(
     cluster: Cluster, operator_process: OperatorProcess
 ) -> None:
     create_pool_task(cluster, "shard-7", parameters={"shard": "7"})
-    wait_claimable(cluster, "shard-7")
+    cluster.wait_offered("shard-7")
 
     # The offer is two writes (labels, then the condition): wait for the second as well.
     def waiting_for_runner() -> dict[str, Any] | None:
@@ -99,21 +78,28 @@ def test_pool_runner_claims_and_finishes(
 def test_poll_for_task_waits_and_returns_none_when_nothing_comes(
     cluster: Cluster, operator_process: OperatorProcess
 ) -> None:
-    with pool_runner(cluster, "idle") as runner:
-        started = time.monotonic()
-        assert runner.poll_for_task(timeout_s=2) is None
-        assert time.monotonic() - started >= 1.5
+    # A client of the runner's own, whose watch requests the test sees.
+    with client.ApiClient(cluster.api_client.configuration) as api:
+        watching = watches_opened(api)
+        with pool_runner(cluster, "idle", api_client=api) as runner:
+            started = time.monotonic()
+            assert runner.poll_for_task(timeout_s=2) is None
+            assert time.monotonic() - started >= 1.5
 
-        # A task created while a runner long-polls is claimed as soon as it is offered.
-        result: list[Any] = []
-        poller = threading.Thread(target=lambda: result.append(runner.poll_for_task(timeout_s=30)))
-        poller.start()
-        time.sleep(0.5)
-        create_pool_task(cluster, "late-arrival")
-        poller.join(timeout=35)
-        assert result and result[0] is not None
-        with result[0] as task:
-            task.progress(percent=100)
+            # A task created while a runner long-polls is claimed as soon as it is offered.
+            result: list[Any] = []
+            watching.clear()
+            poller = threading.Thread(
+                target=lambda: result.append(runner.poll_for_task(timeout_s=30))
+            )
+            poller.start()
+            # Once it watches, it has listed (and found nothing): the task comes after.
+            assert watching.wait(timeout=10), "the runner's long poll never began to watch"
+            create_pool_task(cluster, "late-arrival")
+            poller.join(timeout=35)
+            assert result and result[0] is not None
+            with result[0] as task:
+                task.progress(percent=100)
     cluster.wait_phase("late-arrival", "Succeeded")
 
 
@@ -123,7 +109,7 @@ def test_pool_claim_race_has_one_winner(
     names = [f"contested-{i}" for i in range(5)]
     for name in names:
         create_pool_task(cluster, name)
-    tasks = {name: wait_claimable(cluster, name) for name in names}
+    tasks = {name: cluster.wait_offered(name) for name in names}
     runners = [pool_runner(cluster, f"racer-{i}").start() for i in range(3)]
     try:
         for name in names:
@@ -157,14 +143,14 @@ def test_pool_task_returns_to_pool_on_progress_timeout(
     cluster: Cluster, operator_process: OperatorProcess
 ) -> None:
     create_pool_task(cluster, "stalls", ackTimeout="3s", reportProgressTimeout="3s")
-    wait_claimable(cluster, "stalls")
+    cluster.wait_offered("stalls")
     with pool_runner(cluster, "slowpoke") as first:
         zombie = first.poll_for_task(timeout_s=10)
         assert zombie is not None
         zombie._heartbeat_interval_s = 3600  # acknowledges, then never reports again
         zombie.start()
         cluster.wait_phase("stalls", "Running")
-        back = wait_claimable(cluster, "stalls", timeout=20)
+        back = cluster.wait_offered("stalls", timeout=20)
         assert back["status"]["attempt"] == 1
         assert back["status"]["attempts"][0]["outcome"] == "ProgressTimeout"
         assert back["metadata"]["annotations"]["tasklease.io/epoch"] == "1"
@@ -188,7 +174,7 @@ def test_dead_pool_runner_releases_its_tasks_at_once(
     # Task timeouts far beyond the test: only the runner's own liveness can free the tasks.
     for name in ("held-a", "held-b"):
         create_pool_task(cluster, name, ackTimeout="5m", reportProgressTimeout="10m")
-        wait_claimable(cluster, name)
+        cluster.wait_offered(name)
     if death == "pod-deleted":
         cluster.core.create_namespaced_pod(
             cluster.namespace,
@@ -218,7 +204,7 @@ def test_dead_pool_runner_releases_its_tasks_at_once(
     elif death == "pod-deleted":
         cluster.core.delete_namespaced_pod("doomed", cluster.namespace, grace_period_seconds=0)
     for name in ("held-a", "held-b"):
-        back = wait_claimable(cluster, name, timeout=20)
+        back = cluster.wait_offered(name, timeout=20)
         assert back["status"]["attempts"][0]["outcome"] == "RunnerLost"
     assert time.monotonic() - started < 15
     for handle in held:
@@ -230,14 +216,14 @@ def test_pool_runner_told_to_stop_releases_unfinished_tasks(
     cluster: Cluster, operator_process: OperatorProcess
 ) -> None:
     create_pool_task(cluster, "handed-back", ackTimeout="5m", reportProgressTimeout="10m")
-    wait_claimable(cluster, "handed-back")
+    cluster.wait_offered("handed-back")
     runner = pool_runner(cluster, "leaving").start()
     task = runner.poll_for_task(timeout_s=10)
     assert task is not None
     task.start()
     cluster.wait_phase("handed-back", "Running")
     runner.stop(release=True)  # e.g. on SIGTERM: gives the task back and goes
-    back = wait_claimable(cluster, "handed-back", timeout=15)
+    back = cluster.wait_offered("handed-back", timeout=15)
     assert back["status"]["attempts"][0]["outcome"] == "Released"
     assert task.progress(percent=50) is False  # no longer ours
 
@@ -279,7 +265,7 @@ def test_pool_soak(cluster: Cluster, operator_process: OperatorProcess) -> None:
                         runner._stop.set()
                         task._stop.set()
                         return
-                    time.sleep(rng.uniform(0.05, 0.2))
+                    time.sleep(rng.uniform(0.05, 0.2))  # a step of the work
                     task.progress(percent=(step + 1) * 25)
                 task.succeed()
                 task.close()
@@ -381,14 +367,14 @@ def test_wrapper_pool_mode_releases_its_task_on_sigterm(
     control_plane: Any, cluster: Cluster, operator_process: OperatorProcess
 ) -> None:
     create_pool_task(cluster, "interrupted", ackTimeout="5m", reportProgressTimeout="10m")
-    wait_claimable(cluster, "interrupted")
+    cluster.wait_offered("interrupted")
     wrapper = pool_wrapper(control_plane, cluster, "going-away", "sleep 300")
     try:
         cluster.wait_phase("interrupted", "Running")
         wrapper.send_signal(signal.SIGTERM)  # the pool pod is being deleted
         output, _ = wrapper.communicate(timeout=30)
         assert wrapper.returncode == 0, output
-        back = wait_claimable(cluster, "interrupted", timeout=15)
+        back = cluster.wait_offered("interrupted", timeout=15)
         assert back["status"]["attempts"][0]["outcome"] == "Released"
     finally:
         if wrapper.poll() is None:

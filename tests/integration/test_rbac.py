@@ -10,9 +10,7 @@ and create of Leases, in the release namespace only.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,11 +18,11 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tasklease.api.models import GROUP, PLURAL, VERSION
-from tasklease.controlplane.binaries import obtain_helm
 from tests.integration.chart_support import (
     RUNNER_SA,
+    ChartInstaller,
+    ChartSetup,
     Helm,
-    Release,
     installed,
     leased_task,
     patch_status,
@@ -33,58 +31,20 @@ from tests.integration.chart_support import (
     scoped_values,
     service_account_token,
     token_client,
-    uncaptured,
 )
 
 pytestmark = pytest.mark.cluster
 
-
-@dataclass
-class Setup:
-    namespace: str
-    other_namespace: str
-    release: Release
-    control_plane: Any
-    admin: client.ApiClient
-    kubectl: Any
-
-    def can_i(self, user: str, verb: str, resource: str, namespace: str | None = None) -> bool:
-        resource, _, subresource = resource.partition("/")
-        args = ["auth", "can-i", verb, resource, f"--as={user}"]
-        args += [f"--subresource={subresource}"] if subresource else []
-        args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
-        result = self.kubectl(*args, check=False)
-        answer = str(result.stdout).strip()
-        assert answer in ("yes", "no"), result.stdout + result.stderr
-        return answer == "yes"
+LEASES = "leases.coordination.k8s.io"
 
 
 @pytest.fixture(scope="module")
-def setup(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    control_plane: Any,
-    kube_config: Any,
-    kubectl: Any,
-) -> Iterator[Setup]:
-    with uncaptured(request):
-        binary = obtain_helm()
-    tmp = tmp_path_factory.mktemp("rbac")
-    helm = Helm(binary, kubeconfig=control_plane.kubeconfig, home=tmp / "helm")
-    core = client.CoreV1Api(kube_config)
-    suffix = secrets.token_hex(3)
-    namespace, other = f"t-rbac-{suffix}", f"t-rbac-{suffix}-other"
-    for name in (namespace, other):
-        core.create_namespace({"metadata": {"name": name}})
-    try:
-        with installed(helm, namespace, tmp, scoped_values(namespace)) as release:
-            yield Setup(namespace, other, release, control_plane, kube_config, kubectl)
-    finally:
-        for name in (namespace, other):
-            core.delete_namespace(name, propagation_policy="Background")
+def setup(chart_installer: ChartInstaller) -> Iterator[ChartSetup]:
+    with chart_installer.install(ChartSetup, prefix="rbac") as ready:
+        yield ready
 
 
-def test_runner_rbac_is_least_privilege(setup: Setup) -> None:
+def test_runner_rbac_is_least_privilege(setup: ChartSetup) -> None:
     runner = setup.release.runner_user()
     ns, other = setup.namespace, setup.other_namespace
 
@@ -117,7 +77,7 @@ def test_runner_rbac_is_least_privilege(setup: Setup) -> None:
     assert not setup.can_i(runner, "list", "namespaces")
 
 
-def test_runner_rbac_holds_for_real_requests(setup: Setup) -> None:
+def test_runner_rbac_holds_for_real_requests(setup: ChartSetup) -> None:
     """The same, with the token a runner pod really has (bound to the pod)."""
     ns, other = setup.namespace, setup.other_namespace
     core = client.CoreV1Api(setup.admin)
@@ -176,7 +136,7 @@ def test_runner_rbac_holds_for_real_requests(setup: Setup) -> None:
         assert caught.value.status == 403, f"{what}: {caught.value.status} {caught.value.reason}"
 
 
-def test_operator_rbac_is_scoped_and_exact(setup: Setup) -> None:
+def test_operator_rbac_is_scoped_and_exact(setup: ChartSetup) -> None:
     operator = setup.release.operator_user
     ns, other = setup.namespace, setup.other_namespace
     allowed = [
@@ -224,15 +184,12 @@ def test_operator_rbac_is_scoped_and_exact(setup: Setup) -> None:
 
 
 def test_operator_leader_election_rbac_is_its_one_lease(
-    setup: Setup, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    setup: ChartSetup, helm: Helm, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A release electing its leader in its own namespace while it watches another: get and
     update of the election's Lease (by name), create of Leases (RBAC cannot name what does
     not exist yet), there only; nothing in the watched namespace beyond what it had."""
-    with uncaptured(request):
-        binary = obtain_helm()
     tmp = tmp_path_factory.mktemp("rbac-election")
-    helm = Helm(binary, kubeconfig=setup.control_plane.kubeconfig, home=tmp / "helm")
     core = client.CoreV1Api(setup.admin)
     home, watched = f"{setup.namespace}-election", f"{setup.namespace}-watched"
     for name in (home, watched):
@@ -240,39 +197,27 @@ def test_operator_leader_election_rbac_is_its_one_lease(
     values = scoped_values(watched, leaderElection={"enabled": True})
     try:
         with installed(helm, home, tmp, values, release="elect") as release:
-            operator = release.operator_user
-            lease = f"leases.coordination.k8s.io/{release.fullname}-operator"
-            other_lease = "leases.coordination.k8s.io/someone-else"
+            lease = f"{release.fullname}-operator"
 
-            def can_i(verb: str, resource: str, namespace: str) -> bool:
-                result = setup.kubectl(
-                    "auth",
-                    "can-i",
-                    verb,
-                    resource,
-                    f"--as={operator}",
-                    f"--namespace={namespace}",
-                    check=False,
-                )
-                answer = str(result.stdout).strip()
-                assert answer in ("yes", "no"), result.stdout + result.stderr
-                return answer == "yes"
+            def can_i(verb: str, namespace: str, name: str | None = None) -> bool:
+                """Whether the operator may `verb` Leases (the one named `name`)."""
+                return setup.can_i(release.operator_user, verb, LEASES, namespace, name=name)
 
-            assert can_i("get", lease, home)
-            assert can_i("update", lease, home)
-            assert can_i("create", "leases.coordination.k8s.io", home)
+            assert can_i("get", home, lease)
+            assert can_i("update", home, lease)
+            assert can_i("create", home)
             for verb in ("patch", "delete", "watch"):
-                assert not can_i(verb, lease, home), verb
+                assert not can_i(verb, home, lease), verb
             for verb in ("get", "update", "patch", "delete"):
-                assert not can_i(verb, other_lease, home), verb
+                assert not can_i(verb, home, "someone-else"), verb
             for verb in ("list", "watch", "deletecollection"):
-                assert not can_i(verb, "leases.coordination.k8s.io", home), verb
+                assert not can_i(verb, home), verb
             # Nothing of the election in the watched namespace (where it lists and watches
             # the pool runners' Leases), nor anywhere else.
-            assert can_i("watch", "leases.coordination.k8s.io", watched)
-            assert not can_i("create", "leases.coordination.k8s.io", watched)
-            assert not can_i("update", lease, watched)
-            assert not can_i("get", lease, setup.other_namespace)
+            assert can_i("watch", watched)
+            assert not can_i("create", watched)
+            assert not can_i("update", watched, lease)
+            assert not can_i("get", setup.other_namespace, lease)
     finally:
         for name in (home, watched):
             core.delete_namespace(name, propagation_policy="Background")

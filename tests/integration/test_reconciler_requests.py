@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.operator.reconciler import Reconciler
 from tests.integration.support import Cluster
 from tests.integration.test_task_informer import in_thread
+from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.cluster
 
@@ -94,20 +94,19 @@ def _raw_pod(cluster: Cluster, name: str) -> dict[str, Any]:
 
 async def _until(what: str, condition: Callable[[], Any]) -> Any:
     """Poll `condition` (a blocking call, run in a thread) until it is true, for 15 s."""
-    deadline = time.monotonic() + 15
-    while not (outcome := await in_thread(condition)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-    return outcome
+    return await wait_for_async(what, lambda: in_thread(condition), timeout=15)
 
 
 async def _quiet(writer: RecordingWriter, *, for_s: float = 0.7) -> None:
-    """Until the writer has made no call for `for_s` seconds."""
-    count = -1
-    while count != len(writer.calls):
-        count = len(writer.calls)
-        await asyncio.sleep(for_s)
+    """Until the writer has made no call for `for_s` seconds: what a test asserts is that a
+    call was not made, and no event says that none is coming."""
+    counts = [-1]
+
+    def still() -> bool:
+        before, counts[0] = counts[0], len(writer.calls)
+        return before == counts[0]
+
+    await wait_for_async("the writer to go quiet", still, interval=for_s)
 
 
 @contextlib.asynccontextmanager
@@ -155,7 +154,8 @@ def test_a_body_older_than_one_decided_on_is_not_acted_on(
             # The Task as it was created: no lease. Taken for news, it would be handed
             # out again (a lease write against an old version: refused, then a read).
             reconciler.task_seen("MODIFIED", created)
-            await asyncio.sleep(1.0)
+            # Acted on, it would cost a write at once: a second without one says it was not.
+            await _quiet(writer, for_s=1.0)
             assert writer.calls == calls_before
             assert writer.refused == []
             assert cluster.task("echo")["metadata"]["resourceVersion"] == version_before

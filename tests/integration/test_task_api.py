@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from subprocess import CompletedProcess
 from typing import Any
@@ -29,6 +28,7 @@ from tasklease.api.models import (
     Task,
     TaskSpec,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -346,13 +346,13 @@ def test_status_written_by_a_runner_is_validated(kubectl: Kubectl, namespace: st
 
 def explain(kubectl: Kubectl, field: str) -> str:
     """`kubectl explain`, retried while the API server publishes the new CRD's OpenAPI."""
-    deadline = time.monotonic() + 30
-    while True:
-        result = kubectl("explain", field, check=False)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            assert result.returncode == 0, result.stderr
-            return result.stdout
-        time.sleep(0.5)
+    explained = wait_for(
+        f"kubectl explain {field}",
+        lambda: kubectl("explain", field, check=False),
+        until=lambda result: result.returncode == 0,
+        interval=0.5,
+    )
+    return explained.stdout
 
 
 def test_kubectl_explain_reads_well(kubectl: Kubectl) -> None:

@@ -16,7 +16,6 @@ from bench.loadgen import (
     Generator,
     heartbeat_body,
     heartbeat_prefix,
-    rfc3339_micro,
     task_manifest,
 )
 from bench.report import (
@@ -35,6 +34,8 @@ from bench.report import (
     round_figure,
     verdict,
 )
+from tasklease.api.times import rfc3339_micro
+from tasklease.controlplane.scrape import sample_key, split_key, total
 
 
 @pytest.mark.parametrize(
@@ -136,6 +137,24 @@ def test_prometheus_text_is_parsed_and_summed_over_labels() -> None:
     assert metric_sum(samples, "tasklease_tasks") == 1000.0
 
 
+def test_samples_are_found_by_name_and_labels_whatever_their_order() -> None:
+    # client_golang writes a bucket's `le` last; prometheus_client sorts every label.
+    golang = 'm_bucket{verb="GET",code="200",le="+Inf"} 3\nm_count{verb="GET",code="200"} 3\n'
+    python = 'm_bucket{code="200",le="+Inf",verb="GET"} 3\nm_count{code="200",verb="GET"} 3\n'
+    samples = parse_prometheus(golang)
+    assert samples == parse_prometheus(python)
+    assert samples[sample_key("m_count", verb="GET", code="200")] == 3.0
+    assert samples[sample_key("m_bucket", le="+Inf", code="200", verb="GET")] == 3.0
+    assert total(samples, "m_count", verb="GET") == 3.0
+    assert total(samples, "m_count", verb="PUT") == 0.0
+
+
+def test_a_sample_key_escapes_its_label_values_and_splits_back() -> None:
+    key = sample_key("m", path='a "b" \\c\n')
+    assert split_key(key) == ("m", {"path": 'a "b" \\c\n'})
+    assert parse_prometheus(f"{key} 1\n") == {key: 1.0}
+
+
 def test_collapsed_stacks_are_summarized() -> None:
     lines = [
         "<module> (tasklease/__main__.py);run (kopf/_core/reactor/running.py);"
@@ -221,6 +240,18 @@ def test_request_latency_by_kind_is_the_difference_of_two_scrapes() -> None:
         "GET tasks": {"count": 7.0, "mean_ms": 10.0},
     }
     assert list(found) == ["PATCH tasks/status", "POST pods", "GET tasks"]  # busiest first
+
+
+def test_request_latency_by_kind_reads_labels_in_any_order() -> None:
+    text = (
+        'apiserver_request_duration_seconds_count{verb="POST",resource="pods",subresource="",'
+        'group="",version="v1",component="apiserver",scope="namespace"} 4\n'
+        'apiserver_request_duration_seconds_sum{verb="POST",resource="pods",subresource="",'
+        'group="",version="v1",component="apiserver",scope="namespace"} 0.2\n'
+    )
+    assert request_latency_by_kind({}, parse_prometheus(text)) == {
+        "POST pods": {"count": 4.0, "mean_ms": 50.0}
+    }
 
 
 def test_the_operators_requests_are_told_apart_by_status_code_when_refused() -> None:

@@ -11,6 +11,7 @@ import pytest
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
+from tasklease.controlplane.cluster import free_port
 from tasklease.runner.sdk import _server_down
 
 
@@ -35,10 +36,7 @@ def test_refusals_say_nothing_of_an_outage(status: int) -> None:
 
 
 def test_a_refused_connection_says_the_server_is_down() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    assert _server_down(_failure(closed_port))
+    assert _server_down(_failure(free_port()))
 
 
 def test_a_timeout_may_be_a_partition() -> None:

@@ -285,8 +285,10 @@ class OperatorProcess:
         self.metrics_port = metrics_port
         self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0  # monotonic: the last start
 
     def start(self) -> OperatorProcess:
+        self.started_at = time.monotonic()
         env = dict(os.environ)
         env.update(
             KUBECONFIG=str(self.kubeconfig),
@@ -327,6 +329,19 @@ class OperatorProcess:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the operator is not running"
+        return self.process.pid
+
+    def check(self) -> None:
+        """Raise when the operator exited, so that a wait on it fails at once, with why."""
+        if not self.alive:
+            code = None if self.process is None else self.process.returncode
+            raise RuntimeError(
+                f"the operator exited (code {code}); log tail:\n{log_tail(self.log_path)}"
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
