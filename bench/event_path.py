@@ -36,6 +36,7 @@ from tasklease.api.models import (
     RUNNER_ROLE,
     TASK_LABEL,
 )
+from tasklease.api.times import rfc3339_micro
 from tasklease.kube.informer import Informer, Watched
 from tasklease.kube.informer import _decode as decode_event
 from tasklease.operator.reconciler import Reconciler
@@ -61,16 +62,12 @@ class RefusingWriter:
         return refuse
 
 
-def _stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def task_body(index: int, *, version: int, report_time: datetime, started: datetime) -> Any:
     """A bench Task as the API server sends it (managedFields included: the informer drops
     them), its runner acknowledged and reporting."""
     name = f"t-{index:06d}"
     holder = f"{name}-1"
-    started_at = _stamp(started)
+    started_at = rfc3339_micro(started)
     return {
         "apiVersion": "tasklease.io/v1alpha1",
         "kind": "Task",
@@ -127,7 +124,7 @@ def task_body(index: int, *, version: int, report_time: datetime, started: datet
             "holder": holder,
             "observedGeneration": 1,
             "phase": "Running",
-            "progress": {"epoch": 1, "percent": 74, "reportTime": _stamp(report_time)},
+            "progress": {"epoch": 1, "percent": 74, "reportTime": rfc3339_micro(report_time)},
             "startTime": started_at,
         },
     }

@@ -33,6 +33,9 @@ import aiohttp
 
 from tasklease.api.models import EPOCH_ANNOTATION, EPOCH_LABEL, GROUP, PLURAL, TASK_LABEL, VERSION
 
+# Re-exported (`as`): tests/unit/test_bench_report.py imports it from here.
+from tasklease.api.times import rfc3339_micro
+
 logger = logging.getLogger("bench.loadgen")
 
 JSON_PATCH: Final = "application/json-patch+json"
@@ -45,11 +48,6 @@ RETRY_AFTER_ERROR_S: Final = 1.0
 # During a bulk hand-out a runner acknowledges when every pod is out, or at the latest this
 # share of the ack timeout after its pod appeared (so that no lease is lost to AckTimeout).
 ACK_HOLD_FRACTION: Final = 0.8
-
-
-def rfc3339_micro(when: datetime) -> str:
-    """'2025-01-02T03:04:05.000006Z': the SDK's reportTime format."""
-    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def heartbeat_prefix(epoch: int, holder: str) -> bytes:
@@ -247,6 +245,22 @@ class Api:
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
                 logger.warning("watch %s interrupted (%s); resuming", path, error)
                 await asyncio.sleep(0.2)
+
+    async def start_watch(
+        self,
+        path: str,
+        *,
+        label_selector: str,
+        on_event: Callable[[str, dict[str, Any], float], None],
+    ) -> asyncio.Task[None]:
+        """`watch` in a task of its own, returned once the listing went to `on_event`; the
+        caller cancels it."""
+        listed = asyncio.Event()
+        task = asyncio.create_task(
+            self.watch(path, label_selector=label_selector, on_event=on_event, listed=listed)
+        )
+        await listed.wait()
+        return task
 
     async def _list(
         self,
@@ -639,14 +653,14 @@ class Generator:
         or over less: never later than one interval after its last stored report (a push
         reaches only some runners; the others must not skip a beat).
 
-        A runner's shorter span is drawn from, not clipped to: clipping sent every runner
-        whose draw passed its limit at exactly its limit, i.e. in the order and at the pace
-        of the push's round robin. And a runner already overdue (its limit passed during the
-        push) is spread over the first half of what is left of its lease instead of sent
-        now: sending them all at once made a burst that stalled the API server (a runner
-        whose report is stored late is seen late by the operator too), and since each
-        heartbeat is due one interval after the last, the burst came back every interval
-        (docs/performance.md, session 8)."""
+        A runner's shorter span is drawn from, not clipped to: clipping would send every
+        runner whose draw passed its limit at exactly its limit, i.e. in the order and at the
+        pace of the push's round robin. And a runner already overdue (its limit passed during
+        the push) is spread over the first half of what is left of its lease instead of sent
+        now: sent all at once, they make a burst that stalls the API server (a runner whose
+        report is stored late is seen late by the operator too), and since each heartbeat is
+        due one interval after the last, the burst comes back every interval
+        (docs/performance.md)."""
         now = time.monotonic()
         for runner in self.runners:
             if runner.epoch > 0 and not runner.stopped and not runner.lost:

@@ -22,10 +22,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from bench.context import NAMESPACE, prepare_cluster
 from bench.loadgen import Api, Generator, create_all, task_manifest, wait_for
 from bench.procstat import rss_bytes
 from bench.report import parse_prometheus
-from bench.run import NAMESPACE, _kubectl_setup, free_port
+from tasklease.controlplane.cluster import free_port
 
 # Run as the operator's main module: snapshots on SIGUSR1, written next to a marker file.
 WRAPPER = """
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         wrapper = folder / "operator_under_tracemalloc.py"
         wrapper.write_text(WRAPPER)
         with ControlPlane.start() as plane:
-            _kubectl_setup(plane)
+            prepare_cluster(plane)
             port = free_port()
             env = dict(
                 os.environ,
