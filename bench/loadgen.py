@@ -660,7 +660,7 @@ class Generator:
         now: sent all at once, they make a burst that stalls the API server (a runner whose
         report is stored late is seen late by the operator too), and since each heartbeat is
         due one interval after the last, the burst comes back every interval
-        (docs/performance.md)."""
+        (docs/results/2026-12-06-load-generator-burst.md)."""
         now = time.monotonic()
         for runner in self.runners:
             if runner.epoch > 0 and not runner.stopped and not runner.lost:

@@ -10,8 +10,8 @@ median of `--repeats` passes, as one JSON line.
 
 `--compare-trust-env` alternates passes with aiohttp's `trust_env` on, as kubernetes_asyncio
 leaves it: aiohttp then looks up ~/.netrc and the proxy environment variables in a thread for
-every request (docs/performance.md). Run both in the same minute; only the ratio
-means anything on a shared machine.
+every request (docs/results/2026-12-04-client-trust-env.md). Run both in the same minute; only
+the ratio means anything on a shared machine.
 """
 
 from __future__ import annotations

@@ -25,14 +25,15 @@ async def run(bench: BenchRun, *, busy_until: float) -> None:
     bench.enter("detection")
     runners = gen.counted
     count = max(1, round(len(runners) * s.victims_percent / 100))
-    # A restarted operator gives every lease a full window from when it first sees it (design
-    # invariant 3), so a runner stopped before reporting to the current operator process is
-    # detected up to one interval late by design, and a report made while the operator was
-    # still listing is first seen when the listing is delivered. After a push the saturated
-    # API server delivers its watch events late, so a runner whose last report was a push's
-    # is seen late by every watcher. Either would be charged to detection (the figures are
-    # in docs/performance.md): start once every runner has made a steady report since the
-    # last (re)start's listing and the last push.
+    # A restarted operator keeps a grace to report once more for a lease it first sees in a
+    # listing (design.md, "Expiry on the operator's clock"), so a runner stopped before
+    # reporting to the current operator process is detected up to one interval late by
+    # design, and a report made while the operator was still listing is first seen when the
+    # listing is delivered. After a push the saturated API server delivers its watch events
+    # late, so a runner whose last report was a push's is seen late by every watcher. Either
+    # would be charged to detection (docs/results/2026-11-29-older-bodies-and-one-deletion.md,
+    # docs/results/2026-12-04-decoded-bodies-and-event-path.md): start once every runner has
+    # made a steady report since the last (re)start's listing and the last push.
     settled_at = max(operator.started_at, busy_until)
     ready_at = settled_at + s.heartbeat_s + 5.0
     if time.monotonic() < ready_at:

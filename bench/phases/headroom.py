@@ -41,7 +41,8 @@ async def run(bench: BenchRun, cost: SteadyCost) -> float:
     # server, whatever share of the machine it got.
     efficiency: dict[str, list[float]] = {"alone": [], "with": []}
     # One push left out, with the operator attached: the first push after the steady window
-    # meets an API server still working off what the heartbeats queued (docs/performance.md).
+    # meets an API server still working off what the heartbeats queued
+    # (docs/results/2026-12-04-decoded-bodies-and-event-path.md).
     warmup = await _push(bench, cost, alone=False)
     busy_until = max(warmup.ended_at, warmup.listed_at or 0.0)
     bench.record_cpu("push warm-up (left out)", warmup.delta)
@@ -101,7 +102,8 @@ async def _push(bench: BenchRun, cost: SteadyCost, *, alone: bool) -> Push:
         await asyncio.sleep(0.5)
     # Every push starts from an API server that finished the last one: otherwise only the
     # pushes with the operator follow a push at once (a push alone follows the operator's
-    # restart and listing), and the ratio measures that order (docs/performance.md).
+    # restart and listing), and the ratio measures that order
+    # (docs/results/2026-11-29-older-bodies-and-one-deletion.md).
     settled = await _settle_apiserver(bench, cost, operator_running=not alone)
     before = bench.cpu()
     started = time.monotonic()

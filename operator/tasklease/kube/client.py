@@ -1,7 +1,7 @@
 """The operator's writes to the Kubernetes API: the only module that talks to it directly.
 
-kopf watches; this module writes. kopf's own patches are not compare-and-swap, and every
-lease and status write of the operator must be: each carries the resourceVersion the
+Our informers watch (`informer.py`); this module writes. Every lease and status write of
+the operator is compare-and-swap: each carries the resourceVersion the
 decision was made from, and the API server answers 409 Conflict when the Task moved on.
 
 Responses are read raw (`_preload_content=False`): the generated client's model

@@ -112,10 +112,10 @@ class PodState:
 class Sighting:
     """What this operator process saw of a Task's lease, on its own monotonic clock.
 
-    Deliberately kept in memory only: an operator that restarts starts with no sightings,
-    so every lease gets a full ack/progress window from the moment it is seen again. It is
-    kept small (one per Task, tens of thousands of them): a report is remembered by a hash
-    of its content, not the report itself.
+    Kept in memory only: an operator that restarts starts with no sightings, and a lease it first
+    sees in a listing is aged from the API server's own write times (`api/written.py`), keeping
+    a grace to report once more. It is kept small (one per Task, tens of thousands of them): a
+    report is remembered by a hash of its content, not the report itself.
     """
 
     epoch: int

@@ -2,10 +2,10 @@
 
 Bursts (a bulk create, the initial listing after a restart, a mass expiry) decode thousands
 of Task bodies at once and free them moments later. glibc keeps freed chunks in its heap
-for reuse, so without a trim the process's RSS stays at the burst's high-water mark for
-good: in the scale benchmark RSS per Task was four to five times the live Python heap
-(docs/performance.md). `malloc_trim(0)` returns free pages from the middle of the heap too.
-It does not touch CPython's own small-object arenas, which are released when empty.
+for reuse, so without a trim the process's RSS stays at the burst's high-water mark for good: in
+the scale benchmark RSS per Task was four to five times the live Python heap
+(docs/results/2026-11-29-memory.md). `malloc_trim(0)` returns free pages from the middle of the
+heap too. It does not touch CPython's own small-object arenas, which are released when empty.
 """
 
 from __future__ import annotations
