@@ -14,10 +14,11 @@ replays every `tests/fixtures/soak/failing-*.json`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -240,6 +241,40 @@ class History:
             blind=list(blind),
             operator_users=set(operator_users),
             detection_bound_s=detection_bound_s,
+        )
+
+    def restricted_to(self, tasks: Collection[str]) -> History:
+        """The part of the history about some Tasks (`namespace/name`): their writes, their
+        runner pods' (`<task>-<epoch>`), the leader election's Lease, and the pool runners'
+        Leases when one of them is a pool task; so that a failing history is saved at the
+        size of what failed."""
+        keep = set(tasks)
+        pooled = any(
+            write.resource == "tasks"
+            and write.task_key in keep
+            and "workerGroup" in ((write.response or {}).get("spec") or {})
+            for write in self.writes
+        )
+
+        def about(write: Write) -> bool:
+            match write.resource:
+                case "tasks":
+                    return write.task_key in keep
+                case "pods":
+                    return f"{write.namespace}/{write.name.rsplit('-', 1)[0]}" in keep
+                case "leases":  # a pool runner's is written by its ServiceAccount
+                    return pooled or not write.runner
+                case _:
+                    return True
+
+        return dataclasses.replace(
+            self,
+            writes=[write for write in self.writes if about(write)],
+            final_tasks=[
+                task
+                for task in self.final_tasks
+                if f"{_metadata(task).get('namespace')}/{_metadata(task).get('name')}" in keep
+            ],
         )
 
     def save(self, path: Path | str, *, expected: Iterable[Finding] = ()) -> None:

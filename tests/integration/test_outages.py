@@ -36,6 +36,10 @@ pytestmark = pytest.mark.cluster
 NAMESPACE = "outages"
 WINDOW = "6s"
 OUTAGE_S = 9.0  # longer than the lease window
+# Longer than the operator's leader-election renew deadline (10 s) and lease (15 s): the
+# leader steps down, the standby takes over when the API server is back.
+STANDBY_OUTAGE_S = 20.0
+FIRST_SIGHT_GRACE_S = 2.0
 # Each operator of the crash loop lives this long after its listing: less than the 10 s
 # windows, more than the 4 s grace a lease first seen keeps (two 2 s heartbeat intervals).
 CRASH_LOOP_LIFETIME_S = 6.0
@@ -116,6 +120,83 @@ def test_apiserver_outage_longer_than_the_lease_reassigns_nothing(
         for lease in leases:
             lease.close()
         operator.stop()
+        api.close()
+
+
+def test_standby_that_leads_after_an_outage_reassigns_nothing(
+    own_plane: Any, tmp_path: Path
+) -> None:
+    """The leader steps down in an outage longer than its renew deadline; the standby, which
+    lived through the outage, takes over and lists leases the API server last wrote before
+    it. Their ages leave the outage out: runners that start only after the grace a lease
+    first seen keeps are not reassigned."""
+    api = config.new_client_from_config(config_file=str(own_plane.kubeconfig))
+    cluster = Cluster(api, NAMESPACE)
+    runner_role(cluster)
+    bind_runner(cluster)
+    election = {
+        "TASKLEASE_LEADER_ELECTION": "true",
+        "TASKLEASE_LEADER_ELECTION_NAMESPACE": NAMESPACE,
+    }
+    replicas = [
+        OperatorProcess(
+            kubeconfig=own_plane.kubeconfig,
+            namespace=NAMESPACE,
+            log_path=tmp_path / f"{role}.log",
+            extra_env=election,
+        )
+        for role in ("leader", "standby")
+    ]
+    leader, standby = replicas
+    names = [f"handed-{i}" for i in range(3)]
+    leases: list[TaskLease] = []
+    try:
+        leader.start()
+        wait_for("the first replica to lead", lambda: "leading (Lease" in leader.log(), timeout=60)
+        standby.start()
+        wait_for("the standby to campaign", lambda: "waiting to lead" in standby.log(), timeout=60)
+        for name in names:
+            cluster.create_task(
+                name, ackTimeout="10s", reportProgressTimeout="10s", heartbeatInterval="1s"
+            )
+        for name in names:
+            cluster.wait_epoch(name, 1)
+        token = service_account_token(cluster.core, NAMESPACE, RUNNER)
+        identities = [identity_from_pod(cluster.pod(f"{name}-1")) for name in names]
+
+        own_plane.restart_apiserver(down_for_s=STANDBY_OUTAGE_S)
+
+        wait_for("the leader to step down", lambda: not leader.alive, timeout=30)
+        wait_for(
+            "the standby to lead and list the Tasks",
+            lambda: "watching 3 Tasks" in standby.log(),
+            timeout=60,
+        )
+        # On purpose: let the grace that a lease first seen keeps (two 1 s heartbeats) pass,
+        # as runner pods that the outage kept from starting would.
+        time.sleep(FIRST_SIGHT_GRACE_S + 1.0)
+        for identity in identities:
+            leases.append(
+                TaskLease(
+                    identity,
+                    api_client=token_client(own_plane, token),
+                    heartbeat_interval_s=1.0,
+                )
+            )
+            leases[-1].start()
+        for name in names:
+            cluster.wait_phase(name, "Running")
+        for lease in leases:
+            assert not lease.lost and not lease.canceled, lease.cancel_reason
+            lease.succeed()
+        for name in names:
+            status = cluster.wait_phase(name, "Succeeded")
+            assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"], (name, status)
+    finally:
+        for lease in leases:
+            lease.close()
+        for replica in replicas:
+            replica.stop()
         api.close()
 
 

@@ -30,6 +30,7 @@ from tasklease.api.models import (
     Task,
 )
 from tasklease.api.runner_env import ENV_ATTEMPT, ENV_CHECKPOINT, ENV_EPOCH
+from tasklease.api.written import WRITTEN_KEY
 from tasklease.lease.backoff import retry_delay
 from tasklease.lease.core import (
     ACTIVE_PHASES,
@@ -1753,3 +1754,18 @@ def test_a_refusal_that_lasts_past_the_ack_window_ends_the_attempt_saying_why() 
     attempt = harness.task.status.attempts[0]
     assert attempt.outcome == Outcome.ACK_TIMEOUT
     assert "its pod could not be created: HTTP 422" in (attempt.message or "")
+
+
+def test_a_lease_first_seen_leaves_out_of_its_age_what_this_process_could_not_see() -> None:
+    # Handed out 100 s before the listing (the API server's record); the operator that lists
+    # it lived through a 90 s outage in that time, when nobody could report.
+    task = handed_out().task  # ackTimeout 2m, heartbeats 60 s: a grace of 60 s
+    task.metadata[WRITTEN_KEY] = {
+        "lease": "2026-12-06T10:00:00Z",
+        "listed": "Sun, 06 Dec 2026 10:01:40 GMT",
+    }
+    blind = {99.0: 90.0}  # the age as `ages` gives it (Date's second taken off) -> blind s
+    unaware = observe(None, task, now=1000.0)
+    assert unaware.epoch_seen_at == 1000.0 - 60.0  # all but the grace is gone
+    aware = observe(None, task, now=1000.0, blind_within=lambda s: blind[s])
+    assert aware.epoch_seen_at == 1000.0 - 9.0  # only the 9 s it could see count

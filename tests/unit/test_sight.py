@@ -83,3 +83,18 @@ def test_a_failed_request_while_blind_is_not_counted_twice() -> None:
     sight.api_request(verb="GET", resource="tasks", code=NO_ANSWER, seconds=10.0)
     sight.regained("watch of tasks")
     assert sight.blind_seconds == 10.0
+
+
+def test_blind_periods_are_kept_to_leave_them_out_of_ages_seen_later() -> None:
+    time = FakeTime()
+    sight = Sight(monotonic=time)
+    time.now = 110.0
+    # A poll that failed at 110 had its last answer at 108: blind since then.
+    sight.lost("the leader election's Lease", since=108.0)
+    time.now = 140.0
+    assert sight.blind_within(10.0) == 10.0  # the current period counts up to now
+    sight.regained("the leader election's Lease")
+    time.now = 150.0
+    assert sight.blind_within(5.0) == 0.0
+    assert sight.blind_within(20.0) == 10.0  # 130-140 of the period 108-140
+    assert sight.blind_within(100.0) == 32.0  # all of it

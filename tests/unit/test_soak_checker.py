@@ -681,6 +681,24 @@ def test_a_recorded_clean_history_passes() -> None:
     assert any(w.pod == "hangs-1" and w.code == 422 for w in refused)
 
 
+def test_the_part_of_a_history_about_one_task_is_checked_alike() -> None:
+    history = History.load(FIXTURES / "clean-small.json")
+
+    part = history.restricted_to({"soak/hangs"})
+
+    # Its writes, its pods', and the leader election's Lease (no pool runner's: not a pool task).
+    assert {(w.resource, w.task_key) for w in part.writes} == {
+        ("tasks", "soak/hangs"),
+        ("pods", "soak/hangs-1"),
+        ("pods", "soak/hangs-2"),
+        ("leases", "soak/tasklease-operator"),
+    }
+    assert [t["metadata"]["name"] for t in part.final_tasks] == ["hangs"]
+    report = check(part)
+    assert report.ok and report.tasks == 1
+    assert [(e.task, e.epoch) for e in report.expiries] == [("soak/hangs", 1)]
+
+
 @pytest.mark.parametrize(
     "path",
     sorted(FIXTURES.glob("failing-*.json")),

@@ -53,13 +53,15 @@ Deliver = Callable[[str, dict[str, Any]], None]
 class SightListener(Protocol):
     """Told when a watch fails (the first failure of an outage) and when it works again."""
 
-    def lost(self, source: str) -> None: ...
+    def lost(self, source: str, *, since: float | None = None) -> None: ...
 
     def regained(self, source: str) -> None: ...
 
 
-class _Unwatched:
-    def lost(self, source: str) -> None:
+class Unwatched:
+    """A SightListener that is told nothing."""
+
+    def lost(self, source: str, *, since: float | None = None) -> None:
         pass
 
     def regained(self, source: str) -> None:
@@ -292,7 +294,7 @@ class Informer:
         sight: SightListener | None = None,
     ) -> None:
         self._lister = watched.lister(api, namespace)
-        self._sight: SightListener = sight or _Unwatched()
+        self._sight: SightListener = sight or Unwatched()
         self._label_selector = watched.label_selector
         self._keep_of_listed = watched.keep_of_listed
         self._what = watched.what

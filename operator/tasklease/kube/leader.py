@@ -41,6 +41,7 @@ from kubernetes_asyncio import client as k8s
 from tasklease.api.times import rfc3339_micro
 from tasklease.kube.client import FIELD_MANAGER, json_body
 from tasklease.kube.errors import ApiError, Conflict, Gone
+from tasklease.kube.informer import SightListener, Unwatched
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ RETRY_S: Final = 2.0
 RENEW_DEADLINE_S: Final = 10.0
 _REQUEST_TIMEOUT_S: Final = 5.0
 _RELEASE_TIMEOUT_S: Final = 5.0
+_SIGHT_SOURCE: Final = "the leader election's Lease"
 
 
 def candidate_identity() -> str:
@@ -185,6 +187,7 @@ class LeaderElector:
         renew_deadline_s: float = RENEW_DEADLINE_S,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sight: SightListener | None = None,
     ) -> None:
         if not renew_every_s < renew_deadline_s < lease_duration_s:
             raise ValueError("need renew_every_s < renew_deadline_s < lease_duration_s")
@@ -203,6 +206,10 @@ class LeaderElector:
         self._held: tuple[LeaseRecord, str] | None = None  # what we wrote, and its version
         self._leading = False
         self._failing = False
+        # Told when the Lease cannot be reached and since when (the last answer), and when
+        # it can again: a standby's sight of the API server (operator/sight.py).
+        self._sight: SightListener = sight or Unwatched()
+        self._last_answer: float | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -296,6 +303,7 @@ class LeaderElector:
             self._log_recovery()
             return False  # another candidate wrote first
         except (aiohttp.ClientError, TimeoutError, OSError, ApiError) as error:
+            self._sight.lost(_SIGHT_SOURCE, since=self._last_answer)
             if not self._failing:
                 self._failing = True
                 logger.warning(
@@ -313,6 +321,9 @@ class LeaderElector:
         return True
 
     def _log_recovery(self) -> None:
+        """The API server answered (whatever the election's outcome)."""
+        self._last_answer = self._clock()
+        self._sight.regained(_SIGHT_SOURCE)
         if self._failing:
             self._failing = False
             logger.info(

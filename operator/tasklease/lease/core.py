@@ -18,6 +18,7 @@ API server outage does not take leases from runners that could not report throug
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -151,18 +152,28 @@ def first_seen_at(
     return now - min(age_s, max(window_s - grace_s, 0.0))
 
 
-def observe(previous: Sighting | None, task: Task, *, now: float) -> Sighting:
+def observe(
+    previous: Sighting | None,
+    task: Task,
+    *,
+    now: float,
+    blind_within: Callable[[float], float] | None = None,
+) -> Sighting:
     """Fold one observation of `task` into the sighting.
 
     A report counts as new when its content differs from the last one seen for the same
     epoch. A lease first seen by this process counts as seen now, or, when it came in a
-    listing, as old as the API server's record of its last write (see `first_seen_at`).
+    listing, as old as the API server's record of its last write (see `first_seen_at`),
+    less what `blind_within(age)` says this process could not see of that time (an outage
+    it lived through: nobody could report then).
     """
     epoch = task.lease.epoch
     progress = task.status.progress
     key = report_key(progress) if progress is not None and progress.epoch == epoch else None
     if previous is None or previous.epoch != epoch:
         age = ages(task.metadata) if previous is None else {}
+        if blind_within is not None:
+            age = {what: max(0.0, s - blind_within(s)) for what, s in age.items()}
         spec = task.spec
         return Sighting(
             epoch=epoch,

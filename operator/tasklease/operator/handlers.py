@@ -99,6 +99,7 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
         event_senders=EVENT_SENDERS,
         metrics=metrics,
         monotonic=sight.clock,
+        blind_within=sight.blind_within,
     )
     metrics.attach(reconciler.cache)
     if operator.metrics_port:
@@ -117,6 +118,7 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
         identity=candidate_identity(),
         on_started_leading=workload.start,
         on_stopped_leading=functools.partial(_stopped_leading, memo),
+        sight=sight,
     )
     memo[MEMO_ELECTOR] = elector
     elector.start()

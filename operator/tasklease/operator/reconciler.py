@@ -128,10 +128,14 @@ class Reconciler:
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: OperatorMetrics | None = None,
+        blind_within: Callable[[float], float] | None = None,
     ) -> None:
         self._writer = writer
         self._workers = workers
         self._monotonic = monotonic
+        # How much of the last s seconds the operator could not see (`Sight.blind_within`):
+        # left out of the age of a lease first seen in a listing.
+        self._blind_within = blind_within
         self._wall = wall
         self._metrics = metrics
         # What the metrics' per-Task figures are computed from (OperatorMetrics.attach).
@@ -320,7 +324,7 @@ class Reconciler:
         )
         entry.phase = task.status.phase
         self._pool_runners.index(entry, task.lease.holder if task.is_pool_task else None)
-        sighting = observe(entry.sighting, task, now=seen_at)
+        sighting = observe(entry.sighting, task, now=seen_at, blind_within=self._blind_within)
         if sighting.epoch == entry.pod_created_for_epoch and not sighting.pod_ensured:
             sighting = dataclasses.replace(sighting, pod_ensured=True)
         entry.sighting = sighting

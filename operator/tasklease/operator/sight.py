@@ -21,17 +21,29 @@ never bring.
 The reconciler takes `Sight.clock` as its monotonic clock for everything it times (reports,
 deadlines, pool runners' Lease renewals); wall-clock rules (attemptTimeout,
 activeDeadline, lateAfter) are unaffected.
+
+A standby replica is blind too when its leader election cannot reach the Lease. It keeps
+its blind periods, so that when it leads after an outage, the ages of the leases it first
+sees in its listing (the API server's write times, `api/written.py`) leave out the time
+nobody could report (`blind_within`): the outage that made the old leader step down does
+not count against the runners it leaves behind. A process that starts after an outage did
+not see it and cannot leave it out (docs/design.md, "Known limits").
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 from tasklease.kube.client import NO_ANSWER
 
 logger = logging.getLogger(__name__)
+
+# Blind periods kept for `blind_within`: enough for any lease window after a flapping
+# control plane; older ones only shorten ages further back than any window.
+_PERIODS_KEPT = 256
 
 
 class Sight:
@@ -42,6 +54,7 @@ class Sight:
         self._down: set[str] = set()
         self.periods = 0  # blind periods that ended (for the log and metrics)
         self._last = float("-inf")
+        self._ended: deque[tuple[float, float]] = deque(maxlen=_PERIODS_KEPT)
 
     @property
     def blind(self) -> bool:
@@ -64,12 +77,23 @@ class Sight:
         self._last = max(self._last, reading)
         return self._last
 
-    def lost(self, source: str) -> None:
-        """`source` (a watch) failed."""
+    def lost(self, source: str, *, since: float | None = None) -> None:
+        """`source` (a watch, the leader election) failed; `since`: when it last worked, if
+        it knows (a poll that failed may have been blind since its last answer)."""
         if self._blind_since is None:
-            self._blind_since = self._monotonic()
+            now = self._monotonic()
+            self._blind_since = now if since is None else min(now, since)
             logger.warning("cannot see the API server (%s): lease deadlines stand still", source)
         self._down.add(source)
+
+    def blind_within(self, seconds: float) -> float:
+        """How much of the last `seconds` (of the monotonic clock) this process was blind."""
+        now = self._monotonic()
+        start = now - seconds
+        periods = list(self._ended)
+        if self._blind_since is not None:
+            periods.append((self._blind_since, now))
+        return sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in periods)
 
     def give_back(self, seconds: float) -> None:
         """A request waited `seconds` in vain: the clock stands still that much longer
@@ -82,7 +106,9 @@ class Sight:
         self._down.discard(source)
         if self._down or self._blind_since is None:
             return
-        lasted = self._monotonic() - self._blind_since
+        now = self._monotonic()
+        lasted = now - self._blind_since
+        self._ended.append((self._blind_since, now))
         self._blind_total += lasted
         self._blind_since = None
         self.periods += 1
