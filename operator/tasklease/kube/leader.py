@@ -206,8 +206,9 @@ class LeaderElector:
         self._held: tuple[LeaseRecord, str] | None = None  # what we wrote, and its version
         self._leading = False
         self._failing = False
-        # Told when the Lease cannot be reached and since when (the last answer), and when
-        # it can again: a standby's sight of the API server (operator/sight.py).
+        # Told, while standing by, when the Lease cannot be reached and since when (the last
+        # answer), and when it can again: a standby's sight of the API server
+        # (operator/sight.py).
         self._sight: SightListener = sight or Unwatched()
         self._last_answer: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -303,7 +304,11 @@ class LeaderElector:
             self._log_recovery()
             return False  # another candidate wrote first
         except (aiohttp.ClientError, TimeoutError, OSError, ApiError) as error:
-            self._sight.lost(_SIGHT_SOURCE, since=self._last_answer)
+            if not self._leading:
+                # A standby sees the API server through this poll alone; a leader's watches
+                # and writes tell its sight (a failed renewal must not stop its lease clocks
+                # back to the renewal before).
+                self._sight.lost(_SIGHT_SOURCE, since=self._last_answer)
             if not self._failing:
                 self._failing = True
                 logger.warning(
