@@ -627,7 +627,12 @@ def test_rejected_pod_template_is_reported_not_retried_in_a_loop(
     assert "spec.containers[0].image" in attempt["message"], attempt
     complete = next(c for c in status["conditions"] if c["type"] == "Complete")
     assert complete["status"] == "True" and complete["reason"] == "Failed"
-    events = {e.reason: e for e in cluster.events("no-image")}
+    # Events go out from a queue of their own, after the status write.
+    events = wait_for(
+        "the FailedCreate Event",
+        lambda: {e.reason: e for e in cluster.events("no-image")},
+        until=lambda found: "FailedCreate" in found,
+    )
     assert "spec.containers[0].image" in events["FailedCreate"].message
     assert events["FailedCreate"].type == "Warning"
     assert cluster.pods("no-image") == []
