@@ -1,15 +1,19 @@
 """Outages of the API server and of the operator do not cost live runners their leases, and
 do not keep dead ones alive (design invariant 3).
 
-The test that stops the API server runs on a control plane of its own, not the session's.
-The operator is a real process; the runners are the SDK with real ServiceAccount tokens,
-heartbeating from threads of the test.
+The tests that stop the API server run on a control plane of their own, not the session's,
+with the chart installed: the operator is a real process under the chart's operator
+ServiceAccount, the runners are the SDK under its runner ServiceAccount with tokens bound to
+their pods (as a kubelet's are), heartbeating from threads of the test. Both are refused
+alike while a restarted API server loads its authorizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,15 +24,16 @@ from kubernetes import config
 from tasklease.api.times import parse_rfc3339
 from tasklease.runner import TaskLease
 from tests.conftest import CRDS_DIR
-from tests.integration.chart_support import service_account_token, token_client
-from tests.integration.support import (
-    RUNNER,
-    Cluster,
-    OperatorProcess,
-    bind_runner,
-    identity_from_pod,
-    runner_role,
+from tests.integration.chart_support import (
+    RUNNER_SA,
+    Helm,
+    installed,
+    scoped_values,
+    service_account_token,
+    token_client,
+    write_token_kubeconfig,
 )
+from tests.integration.support import Cluster, OperatorProcess, identity_from_pod
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -43,6 +48,14 @@ FIRST_SIGHT_GRACE_S = 2.0
 # Each operator of the crash loop lives this long after its listing: less than the 10 s
 # windows, more than the 4 s grace a lease first seen keeps (two 2 s heartbeat intervals).
 CRASH_LOOP_LIFETIME_S = 6.0
+
+
+TEMPLATE = {
+    "spec": {
+        "serviceAccountName": RUNNER_SA,
+        "containers": [{"name": "runner", "image": "tasklease:0.1.0"}],
+    }
+}
 
 
 @pytest.fixture
@@ -65,143 +78,208 @@ def own_plane(control_plane_binaries: Any, tmp_path: Path) -> Iterator[Any]:
         yield plane
 
 
-def test_apiserver_outage_longer_than_the_lease_reassigns_nothing(
-    own_plane: Any, tmp_path: Path
-) -> None:
-    api = config.new_client_from_config(config_file=str(own_plane.kubeconfig))
+@dataclass
+class Charted:
+    """The chart installed on the test's own control plane."""
+
+    plane: Any
+    cluster: Cluster
+    operator_kubeconfig: Path
+    operator_env: dict[str, str]
+    tmp: Path
+
+    def operator(self, role: str = "operator") -> OperatorProcess:
+        return OperatorProcess(
+            kubeconfig=self.operator_kubeconfig,
+            namespace=NAMESPACE,
+            log_path=self.tmp / f"{role}.log",
+            extra_env={**self.operator_env, "HOSTNAME": role},
+        )
+
+    def runner(self, name: str) -> TaskLease:
+        """The SDK as the runner pod of Task `name`'s first attempt would run it."""
+        pod = self.cluster.pod(f"{name}-1")
+        token = service_account_token(self.cluster.core, NAMESPACE, RUNNER_SA, pod=pod)
+        return TaskLease(
+            identity_from_pod(pod),
+            api_client=token_client(self.plane, token),
+            heartbeat_interval_s=1.0,
+        )
+
+
+@contextlib.contextmanager
+def charted(plane: Any, helm_binary: Path, tmp_path: Path, **values: Any) -> Iterator[Charted]:
+    helm = Helm(helm_binary, kubeconfig=plane.kubeconfig, home=tmp_path / "helm")
+    api = config.new_client_from_config(config_file=str(plane.kubeconfig))
     cluster = Cluster(api, NAMESPACE)
-    runner_role(cluster)
-    bind_runner(cluster)
-    operator = OperatorProcess(
-        kubeconfig=own_plane.kubeconfig, namespace=NAMESPACE, log_path=tmp_path / "operator.log"
-    ).start()
-    names = [f"steady-{i}" for i in range(4)]
-    leases: list[TaskLease] = []
     try:
-        for name in names:
-            cluster.create_task(name, ackTimeout=WINDOW, reportProgressTimeout=WINDOW)
-        token = service_account_token(cluster.core, NAMESPACE, RUNNER)
-        for name in names:
-            cluster.wait_epoch(name, 1)
-            identity = identity_from_pod(cluster.pod(f"{name}-1"))
-            runner_api = token_client(own_plane, token)
-            leases.append(TaskLease(identity, api_client=runner_api, heartbeat_interval_s=1.0))
-            leases[-1].start()
-        for name in names:
-            cluster.wait_phase(name, "Running")
-
-        own_plane.restart_apiserver(down_for_s=OUTAGE_S)
-
-        # The operator sees again once its watches are back (their retries back off, so
-        # that may be some seconds after the API server); a reassignment would be its first
-        # decision then. Each runner reports a couple of heartbeats after that.
-        wait_for(
-            "the operator to see again",
-            lambda: "the API server is visible again after" in operator.log(),
-            timeout=60,
-        )
-        back = datetime.now(UTC) + timedelta(seconds=2)
-        wait_for(
-            "every runner to report after the operator could see again",
-            lambda: all(_report_time(cluster, name) > back for name in names),
-            timeout=30,
-        )
-        for lease in leases:
-            assert not lease.lost and not lease.canceled, lease.cancel_reason
-        for name in names:
-            status = cluster.status(name)
-            assert status["epoch"] == 1 and status["phase"] == "Running", (name, status)
-        for lease in leases:
-            lease.succeed()
-        for name in names:
-            status = cluster.wait_phase(name, "Succeeded")
-            assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"]
+        with installed(
+            helm, NAMESPACE, tmp_path, scoped_values(NAMESPACE, **values), release="outages"
+        ) as release:
+            (deployment,) = [d for d in release.documents if d["kind"] == "Deployment"]
+            (container,) = deployment["spec"]["template"]["spec"]["containers"]
+            env = {
+                e["name"]: e["value"]
+                for e in container.get("env", [])
+                if e["name"].startswith("TASKLEASE_LEADER_ELECTION")
+            }
+            token = service_account_token(cluster.core, NAMESPACE, release.operator_sa)
+            kubeconfig = write_token_kubeconfig(
+                tmp_path / "operator.kubeconfig", plane, token, release.operator_sa
+            )
+            yield Charted(plane, cluster, kubeconfig, env, tmp_path)
     finally:
-        for lease in leases:
-            lease.close()
-        operator.stop()
         api.close()
 
 
+def test_apiserver_outage_longer_than_the_lease_reassigns_nothing(
+    own_plane: Any, helm_binary: Path, tmp_path: Path
+) -> None:
+    with charted(own_plane, helm_binary, tmp_path) as chart:
+        cluster = chart.cluster
+        operator = chart.operator().start()
+        names = [f"steady-{i}" for i in range(4)]
+        leases: list[TaskLease] = []
+        try:
+            for name in names:
+                cluster.create_task(
+                    name, ackTimeout=WINDOW, reportProgressTimeout=WINDOW, template=TEMPLATE
+                )
+            for name in names:
+                cluster.wait_epoch(name, 1)
+                leases.append(chart.runner(name).start())
+            for name in names:
+                cluster.wait_phase(name, "Running")
+
+            own_plane.restart_apiserver(down_for_s=OUTAGE_S)
+
+            # The operator sees again once its watches are back (their retries back off,
+            # so that may be some seconds after the API server); a reassignment would be
+            # its first decision then. Each runner reports a couple of heartbeats after.
+            wait_for(
+                "the operator to see again",
+                lambda: "the API server is visible again after" in operator.log(),
+                timeout=60,
+            )
+            back = datetime.now(UTC) + timedelta(seconds=2)
+            wait_for(
+                "every runner to report after the operator could see again",
+                lambda: _runners(cluster, names, leases),
+                until=lambda runners: all(runner.reported > back for runner in runners),
+                timeout=30,
+            )
+            for lease in leases:
+                assert not lease.lost and not lease.canceled, lease.cancel_reason
+            for name in names:
+                status = cluster.status(name)
+                assert status["epoch"] == 1 and status["phase"] == "Running", (name, status)
+            for lease in leases:
+                lease.succeed()
+            for name in names:
+                status = cluster.wait_phase(name, "Succeeded")
+                assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"]
+        finally:
+            for lease in leases:
+                lease.close()
+            operator.stop()
+
+
 def test_standby_that_leads_after_an_outage_reassigns_nothing(
-    own_plane: Any, tmp_path: Path
+    own_plane: Any, helm_binary: Path, tmp_path: Path
 ) -> None:
     """The leader steps down in an outage longer than its renew deadline; the standby, which
     lived through the outage, takes over and lists leases the API server last wrote before
     it. Their ages leave the outage out: runners that start only after the grace a lease
     first seen keeps are not reassigned."""
-    api = config.new_client_from_config(config_file=str(own_plane.kubeconfig))
-    cluster = Cluster(api, NAMESPACE)
-    runner_role(cluster)
-    bind_runner(cluster)
-    election = {
-        "TASKLEASE_LEADER_ELECTION": "true",
-        "TASKLEASE_LEADER_ELECTION_NAMESPACE": NAMESPACE,
-    }
-    replicas = [
-        OperatorProcess(
-            kubeconfig=own_plane.kubeconfig,
-            namespace=NAMESPACE,
-            log_path=tmp_path / f"{role}.log",
-            extra_env=election,
-        )
-        for role in ("leader", "standby")
-    ]
-    leader, standby = replicas
-    names = [f"handed-{i}" for i in range(3)]
-    leases: list[TaskLease] = []
-    try:
-        leader.start()
-        wait_for("the first replica to lead", lambda: "leading (Lease" in leader.log(), timeout=60)
-        standby.start()
-        wait_for("the standby to campaign", lambda: "waiting to lead" in standby.log(), timeout=60)
-        for name in names:
-            cluster.create_task(
-                name, ackTimeout="10s", reportProgressTimeout="10s", heartbeatInterval="1s"
+    with charted(
+        own_plane,
+        helm_binary,
+        tmp_path,
+        operator={"replicas": 2},
+        leaderElection={"enabled": True},
+    ) as chart:
+        cluster = chart.cluster
+        leader, standby = replicas = [chart.operator("leader"), chart.operator("standby")]
+        names = [f"handed-{i}" for i in range(3)]
+        leases: list[TaskLease] = []
+        try:
+            leader.start()
+            wait_for(
+                "the first replica to lead", lambda: "leading (Lease" in leader.log(), timeout=60
             )
-        for name in names:
-            cluster.wait_epoch(name, 1)
-        token = service_account_token(cluster.core, NAMESPACE, RUNNER)
-        identities = [identity_from_pod(cluster.pod(f"{name}-1")) for name in names]
-
-        own_plane.restart_apiserver(down_for_s=STANDBY_OUTAGE_S)
-
-        wait_for("the leader to step down", lambda: not leader.alive, timeout=30)
-        wait_for(
-            "the standby to lead and list the Tasks",
-            lambda: "watching 3 Tasks" in standby.log(),
-            timeout=60,
-        )
-        # On purpose: let the grace that a lease first seen keeps (two 1 s heartbeats) pass,
-        # as runner pods that the outage kept from starting would.
-        time.sleep(FIRST_SIGHT_GRACE_S + 1.0)
-        for identity in identities:
-            leases.append(
-                TaskLease(
-                    identity,
-                    api_client=token_client(own_plane, token),
-                    heartbeat_interval_s=1.0,
+            standby.start()
+            wait_for(
+                "the standby to campaign", lambda: "waiting to lead" in standby.log(), timeout=60
+            )
+            for name in names:
+                cluster.create_task(
+                    name,
+                    ackTimeout="10s",
+                    reportProgressTimeout="10s",
+                    heartbeatInterval="1s",
+                    template=TEMPLATE,
                 )
+            for name in names:
+                cluster.wait_epoch(name, 1)
+            runners = [chart.runner(name) for name in names]
+
+            own_plane.restart_apiserver(down_for_s=STANDBY_OUTAGE_S)
+
+            wait_for("the leader to step down", lambda: not leader.alive, timeout=30)
+            wait_for(
+                "the standby to lead and list the Tasks",
+                lambda: "watching 3 Tasks" in standby.log(),
+                timeout=60,
             )
-            leases[-1].start()
-        for name in names:
-            cluster.wait_phase(name, "Running")
-        for lease in leases:
-            assert not lease.lost and not lease.canceled, lease.cancel_reason
-            lease.succeed()
-        for name in names:
-            status = cluster.wait_phase(name, "Succeeded")
-            assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"], (name, status)
-    finally:
-        for lease in leases:
-            lease.close()
-        for replica in replicas:
-            replica.stop()
-        api.close()
+            # On purpose: let the grace that a lease first seen keeps (two 1 s heartbeats)
+            # pass, as runner pods that the outage kept from starting would.
+            time.sleep(FIRST_SIGHT_GRACE_S + 1.0)
+            for runner in runners:
+                leases.append(runner.start())
+            for name in names:
+                cluster.wait_phase(name, "Running")
+            for lease in leases:
+                assert not lease.lost and not lease.canceled, lease.cancel_reason
+                lease.succeed()
+            for name in names:
+                status = cluster.wait_phase(name, "Succeeded")
+                assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"], (name, status)
+        finally:
+            for lease in leases:
+                lease.close()
+            for replica in replicas:
+                replica.stop()
 
 
-def _report_time(cluster: Cluster, name: str) -> datetime:
-    progress = cluster.status(name).get("progress") or {}
+@dataclass(frozen=True)
+class _Runner:
+    """A runner as a timed-out wait shows it: its Task's state and its own."""
+
+    task: str
+    epoch: int | None
+    phase: str | None
+    reported: datetime
+    lost: str | None
+
+
+def _runners(cluster: Cluster, names: list[str], leases: list[TaskLease]) -> list[_Runner]:
+    runners = []
+    for name, lease in zip(names, leases, strict=True):
+        status = cluster.status(name)
+        runners.append(
+            _Runner(
+                name,
+                status.get("epoch"),
+                status.get("phase"),
+                _report_time(status),
+                lease.cancel_reason if lease.lost else None,
+            )
+        )
+    return runners
+
+
+def _report_time(status: dict[str, Any]) -> datetime:
+    progress = status.get("progress") or {}
     return parse_rfc3339(progress.get("reportTime", "1970-01-01T00:00:00Z"))
 
 

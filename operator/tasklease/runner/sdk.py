@@ -24,9 +24,10 @@ server finds out; and one that has not delivered a report for `spec.reportProgre
 (before its first one, `spec.ackTimeout`) gives the lease up by itself (`canceled`, `lost`),
 since by then the operator may have handed the task to another runner. That is about when
 the operator would, so an old and a new attempt hardly overlap. Time in which the API server
-itself said it was down (a refused connection, a 5xx or 429 answer) does not count: the
-operator cannot see either then, and does not count it against the lease. A request that
-times out does count: that is what a partition of this runner alone looks like.
+itself said it was down (a refused connection, a 5xx or 429 answer) does not count, nor
+does the time it then takes to come back whole (up to a bound): the operator cannot see
+either then, and does not count it against the lease. A request that times out does count:
+that is what a partition of this runner alone looks like (`runner/silence.py`).
 
 Thread-safe: the heartbeat thread and the caller's threads share one lock around the
 state and the sends, so reports reach the API server in the order they were made.
@@ -67,6 +68,7 @@ from tasklease.api.runner_env import (
     ENV_TASK,
 )
 from tasklease.api.times import rfc3339_micro
+from tasklease.runner.silence import Silence
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ _UNSET: Any = object()
 # the interval is known, takes the maximum).
 REQUEST_TIMEOUT_MAX_S = 10.0
 REQUEST_TIMEOUT_MIN_S = 1.0
+# How long after an outage the API server's recovery (403 while its authorizer loads, 404
+# while it does not serve the Task API yet, timeouts while it is slow) is excused, at most:
+# the report window, but no more than this.
+RECOVERY_MAX_S = 60.0
 # What the API server answers when a JSON Patch cannot be applied, a failed `test` included.
 _PATCH_NOT_APPLIED = "the server rejected our request due to an error in our request"
 
@@ -167,10 +173,8 @@ class TaskLease:
         self._request_timeout_s = REQUEST_TIMEOUT_MAX_S
         self._ack_timeout_s = 120.0
         self._progress_timeout_s = 900.0
-        self._started_at = time.monotonic()
-        self._delivered_at: float | None = None  # when the last delivered write was sent
-        self._last_try_at = self._started_at
-        self._excused_s = 0.0  # silence since then during which the API server was down
+        self._delivered = False  # a write reached the API server
+        self._silence = Silence(time.monotonic())
         self.cancel_reason: str | None = None
         self.last_report_error: str | None = None
         self.release_requested = False
@@ -217,7 +221,7 @@ class TaskLease:
 
         The read is retried while it fails for reasons that may pass, until the ack
         window is over (then the lease is given up: `canceled`)."""
-        self._started_at = time.monotonic()
+        self._silence = Silence(time.monotonic())
         task = self._read_at_start()
         if task is None:
             return self
@@ -414,8 +418,8 @@ class TaskLease:
             self._mark_lost(reason)
             raise LeaseLost(self.cancel_reason) from exc
         task: dict[str, Any] = json.loads(response.data)
-        self._delivered_at = self._last_try_at = sent_at
-        self._excused_s = 0.0
+        self._delivered = True
+        self._silence.delivered(sent_at)
         self._read_server_clock(response)
         return task
 
@@ -479,17 +483,19 @@ class TaskLease:
             return None
         return f"the task's lease is now epoch {epoch} held by {holder or 'nobody'}"
 
+    def _window(self) -> tuple[str, float]:
+        """The report window that silence is measured against, and its field."""
+        if self._delivered:
+            return "spec.reportProgressTimeout", self._progress_timeout_s
+        return "spec.ackTimeout", self._ack_timeout_s
+
     def _give_up_if_silent_too_long(self) -> bool:
         """Self-fencing: after a whole report window with no report delivered, the operator
         may have handed the task on; stop, as a leader that cannot renew steps down."""
         if self._lost:
             return True
-        if self._delivered_at is None:
-            since, window, name = self._started_at, self._ack_timeout_s, "spec.ackTimeout"
-        else:
-            since, window = self._delivered_at, self._progress_timeout_s
-            name = "spec.reportProgressTimeout"
-        if time.monotonic() - since - self._excused_s < window:
+        name, window = self._window()
+        if self._silence.silent_s(time.monotonic()) < window:
             return False
         self._mark_lost(
             f"no report reached the API server for {name} ({window:g}s): the task may have "
@@ -512,10 +518,11 @@ class TaskLease:
 
     def _failed(self, error: BaseException) -> None:
         """Account for a request that failed without proving anything about the lease."""
-        now = time.monotonic()
-        if _server_down(error):
-            self._excused_s += now - self._last_try_at
-        self._last_try_at = now
+        self._silence.failed(
+            time.monotonic(),
+            server_down=_server_down(error),
+            recovery_s=min(self._window()[1], RECOVERY_MAX_S),
+        )
 
     def _heartbeat_loop(self) -> None:
         interval = self._heartbeat_interval_s or 60.0
