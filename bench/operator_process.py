@@ -30,13 +30,14 @@ class BenchOperator(OperatorProcess):
         except (aiohttp.ClientError, TimeoutError, OSError):
             return None
 
-    async def metrics(self) -> dict[str, float] | None:
+    async def metrics(self, *families: str) -> dict[str, float] | None:
+        """Its samples (of `families` only, when named: the restart phase polls often)."""
         text = await self.metrics_text()
-        return None if text is None else parse_prometheus(text)
+        return None if text is None else parse_prometheus(text, families=families)
 
     async def tracked(self) -> float | None:
         """How many Tasks it tracks; None before it has counted any phase."""
-        samples = await self.metrics()
+        samples = await self.metrics("tasklease_tasks")
         if samples is None or not any(k.startswith("tasklease_tasks{") for k in samples):
             return None
         return metric_sum(samples, "tasklease_tasks")
@@ -46,7 +47,7 @@ class BenchOperator(OperatorProcess):
         return tracked is not None and test(tracked)
 
     async def running(self) -> float:
-        samples = await self.metrics() or {}
+        samples = await self.metrics("tasklease_tasks") or {}
         return samples.get('tasklease_tasks{phase="Running"}', 0.0)
 
     async def running_at_least(self, count: int) -> bool:
@@ -55,7 +56,7 @@ class BenchOperator(OperatorProcess):
     async def all_synced(self) -> bool:
         """Every informer (Tasks, runner pods, pool runners' Leases) has listed: until then a
         restarted operator is still catching up, whatever it tracks."""
-        samples = await self.metrics() or {}
+        samples = await self.metrics("tasklease_informer_synced") or {}
         synced = [v for k, v in samples.items() if k.startswith("tasklease_informer_synced{")]
         return bool(synced) and all(v == 1 for v in synced)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -166,10 +166,11 @@ def missed_goals(figures: Mapping[str, Any]) -> list[str]:
     return [goal.key for goal in GOALS if verdict(goal.key, figures.get(goal.key)) == "MISSED"]
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """`name{labels}` -> value for each sample of a Prometheus text exposition, the labels
-    in the order `tasklease.controlplane.scrape.sample_key` puts them."""
-    return scrape.parse(text)
+def parse_prometheus(text: str, *, families: Collection[str] = ()) -> dict[str, float]:
+    """`name{labels}` -> value for each sample of a Prometheus text exposition (of
+    `families` only, when given), the labels in the order
+    `tasklease.controlplane.scrape.sample_key` puts them."""
+    return scrape.parse(text, families=families)
 
 
 def metric_sum(samples: Mapping[str, float], name: str) -> float:

@@ -14,7 +14,13 @@ import aiohttp
 from bench.context import BenchRun, log, wall
 from bench.loadgen import wait_for
 from bench.phases.request_notes import note_operator_requests, requests_text
-from bench.report import format_value, parse_prometheus, percentile, request_latency_by_kind
+from bench.report import (
+    APISERVER_REQUESTS,
+    format_value,
+    parse_prometheus,
+    percentile,
+    request_latency_by_kind,
+)
 from tasklease.controlplane import scrape
 
 
@@ -133,7 +139,9 @@ async def _apiserver_samples(bench: BenchRun) -> dict[str, float]:
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         log(f"the API server's /metrics did not answer ({exc!r}); its figures are left out")
         return {}
-    return parse_prometheus(data.decode()) if status == 200 else {}
+    if status != 200:
+        return {}
+    return parse_prometheus(data.decode(), families=(APISERVER_REQUESTS,))
 
 
 def histogram_quantile_bound(samples: Mapping[str, float], name: str, q: float) -> float | None:

@@ -137,6 +137,28 @@ def test_prometheus_text_is_parsed_and_summed_over_labels() -> None:
     assert metric_sum(samples, "tasklease_tasks") == 1000.0
 
 
+def test_only_the_families_named_are_parsed() -> None:
+    text = (
+        "# HELP m_seconds A histogram\n"
+        "# TYPE m_seconds histogram\n"
+        'm_seconds_bucket{verb="GET",le="+Inf"} 3\n'
+        'm_seconds_sum{verb="GET"} 1.5\n'
+        'm_seconds_count{verb="GET"} 3\n'
+        "# HELP m A counter whose name begins the histogram's\n"
+        "# TYPE m counter\n"
+        "m_total 7\n"
+        "# TYPE other gauge\n"
+        "other 1\n"
+    )
+    everything = parse_prometheus(text)
+    histogram = parse_prometheus(text, families=("m_seconds",))
+    assert histogram == {k: v for k, v in everything.items() if k.startswith("m_seconds_")}
+    assert len(histogram) == 3
+    assert parse_prometheus(text, families=("other", "m_seconds")) == {
+        k: v for k, v in everything.items() if not k.startswith("m_total")
+    }
+
+
 def test_samples_are_found_by_name_and_labels_whatever_their_order() -> None:
     # client_golang writes a bucket's `le` last; prometheus_client sorts every label.
     golang = 'm_bucket{verb="GET",code="200",le="+Inf"} 3\nm_count{verb="GET",code="200"} 3\n'
