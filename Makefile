@@ -28,7 +28,7 @@ binaries: venv  ## Obtain etcd, kube-apiserver, kube-controller-manager, kubectl
 	$(PY) -m tasklease.controlplane binaries
 	$(PY) -m tasklease.controlplane helm
 
-node-deps: venv  ## Install the Debian packages a local node and `make image` need (as root; says what to install otherwise)
+node-deps: venv  ## Install the Debian packages a local node, `make image` and the monitoring tests need (as root; says what to install otherwise)
 	$(PY) -m tasklease.controlplane node-deps
 
 manifests: venv  ## Regenerate the CRD (crds/ and the chart's copy) from the pydantic models

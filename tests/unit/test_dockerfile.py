@@ -205,7 +205,7 @@ def test_build_context_is_narrow_and_complete() -> None:
         assert "__pycache__" not in path and not path.endswith(".pyc")
 
 
-SHIPPED_PACKAGES = ("operator", "runner", "api", "lease", "kube")
+SHIPPED_PACKAGES = ("operator", "runner", "api", "lease", "kube", "plugin")
 NOT_SHIPPED = ("controlplane", "executor", "demo")
 NOT_SHIPPED_SOURCES = tuple(f"operator/tasklease/{name}" for name in NOT_SHIPPED)
 
@@ -364,6 +364,7 @@ def test_installed_wheel_has_working_entry_points(image_venv: Path) -> None:
         [str(bin_dir / "tasklease"), "--help"],
         [str(bin_dir / "tasklease"), "operator", "--help"],
         [str(bin_dir / "tasklease"), "run", "--help"],
+        [str(bin_dir / "kubectl-tasklease"), "--help"],
         [str(bin_dir / "python"), "-c", "import tasklease.runner"],
         [str(bin_dir / "python"), "-c", "import tasklease.operator.main"],
         [str(bin_dir / "python"), "-m", "pip", "check"],

@@ -28,6 +28,7 @@ from tasklease.api.models import (
     Outcome,
     Phase,
     Task,
+    TaskStatus,
 )
 from tasklease.api.runner_env import ENV_ATTEMPT, ENV_CHECKPOINT, ENV_EPOCH
 from tasklease.api.written import WRITTEN_KEY
@@ -1589,11 +1590,18 @@ def check_step(before: Task, decision: Decision, after_: Task) -> None:
         if epoch is not None:
             assert int(epoch) == before.lease.epoch + 1  # a hand-out takes the next token
     if before.status.phase.is_final:
+        # Only the lease is given up, or the generation of a spec changed since observed.
         writes = [a for a in decision.actions if not isinstance(a, RecordEvent)]
-        assert writes in ([], [RELEASE])
-        assert after_.status == before.status
+        assert writes in ([], [RELEASE]) or decision.why.startswith("observe generation")
+        assert _unobserved(after_.status) == _unobserved(before.status)
     if not decision.actions and not after_.status.phase.is_final:
         assert decision.wake_at is not None, "an unfinished task must ask to be woken"
+
+
+def _unobserved(status: TaskStatus) -> TaskStatus:
+    """The status without the generations it observed."""
+    conditions = [c.model_copy(update={"observed_generation": None}) for c in status.conditions]
+    return status.model_copy(update={"observed_generation": None, "conditions": conditions})
 
 
 def check_pods(harness: Harness) -> None:
@@ -1662,6 +1670,43 @@ def test_a_garbled_previous_attempt_annotation_reads_as_absent() -> None:
         metadata={"annotations": {PREVIOUS_ATTEMPT_ANNOTATION: '{"epoch": "not a number"'}}
     )
     assert task.previous_attempt is None
+
+
+# --- observed generation -------------------------------------------------------------------
+
+
+def test_a_spec_change_on_a_final_task_is_observed_once() -> None:
+    """`kubectl wait --for=condition=Complete` reads a condition only at the current
+    generation: a spec edited after the end gets the status and every condition re-stamped,
+    their transition times kept, and nothing else."""
+    harness = running()
+    harness.write_result("FINISHED")
+    harness.settle()
+    done = harness.task
+    assert done.status.phase == Phase.SUCCEEDED and done.status.observed_generation == 1
+    harness.advance(60)
+    harness.set_spec(priority=5)
+    decision = harness.step()
+    assert decision.why == "observe generation 2" and kinds(decision) == ["PatchStatus"]
+    task = harness.task
+    assert task.status.observed_generation == 2
+    assert {c.type: c.observed_generation for c in task.status.conditions} == {
+        c.type: 2 for c in done.status.conditions
+    }
+    assert [c.last_transition_time for c in task.status.conditions] == [
+        c.last_transition_time for c in done.status.conditions
+    ]
+    assert harness.step().actions == ()  # once
+
+
+def test_a_spec_change_that_changes_no_decision_is_observed_on_a_running_task() -> None:
+    harness = running()
+    harness.set_spec(priority=5)
+    decision = harness.step()
+    assert decision.why == "observe generation 2"
+    assert harness.task.status.observed_generation == 2
+    assert harness.task.status.phase == Phase.RUNNING
+    assert harness.step().actions == ()
 
 
 # --- a status written by someone else -----------------------------------------------------

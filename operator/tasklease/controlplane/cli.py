@@ -30,7 +30,13 @@ from tasklease.controlplane.binaries import (
     obtain_helm,
 )
 from tasklease.controlplane.cluster import ControlPlane, ControlPlaneError
-from tasklease.controlplane.hostdeps import IMAGE, NODE, HostDependencyError, ensure
+from tasklease.controlplane.hostdeps import (
+    IMAGE,
+    MONITORING,
+    NODE,
+    HostDependencyError,
+    ensure,
+)
 from tasklease.controlplane.image import (
     PAUSE_IMAGE,
     ImageError,
@@ -166,8 +172,12 @@ def _image(args: argparse.Namespace) -> int:
 
 
 def _node_deps(args: argparse.Namespace) -> int:
-    ensure(NODE + IMAGE, purpose="a local node and the image build", say=_say)
-    _say("every Debian package a local node and `make image` need is installed")
+    ensure(
+        NODE + IMAGE + MONITORING,
+        purpose="a local node, the image build and the monitoring tests",
+        say=_say,
+    )
+    _say("every Debian package a local node, the image and the monitoring tests need is here")
     return 0
 
 

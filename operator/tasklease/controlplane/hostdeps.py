@@ -1,11 +1,12 @@
-"""The host programs the local real node and the image build need, from Debian's packages.
+"""The host programs the local real node, the image build and the monitoring tests need,
+from Debian's packages.
 
 The node runs containerd and runc, wires pods with the standard CNI plugins, and reaches into
 network namespaces with `ip` and `nsenter`; the image build uses buildah (daemonless, so no
-Docker engine is needed) and a base image made from Debian's packages by mmdebstrap. Each is
-found on PATH (or, for the CNI plugins, in `/usr/lib/cni`). When some are missing and we are
-root on a Debian-like system, they are installed with apt-get; otherwise the error names the
-exact command to run.
+Docker engine is needed) and a base image made from Debian's packages by mmdebstrap; the
+monitoring tests run Debian's promtool and prometheus. Each is found on PATH (or, for the
+CNI plugins, in `/usr/lib/cni`). When some are missing and we are root on a Debian-like
+system, they are installed with apt-get; otherwise the error names the exact command to run.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ IMAGE: Final = (
         "libc6-dev",
         Path("/usr/lib") / (sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu") / "libc.a",
     ),
+)
+
+# The monitoring tests: promtool checks and unit-tests the chart's alert rules, and a real
+# Prometheus scrapes the operator (tests/unit/test_monitoring.py,
+# tests/integration/test_monitoring_queries.py); the tests run both as their own children.
+# Where apt-get starts services (systemd running, no policy-rc.d), installing the package
+# also starts and enables Debian's prometheus service on port 9090, which nothing here uses.
+MONITORING: Final = (
+    Requirement("promtool", "prometheus"),
+    Requirement("prometheus", "prometheus"),
 )
 
 

@@ -665,6 +665,8 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
     if status.phase.is_final:
         if lease.holder or CLAIMABLE_LABEL in task.labels:
             _release_lease(plan, claimable=False if task.is_pool_task else None)
+        elif _generation_unobserved(task):
+            _observe_generation(task, plan)
         return plan.decision
 
     if lease.epoch > status.epoch and lease.holder:
@@ -718,10 +720,37 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
 
     if status.phase == Phase.PENDING:
         _decide_pending(task, plan)
-        return plan.decision
-
-    _decide_active(task, plan, sighting=sighting, pod=pod)
+    else:
+        _decide_active(task, plan, sighting=sighting, pod=pod)
+    if not plan.decision.actions and _generation_unobserved(task):
+        _observe_generation(task, plan)
     return plan.decision
+
+
+def _generation_unobserved(task: Task) -> bool:
+    """The spec changed since the status or one of its conditions was written (as far as
+    they say: a status written without observedGeneration says nothing)."""
+    generation = task.generation
+    if generation is None:
+        return False
+    status = task.status
+    observed = [status.observed_generation, *(c.observed_generation for c in status.conditions)]
+    return any(g is not None and g < generation for g in observed)
+
+
+def _observe_generation(task: Task, plan: _Plan) -> None:
+    """A spec change that changes nothing the operator does is still observed: the status
+    and each condition say they were made from the current generation (`kubectl wait
+    --for=condition=...` reads a condition only at the current generation)."""
+    conditions = [
+        c.model_copy(update={"observed_generation": task.generation})
+        for c in task.status.conditions
+    ]
+    patch: dict[str, Any] = {"observedGeneration": task.generation}
+    if conditions:
+        patch["conditions"] = dump_conditions(conditions)
+    plan.add(PatchStatus(patch))
+    plan.decision.why = f"observe generation {task.generation}"
 
 
 def _phase_from_facts(task: Task, sighting: Sighting) -> Phase | None:

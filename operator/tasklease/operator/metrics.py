@@ -14,11 +14,17 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tasklease.api.models import Phase, Task
+from tasklease.api.models import Outcome, Phase, Task
 from tasklease.lease.core import Decision
 from tasklease.operator.events import DEFAULT_CAPACITY as EVENT_QUEUE_CAPACITY
 
@@ -49,7 +55,13 @@ class WatchState(Protocol):
 
 class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            # process_cpu_seconds_total, process_resident_memory_bytes,
+            # process_start_time_seconds, ...: the dashboard's CPU and memory panels and the
+            # restart alert read them. The default registry has them already; ours does not.
+            ProcessCollector(registry=registry)
+        self.registry = registry
         self.handouts = Counter(
             "tasklease_handouts",
             "Leases handed out to a runner pod (first attempts and retries).",
@@ -115,6 +127,15 @@ class OperatorMetrics:
             ["type"],
             registry=self.registry,
         )
+        # Every outcome and Event type exported at 0 from the start: `rate()` and `increase()`
+        # ignore a series' first sample, so a series that appeared with its first count would
+        # hide that count (a start's first reassignment of a kind, on the dashboard; the
+        # first Events dropped, from the alert; charts/tasklease/files/).
+        for outcome in Outcome:
+            self.attempts_ended.labels(outcome.value)
+            self.reassignments.labels(outcome.value)
+        for type_ in ("Normal", "Warning"):
+            self.events_dropped.labels(type_)
 
     def attach(self, cache: TaskCache) -> None:
         """Export per-Task figures computed from `cache` at scrape time."""

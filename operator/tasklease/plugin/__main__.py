@@ -1,0 +1,3 @@
+from tasklease.plugin.cli import main
+
+raise SystemExit(main())
