@@ -22,6 +22,7 @@ from tasklease.api.models import (
     PREVIOUS_ATTEMPT_ANNOTATION,
     WORKER_GROUP_LABEL,
 )
+from tasklease.api.times import ServerClock
 from tasklease.lease import core
 from tasklease.plugin import render
 from tasklease.plugin.cli import build_parser, logs_argv, no_holder_message, pool_task_message
@@ -34,7 +35,7 @@ from tasklease.plugin.render import (
     tasks_table,
 )
 from tasklease.plugin.rerun import rerun_manifest
-from tasklease.plugin.session import PluginError, ServerClock, Target, api_error, resolve_target
+from tasklease.plugin.session import PluginError, Target, api_error, resolve_target
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import pydantic_core
 
@@ -27,3 +29,34 @@ def rfc3339_model(moment: datetime) -> str:
 def parse_rfc3339(text: str) -> datetime:
     """Either form back to an aware datetime."""
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ServerClock:
+    """The API server's clock, as the Date headers of its answers tell it.
+
+    A runner writes its reportTime on it, and `kubectl tasklease` measures ages on it, so
+    that a node or a laptop whose clock is off shows nothing wrong (`kubectl get tasks` and
+    the operator compare with the API server's own timestamps). Date has whole seconds, so
+    half a second is added (the true time is up to a second later); an estimate within a
+    second of the one held is kept, so times written one after the other do not jitter."""
+
+    def __init__(self, wall: Callable[[], datetime] = _utc_now) -> None:
+        self._wall = wall
+        self._offset = timedelta(0)
+
+    def observe(self, headers: Mapping[str, str] | None) -> None:
+        """Read an answer's headers; one without a usable Date changes nothing."""
+        try:
+            date = parsedate_to_datetime((headers or {})["Date"])
+        except (KeyError, TypeError, ValueError):
+            return
+        offset = date + timedelta(seconds=0.5) - self._wall()
+        if abs((offset - self._offset).total_seconds()) > 1.0:
+            self._offset = offset
+
+    def now(self) -> datetime:
+        return self._wall() + self._offset

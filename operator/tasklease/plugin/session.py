@@ -15,12 +15,12 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tasklease.api.models import GROUP, KIND, PLURAL, VERSION
+from tasklease.api.times import ServerClock
 
 DEFAULT_NAMESPACE = "default"
 _IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -31,34 +31,6 @@ WATCH_WINDOW_S = 60
 
 class PluginError(Exception):
     """Ends the command with exit status 1 and this message on stderr, as kubectl would."""
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-class ServerClock:
-    """The API server's clock, as the Date headers of its answers tell it.
-
-    Every time the plugin shows (creationTimestamp, reportTime as the runner SDK writes it,
-    condition and Event times) is on the API server's clock, so ages are measured on it
-    too: a laptop whose clock is off does not show a live runner as silent. Date has whole
-    seconds, so half a second is added (the true time is up to a second later), as the SDK
-    does."""
-
-    def __init__(self, wall: Callable[[], datetime] = _utc_now) -> None:
-        self._wall = wall
-        self._offset = timedelta(0)
-
-    def observe(self, headers: Mapping[str, str] | None) -> None:
-        try:
-            date = parsedate_to_datetime((headers or {})["Date"])
-        except (KeyError, TypeError, ValueError):
-            return  # no Date (a proxy that drops it): keep what we had, else our own clock
-        self._offset = date + timedelta(seconds=0.5) - self._wall()
-
-    def now(self) -> datetime:
-        return self._wall() + self._offset
 
 
 def api_error(error: Exception) -> PluginError:

@@ -44,8 +44,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -67,7 +66,7 @@ from tasklease.api.runner_env import (
     ENV_POD_NAME,
     ENV_TASK,
 )
-from tasklease.api.times import rfc3339_micro
+from tasklease.api.times import ServerClock, rfc3339_micro
 from tasklease.runner.silence import Silence
 
 logger = logging.getLogger(__name__)
@@ -159,8 +158,7 @@ class TaskLease:
         # reportTime is written on the API server's clock, as this runner reads it from the
         # Date of the answers it gets: `kubectl get tasks` shows its age (LAST REPORT) against
         # the API server's timestamps, and a node's clock that is off does not show.
-        self._wall = wall
-        self._server_offset = timedelta(0)
+        self._server_clock = ServerClock(wall)
         self._api = client.CustomObjectsApi(api_client or default_api_client())
         self._heartbeat_interval_s = heartbeat_interval_s
         self._lock = threading.RLock()
@@ -439,19 +437,10 @@ class TaskLease:
         return task
 
     def _read_server_clock(self, response: Any) -> None:
-        """How far the API server's clock is from ours, from an answer's Date header (whole
-        seconds: the true time is up to a second later, so half a second is added). An
-        estimate within a second of the one held is kept, so reportTime does not jitter."""
-        try:
-            date = parsedate_to_datetime(response.headers["Date"])
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return
-        offset = date + timedelta(seconds=0.5) - self._wall()
-        if abs((offset - self._server_offset).total_seconds()) > 1.0:
-            self._server_offset = offset
+        self._server_clock.observe(getattr(response, "headers", None))
 
     def _report_time(self) -> str:
-        return rfc3339_micro(self._wall() + self._server_offset)
+        return rfc3339_micro(self._server_clock.now())
 
     def _read_at_start(self) -> dict[str, Any] | None:
         """The Task, read with retries until the ack window ends; None when given up."""
