@@ -682,15 +682,26 @@ def _leaderless(history: History) -> list[Interval]:
     """When no operator replica led, from the election Lease's writes (the only Lease the
     operator writes): a leader renews every `RENEW_EVERY_S`; a longer gap between accepted
     writes is a leader gone (killed, or stepped down) until its successor took the Lease,
-    counted from when its next renewal was due."""
+    counted from its death when the harness knows it, else from when its next renewal was
+    due."""
     writes = sorted(
-        w.at
-        for w in history.writes
-        if w.resource == "leases" and w.accepted and w.user in history.operator_users
-    )
+        (w for w in history.writes
+         if w.resource == "leases" and w.accepted and w.user in history.operator_users),
+        key=lambda w: w.at,
+    )  # fmt: skip
     due = timedelta(seconds=RENEW_EVERY_S)
     slack = timedelta(seconds=1.0)
-    return [(a + due, b) for a, b in itertools.pairwise(writes) if b - a > due + slack]
+    gaps = []
+    for a, b in itertools.pairwise(writes):
+        if b.at - a.at <= due + slack:
+            continue
+        deaths = [
+            _aware(when)
+            for user, when in history.operator_deaths
+            if user == a.user and a.at <= _aware(when) <= a.at + due
+        ]
+        gaps.append((min([a.at + due, *deaths]), b.at))
+    return gaps
 
 
 def _aware(when: datetime) -> datetime:

@@ -222,6 +222,9 @@ class History:
     blind: list[Interval] = field(default_factory=list)
     # The usernames the operator's replicas write as (one client certificate each).
     operator_users: set[str] = field(default_factory=set)
+    # When an operator replica died, by the user it writes as: killed by the harness, or
+    # found dead by it (a failpoint), then at most a poll of the harness late.
+    operator_deaths: list[tuple[str, datetime]] = field(default_factory=list)
     # How long past a lease's window the operator may take to end it.
     detection_bound_s: float = 5.0
 
@@ -233,6 +236,7 @@ class History:
         final_tasks: Sequence[Mapping[str, Any]] = (),
         blind: Sequence[Interval] = (),
         operator_users: Iterable[str] = (),
+        operator_deaths: Iterable[tuple[str, datetime]] = (),
         detection_bound_s: float = 5.0,
     ) -> History:
         return cls(
@@ -240,6 +244,7 @@ class History:
             final_tasks=[dict(task) for task in final_tasks],
             blind=list(blind),
             operator_users=set(operator_users),
+            operator_deaths=list(operator_deaths),
             detection_bound_s=detection_bound_s,
         )
 
@@ -286,6 +291,9 @@ class History:
         fields: dict[str, str] = {
             "version": json.dumps(FORMAT_VERSION),
             "operator_users": json.dumps(sorted(self.operator_users)),
+            "operator_deaths": _json_lines(
+                [user, when.isoformat()] for user, when in self.operator_deaths
+            ),
             "detection_bound_s": json.dumps(self.detection_bound_s),
             "blind": _json_lines([start.isoformat(), end.isoformat()] for start, end in self.blind),
             "violations": _json_lines(finding.to_json() for finding in expected),
@@ -307,8 +315,22 @@ class History:
                 for start, end in document.get("blind") or []
             ],
             operator_users=set(document.get("operator_users") or []),
+            operator_deaths=[
+                (user, datetime.fromisoformat(when))
+                for user, when in document.get("operator_deaths") or []
+            ],
             detection_bound_s=float(document.get("detection_bound_s", 5.0)),
         )
+
+
+def served_again(
+    writes: Iterable[Write], *, restarted_at: datetime, ready_at: datetime
+) -> datetime:
+    """When a restarted API server first served: the first write the audit log records
+    completed after the new process started (it serves before its /readyz says so, and the
+    operator and the runners with it), or when /readyz answered if none came earlier."""
+    served = [w.at for w in writes if w.at >= restarted_at]
+    return min([ready_at, *served])
 
 
 def _json_lines(items: Iterable[Any]) -> str:

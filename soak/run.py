@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from kubernetes import client, config
 
 from soak.audit import apiserver_args, audit_log_path
 from soak.checker import Report, check
-from soak.history import History
+from soak.history import History, read_audit_log, served_again
 from soak.relay import Relay
 from tasklease.api.models import GROUP, PLURAL, VERSION
 from tasklease.controlplane import ControlPlane
@@ -246,6 +246,8 @@ class _Operators:
     def __init__(self, plane: ControlPlane, folder: Path, failpoints: float) -> None:
         self.replicas: list[OperatorProcess] = []
         self.users: set[str] = set()
+        self._user_of: list[str] = []  # by replica
+        self.died: list[tuple[str, datetime]] = []
         armed = ",".join(
             f"{name}={failpoints}"
             for name in (AFTER_LEASE_WRITE, AFTER_STATUS_WRITE, AFTER_POD_CREATE)
@@ -261,6 +263,7 @@ class _Operators:
                 key=cert.key, user=user,
             )  # fmt: skip
             self.users.add(user)
+            self._user_of.append(user)
             self.replicas.append(
                 OperatorProcess(
                     kubeconfig=kubeconfig,
@@ -279,16 +282,33 @@ class _Operators:
         for replica in self.replicas:
             replica.start()
 
+    def kill(self, replica: OperatorProcess) -> None:
+        replica.kill()
+        self.died.append((self._user_of[self.replicas.index(replica)], datetime.now(UTC)))
+
     def restart_the_dead(self) -> None:
-        for replica in self.replicas:
+        for index, replica in enumerate(self.replicas):
             if not replica.alive:
                 self.deaths += 1
+                # A killed replica is recorded twice (killed, then found dead): the checker
+                # takes the earlier.
+                self.died.append((self._user_of[index], datetime.now(UTC)))
                 replica.process = None
                 replica.start()
 
     def stop(self) -> None:
         for replica in self.replicas:
             replica.stop()
+
+
+@dataclass(frozen=True)
+class _Restart:
+    """An API server restart: stopped from `began`, a new process from `restarted` on,
+    its /readyz answering at `ready`."""
+
+    began: datetime
+    restarted: datetime
+    ready: datetime
 
 
 class _Faults:
@@ -309,7 +329,7 @@ class _Faults:
         self._relay = relay
         self._heal_at: float | None = None
         self.counts: Counter[str] = Counter()
-        self.blind: list[tuple[datetime, datetime]] = []
+        self.restarts: list[_Restart] = []
         self._stopped: dict[int, float] = {}  # SIGSTOPped pid -> when to resume it
 
     def plan(self) -> list[tuple[float, str]]:
@@ -327,14 +347,16 @@ class _Faults:
             case "operator_kill":
                 victim = self._rng.choice(self._operators.replicas)
                 if victim.alive:
-                    victim.kill()
+                    self._operators.kill(victim)
                     self.counts[kind] += 1
             case "apiserver_restart":
                 down_s = self._rng.choice([1.0, 3.0, 2.0 * WINDOW_S, 3.0 * WINDOW_S])
                 clean = self._rng.random() < 0.5
                 began = datetime.now(UTC)
                 self._plane.restart_apiserver(down_for_s=down_s, clean=clean)
-                self.blind.append((began, datetime.now(UTC)))
+                self.restarts.append(
+                    _Restart(began, began + timedelta(seconds=down_s), datetime.now(UTC))
+                )
                 self.counts[f"apiserver_restart_{'clean' if clean else 'kill'}"] += 1
             case "node_partition":
                 if self._heal_at is None:
@@ -398,11 +420,17 @@ def run(config: Config) -> Outcome:
             folder / "plane", extra_args={"kube-apiserver": apiserver_args(audit_dir)}
         ) as plane:
             outcome = _run_on(plane, folder, config, rng)
-        history = History.from_audit_log(
-            audit_log_path(audit_dir),
+        writes = read_audit_log(audit_log_path(audit_dir))
+        history = History(
+            writes=writes,
             final_tasks=outcome.final_tasks,
-            blind=outcome.blind,
+            # Down from the stop to the first write the new process served.
+            blind=[
+                (r.began, served_again(writes, restarted_at=r.restarted, ready_at=r.ready))
+                for r in outcome.restarts
+            ],
             operator_users=outcome.operator_users,
+            operator_deaths=outcome.operator_deaths,
             detection_bound_s=config.detection_bound_s,
         )
         report = check(history, clock_tolerance_s=CLOCK_TOLERANCE_S)
@@ -426,8 +454,9 @@ def _failing_part(history: History, report: Report) -> History:
 @dataclass
 class _Observed:
     final_tasks: list[dict[str, Any]]
-    blind: list[tuple[datetime, datetime]]
+    restarts: list[_Restart]
     operator_users: set[str]
+    operator_deaths: list[tuple[str, datetime]]
     faults: Counter[str]
 
 
@@ -482,7 +511,7 @@ def _run_on(plane: ControlPlane, folder: Path, config: Config, rng: random.Rando
             operators.stop()
     counts = Counter(faults.counts)
     counts["operator_deaths_seen"] = operators.deaths
-    return _Observed(final, faults.blind, operators.users, counts)
+    return _Observed(final, faults.restarts, operators.users, operators.died, counts)
 
 
 def _keep_up(

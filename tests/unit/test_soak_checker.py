@@ -39,6 +39,7 @@ from soak.history import (
     parse_audit_lines,
     read_audit_log,
     saved_violations,
+    served_again,
 )
 from tasklease.api.models import (
     CLAIMABLE_LABEL,
@@ -508,6 +509,43 @@ def test_a_detection_late_only_because_no_operator_led_is_within_the_bound() -> 
     assert report.expiries[0].leaderless_s == pytest.approx(13.5)
 
 
+def test_a_leader_killed_right_after_renewing_leads_no_more() -> None:
+    """The harness knows when it killed the leader (11 s, a second after its renewal): no
+    operator led from then on, not only from when its next renewal was due."""
+    rec = Recorder()
+    for renewal_s in (0.0, 5.0, 10.0, 30.0, 35.0, 40.0):
+        rec.event(
+            renewal_s, verb="update", resource="leases", name="tasklease-operator",
+            user=OPERATOR, code=200, request={},
+        )  # fmt: skip
+    pod_task_reassigned(rec, silence_s=26.0)
+    killed = T0 + timedelta(seconds=11)
+
+    report = check(rec.history(operator_deaths=[(OPERATOR, killed)]))
+    assert report.expiries[0].leaderless_s == pytest.approx(17.5)  # 11 s to 28.5 s
+    other = check(rec.history(operator_deaths=[("tasklease-operator-9", killed)]))
+    assert other.expiries[0].leaderless_s == pytest.approx(13.5)  # not the leader's death
+
+
+def test_an_api_server_serves_again_from_its_first_write_after_the_restart() -> None:
+    """The audit log is the witness: the new process served from its first recorded write,
+    before its /readyz answered; a write the old one completed before it stopped is not
+    one."""
+    rec = Recorder()
+    for at_s in (1.0, 12.5, 13.0):
+        rec.event(
+            at_s, verb="update", resource="leases", name="tasklease-operator",
+            user=OPERATOR, code=200, request={},
+        )  # fmt: skip
+    writes = rec.history().writes
+    restarted, ready = T0 + timedelta(seconds=10), T0 + timedelta(seconds=15)
+    assert served_again(writes, restarted_at=restarted, ready_at=ready) == T0 + timedelta(
+        seconds=12.5
+    )
+    late = T0 + timedelta(seconds=14)
+    assert served_again(writes, restarted_at=late, ready_at=ready) == ready
+
+
 def test_a_reassignment_early_only_because_of_downtime_is_false() -> None:
     rec = Recorder()
     pod_task_reassigned(rec, silence_s=12.0)
@@ -649,6 +687,7 @@ def test_a_refused_write_keeps_its_reason_and_no_object() -> None:
 def test_a_history_checks_the_same_after_save_and_load(tmp_path: Path) -> None:
     history = planted("stale-epoch-report")
     history.blind = [(T0, T0 + timedelta(seconds=1))]
+    history.operator_deaths = [(OPERATOR, T0 + timedelta(seconds=2))]
     report = check(history)
     path = tmp_path / "history.json"
 
@@ -657,6 +696,7 @@ def test_a_history_checks_the_same_after_save_and_load(tmp_path: Path) -> None:
 
     assert [w.audit_id for w in loaded.writes] == [w.audit_id for w in history.writes]
     assert (loaded.blind, loaded.operator_users) == (history.blind, history.operator_users)
+    assert loaded.operator_deaths == history.operator_deaths
     assert check(loaded).violations == report.violations
     assert [Violation.from_json(v) for v in saved_violations(path)] == report.violations
 
