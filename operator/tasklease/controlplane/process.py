@@ -299,11 +299,17 @@ class OperatorProcess:
         )
         env.update(self.extra_env)
         log = self.log_path.open("ab")
+        # A session of its own, as each control-plane process has: with the kernel's
+        # autogroup scheduling a session is a CPU group, so the operator gets its share
+        # beside the API server the way a container of its own would, rather than sharing
+        # one with whoever started it (the bench's load generator).
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tasklease", "operator"],
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=die_with_parent(os.getpid()),
         )
         log.close()
