@@ -32,6 +32,7 @@ from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import LocalCluster
 from tests.e2e.hoststate import host_state
 from tests.integration.support import Cluster, wait_for
+from tests.readme import readme_lines
 
 if TYPE_CHECKING:
     from tasklease.controlplane import Binaries
@@ -66,16 +67,6 @@ def template(command: list[str], *, grace_s: int = 2) -> dict[str, Any]:
             "containers": [{"name": "runner", "image": IMAGE, "command": command}],
         }
     }
-
-
-def readme_lines() -> list[str]:
-    """The command lines of the README block that follows the marker."""
-    text = (REPO_ROOT / "README.md").read_text()
-    after = text.split(README_MARKER, 1)
-    assert len(after) == 2, f"README.md lacks the marker {README_MARKER!r}"
-    block = re.search(r"```sh\n(.*?)```", after[1], re.S)
-    assert block is not None, "no ```sh block after the README marker"
-    return [line for line in block.group(1).splitlines() if line.strip()]
 
 
 # The pause image listens nowhere; its sandbox is what a pod's network and mounts are made of.
@@ -209,7 +200,7 @@ class Release:
 @pytest.fixture(scope="module")
 def release(local_cluster: LocalCluster) -> Iterator[Release]:
     """The README's lines up to the operator's rollout: `make image`, `helm install`."""
-    lines = readme_lines()
+    lines = readme_lines(README_MARKER)
     assert lines[0] == f"export KUBECONFIG={DEFAULT_KUBECONFIG}", lines[0]
     rollout = next(i for i, line in enumerate(lines) if "rollout status" in line)
     for line in lines[1 : rollout + 1]:
@@ -268,7 +259,7 @@ def test_operator_image_runs_as_the_chart_runs_it(release: Release) -> None:
 def test_helm_install_runs_a_task_in_real_containers(release: Release) -> None:
     """The README's remaining lines (an example Task applied, waited for until Succeeded),
     then the example Task the install notes print."""
-    lines = readme_lines()
+    lines = readme_lines(README_MARKER)
     rollout = next(i for i, line in enumerate(lines) if "rollout status" in line)
     for line in lines[rollout + 1 :]:
         release.cluster.sh(line)

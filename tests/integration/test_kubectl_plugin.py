@@ -24,11 +24,13 @@ from tasklease.runner.pool import PoolRunner
 from tests.conftest import Kubectl
 from tests.integration.chart_support import service_account_token, token_client
 from tests.integration.support import Cluster, OperatorProcess, identity_from_pod
+from tests.readme import readme_lines
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
+WAIT_MARKER = "<!-- tests/integration/test_kubectl_plugin.py runs these lines as they are -->"
 NOT_FOUND = 'Error from server (NotFound): tasks.tasklease.io "nope" not found\n'
 
 
@@ -366,3 +368,47 @@ def test_kubectl_wait_for_complete(
     complete_condition = next(c for c in task["status"]["conditions"] if c["type"] == "Complete")
     assert (task["status"]["phase"], complete_condition["reason"]) == ("Failed", "Failed")
     assert_conditions_follow_the_generation(task)
+
+
+def test_the_readmes_kubectl_wait_lines_run_as_written(
+    cluster: Cluster,
+    operator_process: OperatorProcess,
+    control_plane: Any,
+    runner_account: str,
+    namespace: str,
+    plugin_env: dict[str, str],
+    run_kubectl: Run,
+    tmp_path: Path,
+) -> None:
+    """The README's `kubectl wait` lines, as a user runs them in a shell whose context's
+    namespace holds the Task: started while it runs, they return once it succeeds."""
+    lines = readme_lines(WAIT_MARKER)
+    task = re.search(r"task/([a-z0-9-]+)", lines[0])
+    assert task is not None, lines
+    env = dict(plugin_env, KUBECONFIG=str(tmp_path / "kubeconfig"))
+    (tmp_path / "kubeconfig").write_text(Path(control_plane.kubeconfig).read_text())
+    configured = run_kubectl(
+        "config", "set-context", "--current", f"--namespace={namespace}", env=env
+    )
+    assert configured.returncode == 0, configured.stderr
+    cluster.create_task(task.group(1))
+    cluster.wait_epoch(task.group(1), 1)
+    lease = start_runner(cluster, control_plane, runner_account, f"{task.group(1)}-1")
+    try:
+        cluster.wait_phase(task.group(1), "Running")
+        kubectl_dir = str(Path(control_plane.binaries.kubectl).parent)
+        shell = subprocess.Popen(
+            ["bash", "-ec", "\n".join(lines)],
+            env=dict(env, PATH=f"{kubectl_dir}{os.pathsep}{env['PATH']}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lease.succeed()
+    finally:
+        lease.close()
+    output, _ = shell.communicate(timeout=120)
+    assert shell.returncode == 0, output
+    met = f"task.tasklease.io/{task.group(1)} condition met"
+    # `-o jsonpath` prints the phase with no newline after it, as in a user's shell.
+    assert output == f"{met}\nSucceeded{met}\n", output

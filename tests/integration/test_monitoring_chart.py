@@ -17,6 +17,7 @@ import yaml
 
 from tests.integration.chart_support import CHART, Helm
 from tests.monitoring.queries import ALERTS_FILE, DASHBOARD_FILE
+from tests.readme import readme_block
 
 pytestmark = pytest.mark.cluster
 
@@ -49,6 +50,21 @@ def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 def test_monitoring_renders_nothing_by_default(helm: Helm, tmp_path: Path) -> None:
     docs = helm.template("tl", "ops", {}, tmp_path)
     assert not MONITORING_KINDS & {doc["kind"] for doc in docs}
+
+
+def test_the_readmes_monitoring_values_render_all_three(helm: Helm, tmp_path: Path) -> None:
+    values = yaml.safe_load(
+        readme_block(
+            "<!-- tests/integration/test_monitoring_chart.py renders these values -->", "yaml"
+        )
+    )
+    docs = helm.template("tl", "ops", values, tmp_path)
+    kinds = {doc["kind"] for doc in docs if doc["kind"] in MONITORING_KINDS}
+    assert kinds == MONITORING_KINDS
+    (dashboard,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and "dashboard" in d["metadata"]["name"]
+    ]
+    assert dashboard["metadata"]["namespace"] == "monitoring"
 
 
 def test_monitoring_renders_the_chart_files_as_they_are(

@@ -734,8 +734,12 @@ def _generation_unobserved(task: Task) -> bool:
     if generation is None:
         return False
     status = task.status
-    observed = [status.observed_generation, *(c.observed_generation for c in status.conditions)]
-    return any(g is not None and g < generation for g in observed)
+    if status.observed_generation is not None and status.observed_generation < generation:
+        return True
+    return any(
+        c.observed_generation is not None and c.observed_generation < generation
+        for c in status.conditions
+    )
 
 
 def _observe_generation(task: Task, plan: _Plan) -> None:
