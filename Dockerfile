@@ -22,6 +22,19 @@ COPY . .
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
     && cp constraints.txt /dist/constraints.txt \
     && python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /dist/requirements.txt
+# The SBOM of the final image's Python environment (CycloneDX JSON): the final stage's own
+# install (same requirements, constraints and order) into a virtualenv, read by
+# `cyclonedx-py environment` (pinned in constraints.txt) from a virtualenv of its own, so that
+# neither the tool nor its dependencies are listed, nor shipped: the final stage copies the
+# file only. A layer of its own, apart from the wheel's command (which the tests run).
+# hadolint ignore=DL3059
+RUN python -m venv /sbom/env \
+    && /sbom/env/bin/pip install --no-cache-dir --only-binary=:all: -c /dist/constraints.txt -r /dist/requirements.txt \
+    && /sbom/env/bin/pip install --no-cache-dir --only-binary=:all: -c /dist/constraints.txt /dist/tasklease-*.whl \
+    && /sbom/env/bin/pip uninstall --no-cache-dir --yes setuptools wheel \
+    && python -m venv /sbom/tool \
+    && /sbom/tool/bin/pip install --no-cache-dir --only-binary=:all: -c /dist/constraints.txt cyclonedx-bom \
+    && /sbom/tool/bin/cyclonedx-py environment --output-reproducible --output-format JSON --output-file /sbom/sbom.cdx.json /sbom/env/bin/python
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -40,6 +53,8 @@ RUN pip install --no-cache-dir --only-binary=:all: -c /dist/constraints.txt /dis
     && pip check \
     && pip uninstall --no-cache-dir --yes setuptools wheel \
     && rm -rf /dist
+# The SBOM of what the two installs above put in the image (see the builder stage).
+COPY --from=builder /sbom/sbom.cdx.json /usr/share/doc/tasklease/sbom.cdx.json
 # The labels come after the install, so that a new revision alone does not reinstall.
 ARG VERSION=0.1.0
 ARG REVISION=unknown

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # plane): two suits two cores, most of the time is waiting.
 PYTEST_WORKERS ?= 2
 
-.PHONY: help venv binaries manifests check-manifests lint test test-unit test-kind demo bench soak cluster image node-deps clean
+.PHONY: help venv binaries manifests check-manifests lint test test-unit test-kind demo bench soak cluster image registry node-deps clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -65,8 +65,11 @@ bench: binaries  ## Scale benchmark (N=1,000 by default; BENCH_ARGS="--tasks 100
 cluster: binaries  ## Run a local control plane in the foreground (prints the KUBECONFIG line); NODE=1 adds a real node (root)
 	$(PY) -m tasklease.controlplane up $(if $(NODE),--node,)
 
-image: venv  ## Build the image (Dockerfile) with buildah, no registry or Docker needed, into the running local node (NODE=1 cluster)
-	$(PY) -m tasklease.controlplane image
+image: venv  ## Build the image (Dockerfile) with buildah, no registry or Docker needed, into the running local node (NODE=1 cluster); PUSH=127.0.0.1:PORT pushes it to that registry instead
+	$(PY) -m tasklease.controlplane image $(if $(PUSH),--push $(PUSH),)
+
+registry: venv  ## Run a local OCI registry (CNCF distribution, built once from the Go module proxy) in the foreground, pulled from by the NODE=1 cluster's node (root)
+	$(PY) -m tasklease.controlplane registry
 
 clean:  ## Remove the virtualenv and caches (the binaries cache outside the repository stays)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .tasklease

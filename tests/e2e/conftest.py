@@ -132,6 +132,11 @@ class LocalCluster:
 
 def _read_kubeconfig_line(process: subprocess.Popen[str], log: Path) -> Path:
     """The path in the `export KUBECONFIG=...` line `up` prints once everything is ready."""
+    return Path(_read_export_line(process, log, "KUBECONFIG", "up --node"))
+
+
+def _read_export_line(process: subprocess.Popen[str], log: Path, name: str, command: str) -> str:
+    """The value in the `export NAME=...` line a foreground command prints once ready."""
     assert process.stdout is not None
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
@@ -144,11 +149,11 @@ def _read_kubeconfig_line(process: subprocess.Popen[str], log: Path) -> Path:
         line = process.stdout.readline()
         if not line:
             break
-        if match := re.match(r"export KUBECONFIG=(\S+)", line):
-            return Path(match.group(1))
+        if match := re.match(rf"export {name}=(\S+)", line):
+            return match.group(1)
     process.kill()
     raise AssertionError(
-        f"`python -m tasklease.controlplane up --node` did not get ready (exit code "
+        f"`python -m tasklease.controlplane {command}` did not get ready (exit code "
         f"{process.poll()}); its log:\n{log.read_text(errors='replace')[-6000:]}"
     )
 
@@ -198,3 +203,66 @@ def local_cluster(
             process.kill()
             code = process.wait()
         assert code == 0, f"`up --node` stopped with {code}:\n{log.read_text()[-4000:]}"
+
+
+# --- the local registry (tests/e2e/test_real_node.py) -------------------------------------
+
+
+REGISTRY_COMMAND = (sys.executable, "-m", "tasklease.controlplane", "registry")  # make registry
+
+
+@dataclass
+class LocalRegistry:
+    """A registry run by the CLI beside the cluster, pulled from by its node."""
+
+    address: str  # 127.0.0.1:PORT
+    folder: Path
+    process: subprocess.Popen[str]
+    log: Path
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of running processes that contain `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if text in argv:
+                    found.append(f"{proc.name}: {argv}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_registry(
+    local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalRegistry]:
+    """`make registry` (the same command line, with a folder of its own) beside the session's
+    cluster; stopped at the end of the module, leaving no process behind (the registry and
+    its relay to the node)."""
+    root = tmp_path_factory.mktemp("registry")
+    folder = root / "state"
+    log = root / "registry.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [*REGISTRY_COMMAND, "--state-dir", str(folder)],
+            cwd=REPO_ROOT,
+            env=local_cluster.env,  # TASKLEASE_STATE_DIR: the node to serve
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    address = _read_export_line(process, log, "REGISTRY", "registry")
+    try:
+        yield LocalRegistry(address, folder, process, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        assert code == 0, f"`registry` stopped with {code}:\n{log.read_text()[-4000:]}"
+        left = _processes_naming(str(folder)) + _processes_naming(f"TCP:{address}")
+        assert not left, f"the registry left processes behind: {left}"
+        assert not folder.exists(), f"the registry left {folder} behind"

@@ -11,14 +11,17 @@ kubelet's fixed host paths.
 
 The README's install lines are read from the README and run as a user's shell runs them, so
 the docs cannot drift from what is tested. The tests share one release, in the order a user
-meets things: install, run, failures of runners, upgrade, leader failover, uninstall.
+meets things: install, run, failures of runners, upgrade, leader failover, uninstall; then
+the install from a registry, on a namespace of its own making.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ import yaml
 from kubernetes import config
 
 from tests.conftest import REPO_ROOT
-from tests.e2e.conftest import LocalCluster
+from tests.e2e.conftest import LocalCluster, LocalRegistry
 from tests.e2e.hoststate import host_state
 from tests.integration.support import Cluster, wait_for
 from tests.readme import readme_lines
@@ -475,3 +478,168 @@ def test_helm_uninstall_keeps_tasks_and_crd(release: Release) -> None:
     assert {t["metadata"]["name"]: t["status"]["phase"] for t in after} == {
         t["metadata"]["name"]: t["status"]["phase"] for t in before
     }
+
+
+# --- installing from a registry -----------------------------------------------------------
+# The README's registry lines, after the release above is gone: the image built from the
+# Dockerfile pushed to a real OCI registry on this machine (`make registry`), the chart
+# packaged and pushed there as an OCI artifact, `helm install oci://...`, and the node pulling
+# the image (`imagePullPolicy: IfNotPresent`, the chart's default) instead of having it
+# imported. The pull is proven where it happens: containerd lacks the image before the
+# install and has it after, the operator pod's Events say the kubelet pulled it from the
+# registry, and the runner container runs the very manifest the registry serves.
+
+REGISTRY_README_MARKER = (
+    "<!-- tests/e2e/test_real_node.py runs these registry lines as they are -->"
+)
+VERSION = "0.1.0"  # the chart's version and appVersion, the image's tag
+CHART_ARCHIVE = REPO_ROOT / ".tasklease" / "charts" / f"tasklease-{VERSION}.tgz"
+SBOM = "/usr/share/doc/tasklease/sbom.cdx.json"
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+)
+
+
+def manifest_digest(registry: str, repository: str, reference: str) -> str:
+    """The digest of the manifest the registry serves for `repository:reference`."""
+    request = urllib.request.Request(
+        f"http://{registry}/v2/{repository}/manifests/{reference}",
+        method="HEAD",
+        headers={"Accept": MANIFEST_TYPES},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=10) as response:
+        return str(response.headers["Docker-Content-Digest"])
+
+
+def pod_events(cluster: LocalCluster, pod: str) -> list[tuple[str, str]]:
+    listed = cluster.kubectl(
+        "-n", NAMESPACE, "get", "events", "--field-selector", f"involvedObject.name={pod}",
+        "-o", "json",
+    )  # fmt: skip
+    return [(e["reason"], e["message"]) for e in json.loads(listed.stdout)["items"]]
+
+
+def pods_of(cluster: LocalCluster, selector: str) -> list[dict[str, Any]]:
+    listed = cluster.kubectl("-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "json")
+    found: list[dict[str, Any]] = json.loads(listed.stdout)["items"]
+    return found
+
+
+def _remove_release(cluster: LocalCluster) -> None:
+    """No release, no Task and no namespace of ours: test_real_node.py keeps its Tasks after
+    its `helm uninstall` (by design), and an old `load-orders` would make the wait pass."""
+    cluster.kubectl("-n", NAMESPACE, "delete", "tasks", "--all", "--wait", check=False)
+    cluster.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", check=False)
+    cluster.kubectl(
+        "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait", "--timeout=120s"
+    )
+
+
+@pytest.fixture
+def clean_install(local_cluster: LocalCluster) -> Iterator[None]:
+    _remove_release(local_cluster)
+    # What `helm package` makes and the test removes: the archive and the folders it lacked.
+    made = [
+        path
+        for path in (CHART_ARCHIVE, *CHART_ARCHIVE.parents)
+        if path.is_relative_to(REPO_ROOT) and path != REPO_ROOT and not path.exists()
+    ]
+    try:
+        yield
+    finally:
+        _remove_release(local_cluster)
+        for path in made:  # deepest first
+            with contextlib.suppress(OSError):
+                path.unlink() if path.is_file() else path.rmdir()
+
+
+# The README's lines build the image (minutes when the build context changed) and the node
+# pulls it through the registry: longer than the suite's default of 300 s.
+@pytest.mark.timeout(1800)
+def test_install_from_registry(
+    local_cluster: LocalCluster, local_registry: LocalRegistry, clean_install: None
+) -> None:
+    registry = local_registry.address
+    image = f"{registry}/tasklease:{VERSION}"
+    lines = readme_lines(REGISTRY_README_MARKER)
+    # The first two lines point the shell at the cluster and the registry; here the fixtures
+    # started both on folders of their own and say where (KUBECONFIG, REGISTRY).
+    assert lines[0] == "export KUBECONFIG=$PWD/.tasklease/controlplane/kubeconfig", lines[0]
+    assert lines[1] == "export REGISTRY=$(cat .tasklease/registry/address)", lines[1]
+    assert image not in local_cluster.ctr("images", "list", "--quiet").stdout.split()
+
+    script = "\n".join(["set -ex", *lines[2:]])
+    result = local_cluster.sh(script, env={"REGISTRY": registry}, timeout=1200, check=False)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        described = local_cluster.kubectl(
+            "-n", NAMESPACE, "describe", "pods", "-l", "app.kubernetes.io/component=operator",
+            check=False,
+        )  # fmt: skip
+        raise AssertionError(
+            f"the README's lines failed ({result.returncode}):\n{output[-5000:]}\n"
+            f"operator pods:\n{described.stdout[-3000:]}\ncontainerd:\n"
+            f"{local_cluster.node_log('containerd')}"
+        )
+
+    # The image: pushed by `make image PUSH=...`, pulled by the kubelet for the operator.
+    image_digest = manifest_digest(registry, "tasklease", VERSION)
+    assert f"pushed {image} ({image_digest})" in output, output[-3000:]
+    assert image in local_cluster.ctr("images", "list", "--quiet").stdout.split()
+    (operator,) = pods_of(local_cluster, "app.kubernetes.io/component=operator")
+    (container,) = operator["spec"]["containers"]
+    assert (container["image"], container["imagePullPolicy"]) == (image, "IfNotPresent")
+    reasons = pod_events(local_cluster, operator["metadata"]["name"])
+    assert ("Pulling", f'Pulling image "{image}"') in reasons, reasons
+    assert any(
+        reason == "Pulled" and message.startswith(f'Successfully pulled image "{image}"')
+        for reason, message in reasons
+    ), reasons
+    (status,) = operator["status"]["containerStatuses"]
+    assert status["imageID"] == f"{registry}/tasklease@{image_digest}", status
+
+    # The chart: pulled from the registry by `helm install oci://...`, with its metadata.
+    chart_digest = manifest_digest(registry, "charts/tasklease", VERSION)
+    assert f"Pulled: {registry}/charts/tasklease:{VERSION}" in output, output[-3000:]
+    assert f"Digest: {chart_digest}" in output, output[-3000:]
+    listed = json.loads(local_cluster.helm("list", "-n", NAMESPACE, "-o", "json").stdout)
+    assert [(r["name"], r["chart"]) for r in listed] == [(RELEASE, f"tasklease-{VERSION}")]
+    shown = local_cluster.helm(
+        "show", "chart", f"oci://{registry}/charts/tasklease", "--version", VERSION,
+        "--plain-http",
+    ).stdout  # fmt: skip
+    assert "artifacthub.io/crds" in shown and "artifacthub.io/images" in shown, shown
+
+    # The Task ran in a runner container of the image the registry serves; the wrapper exits
+    # once it has reported the result.
+    def runner_exited() -> dict[str, Any] | None:
+        (runner,) = pods_of(local_cluster, "tasklease.io/task=load-orders")
+        statuses = runner["status"].get("containerStatuses") or [{}]
+        return statuses[0] if "terminated" in statuses[0].get("state", {}) else None
+
+    runner_status = wait_for("the runner's container to exit", runner_exited, timeout=60)
+    assert runner_status["image"] == image, runner_status
+    assert runner_status["imageID"] == f"{registry}/tasklease@{image_digest}", runner_status
+    assert runner_status["state"]["terminated"]["exitCode"] == 0, runner_status
+    task = json.loads(
+        local_cluster.kubectl("-n", NAMESPACE, "get", "task", "load-orders", "-o", "json").stdout
+    )
+    assert [a["outcome"] for a in task["status"]["attempts"]] == ["Succeeded"], task["status"]
+
+    # The image's SBOM lists exactly the Python distributions installed in it.
+    probe = local_cluster.kubectl(
+        "-n", NAMESPACE, "exec", operator["metadata"]["name"], "--", "python", "-c",
+        "import importlib.metadata as m, json; "
+        f"sbom = json.load(open({SBOM!r})); "
+        "print(json.dumps({'sbom': {c['name']: c['version'] for c in sbom['components']}, "
+        "'installed': {d.metadata['Name']: d.version for d in m.distributions()}}))",
+    )  # fmt: skip
+    found = json.loads(probe.stdout)
+
+    def normalized(names: dict[str, str]) -> dict[str, str]:
+        return {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in names.items() if k != "pip"}
+
+    assert normalized(found["sbom"]) == normalized(found["installed"]), found
+    assert normalized(found["sbom"])["tasklease"] == VERSION

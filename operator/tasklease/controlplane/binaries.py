@@ -23,6 +23,12 @@ leaves a half-filled entry that would later be taken for a complete one.
 `<cache root>/helm-<version>/helm`, or the file named by `TASKLEASE_HELM`; it is built with
 `go install helm.sh/helm/v3/cmd/helm@<version>` (GOBIN pointed at a temporary folder beside
 the entry), with the version ldflags Helm's own Makefile sets. About two minutes cold.
+
+The CNCF distribution registry (`registry`, for installing from a registry on the local node,
+`registry.py`) comes the same way: `<cache root>/registry-<version>/registry`, or the file
+named by `TASKLEASE_REGISTRY_BINARY`; `go install
+github.com/distribution/distribution/v3/cmd/registry@<version>`, with the version ldflags of
+its Makefile.
 """
 
 from __future__ import annotations
@@ -47,9 +53,11 @@ from tasklease.controlplane.versions import (
     ETCD_VERSION,
     HELM_VERSION,
     KUBERNETES_VERSION,
+    REGISTRY_VERSION,
     cache_key,
     helm_cache_key,
     kubernetes_minor,
+    registry_cache_key,
 )
 
 ASSETS_ENV: Final = "KUBEBUILDER_ASSETS"
@@ -71,6 +79,9 @@ ETCD_COMMAND: Final = "go.etcd.io/etcd/server/v3"
 HELM_ENV: Final = "TASKLEASE_HELM"
 HELM_MODULE: Final = "helm.sh/helm/v3"
 HELM_COMMAND: Final = f"{HELM_MODULE}/cmd/helm"
+REGISTRY_ENV: Final = "TASKLEASE_REGISTRY_BINARY"
+REGISTRY_MODULE: Final = "github.com/distribution/distribution/v3"
+REGISTRY_COMMAND: Final = f"{REGISTRY_MODULE}/cmd/registry"
 PROGRESS_INTERVAL: Final = 5.0
 
 
@@ -434,16 +445,43 @@ def _helm_ldflags(kubernetes_minor_of_helm: str) -> str:
 def _install_helm_into_cache(target: Path, *, progress: TextIO | None) -> bool:
     """`go install` helm into `target`; False if another process did while we waited."""
     say = printer(progress)
+
+    def ldflags(go: str, work: Path) -> str:
+        return _helm_ldflags(_helm_kubernetes_minor(go, cwd=work, say=say))
+
+    return _go_install_into_cache(
+        target,
+        binary="helm",
+        command=HELM_COMMAND,
+        version=HELM_VERSION,
+        ldflags=ldflags,
+        env_name=HELM_ENV,
+        say=say,
+    )
+
+
+def _go_install_into_cache(
+    target: Path,
+    *,
+    binary: str,
+    command: str,
+    version: str,
+    ldflags: Callable[[str, Path], str],
+    env_name: str,
+    say: Callable[[str], None],
+) -> bool:
+    """`go install command@version` (its executable named `binary`) into `target`, with the
+    flags `ldflags(go, work folder)` gives; False if another process did while we waited."""
     go = shutil.which("go")
     if go is None:
         raise BinariesError(
-            f"helm {HELM_VERSION} is not in {target} and {HELM_ENV} is not set, and "
+            f"{binary} {version} is not in {target} and {env_name} is not set, and "
             f"building it needs the Go toolchain, but `go` is not on PATH. Install Go (1.26 "
-            f"or newer), or set {HELM_ENV} to a helm {HELM_VERSION} binary."
+            f"or newer), or set {env_name} to a {binary} {version} binary."
         )
     with _build_lock(target, say):
-        if os.access(target / "helm", os.X_OK):
-            say(f"another process installed helm into {target}")
+        if os.access(target / binary, os.X_OK):
+            say(f"another process installed {binary} into {target}")
             return False
         for stale in target.parent.glob(f".{target.name}.build-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -453,10 +491,9 @@ def _install_helm_into_cache(target: Path, *, progress: TextIO | None) -> bool:
             output.mkdir()
             started = time.monotonic()
             say(
-                f"building helm {HELM_VERSION} into {target} with `go install`; a cold build "
+                f"building {binary} {version} into {target} with `go install`; a cold build "
                 f"takes a few minutes, once: later runs reuse the cache"
             )
-            minor = _helm_kubernetes_minor(go, cwd=work, say=say)
             run_go(
                 go,
                 [
@@ -464,21 +501,73 @@ def _install_helm_into_cache(target: Path, *, progress: TextIO | None) -> bool:
                     "-v",
                     "-trimpath",
                     "-ldflags",
-                    _helm_ldflags(minor),
-                    f"{HELM_COMMAND}@{HELM_VERSION}",
+                    ldflags(go, work),
+                    f"{command}@{version}",
                 ],
                 cwd=work,
-                label=f"helm {HELM_VERSION}",
+                label=f"{binary} {version}",
                 say=say,
                 env={"GOBIN": str(output)},
-                fallback=f"set {HELM_ENV} to a helm {HELM_VERSION} binary",
+                fallback=f"set {env_name} to a {binary} {version} binary",
             )
-            if not os.access(output / "helm", os.X_OK):
-                raise BinariesError(f"go install finished but {output} holds no helm")
+            if not os.access(output / binary, os.X_OK):
+                raise BinariesError(f"go install finished but {output} holds no {binary}")
             if target.exists():
                 shutil.rmtree(target)
             output.rename(target)
-            say(f"built helm in {_elapsed(time.monotonic() - started)}: {target / 'helm'}")
+            say(f"built {binary} in {_elapsed(time.monotonic() - started)}: {target / binary}")
             return True
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+# --- the distribution registry -------------------------------------------------------------
+
+
+def registry_cache_dir() -> Path:
+    """The cache entry holding the pinned `registry` binary."""
+    return cache_root() / registry_cache_key()
+
+
+def find_registry(*, progress: TextIO | None = None) -> Path | None:
+    """`registry` from `TASKLEASE_REGISTRY_BINARY` or the cache, without building; None if
+    absent."""
+    if explicit := os.environ.get(REGISTRY_ENV):
+        path = Path(explicit).expanduser().resolve()
+        if os.access(path, os.X_OK) and path.is_file():
+            return path
+        printer(progress)(
+            f"{REGISTRY_ENV}={path} is not an executable file; using the tasklease cache"
+        )
+    cached = registry_cache_dir() / "registry"
+    return cached if os.access(cached, os.X_OK) else None
+
+
+def registry_ldflags() -> str:
+    """The version flags of distribution's own Makefile (no revision: built from the proxy)."""
+    package = f"{REGISTRY_MODULE}/version"
+    return f"-s -w -X {package}.version={REGISTRY_VERSION} -X {package}.mainpkg={REGISTRY_MODULE}"
+
+
+def obtain_registry(*, build: bool = True, progress: TextIO | None = None) -> Path:
+    """The pinned distribution `registry`, `go install`ed into the cache when nowhere to be
+    found."""
+    if found := find_registry(progress=progress):
+        return found
+    target = registry_cache_dir()
+    if not build:
+        raise BinariesError(
+            f"no registry {REGISTRY_VERSION} in {target}; build it with "
+            f"`python -m tasklease.controlplane registry`, or set {REGISTRY_ENV} to a "
+            f"distribution registry {REGISTRY_VERSION} binary"
+        )
+    _go_install_into_cache(
+        target,
+        binary="registry",
+        command=REGISTRY_COMMAND,
+        version=REGISTRY_VERSION,
+        ldflags=lambda _go, _work: registry_ldflags(),
+        env_name=REGISTRY_ENV,
+        say=printer(progress),
+    )
+    return target / "registry"

@@ -5,12 +5,16 @@ foreground.
     python -m tasklease.controlplane up          # prints `export KUBECONFIG=...`
     python -m tasklease.controlplane up --node   # and a real node: pods run as containers
     python -m tasklease.controlplane image       # build the image into the running node
+    python -m tasklease.controlplane registry    # a local OCI registry the node pulls from
+    python -m tasklease.controlplane image --push 127.0.0.1:PORT   # build and push there
 
 `up` stays in the foreground and stops everything on Ctrl-C, SIGTERM or SIGHUP (a closed
 terminal). It never daemonises: a background control plane is one nobody remembers to stop.
 The state dir defaults to `./.tasklease/controlplane` (or `$TASKLEASE_STATE_DIR`), so the
 kubeconfig path is predictable from the repository root and `image` finds the node that `up`
-started; it is emptied on stop (`--keep-state` keeps logs and etcd data).
+started; it is emptied on stop (`--keep-state` keeps logs and etcd data). `registry` runs in
+the foreground too, with its own folder (`./.tasklease/registry`, or
+`$TASKLEASE_REGISTRY_DIR`), which holds its address (`address`) while it runs.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tasklease.controlplane.binaries import (
     find_binaries,
     obtain_binaries,
     obtain_helm,
+    obtain_registry,
 )
 from tasklease.controlplane.cluster import ControlPlane, ControlPlaneError
 from tasklease.controlplane.hostdeps import (
@@ -42,13 +47,20 @@ from tasklease.controlplane.image import (
     ImageError,
     build_image,
     build_pause_image,
+    default_tag,
     import_image,
+    push_image,
 )
-from tasklease.controlplane.node import NodeError, NodeImages
-from tasklease.controlplane.versions import ETCD_VERSION, KUBERNETES_VERSION
+from tasklease.controlplane.node import LINK_FILE, NodeError, NodeImages
+from tasklease.controlplane.registry import Registry, RegistryError
+from tasklease.controlplane.versions import ETCD_VERSION, KUBERNETES_VERSION, REGISTRY_VERSION
 
 STATE_DIR_ENV = "TASKLEASE_STATE_DIR"
 DEFAULT_STATE_DIR = Path(os.environ.get(STATE_DIR_ENV) or ".tasklease/controlplane")
+REGISTRY_DIR_ENV = "TASKLEASE_REGISTRY_DIR"
+DEFAULT_REGISTRY_DIR = Path(os.environ.get(REGISTRY_DIR_ENV) or ".tasklease/registry")
+# Registries a push reaches over plain HTTP (`--tls-verify=false`): this machine's own.
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 class _Stop(BaseException):
@@ -152,14 +164,18 @@ def _node_images() -> NodeImages:
 
 
 def _image(args: argparse.Namespace) -> int:
-    """Build the image; import it into the node `up --node` runs on this state dir, if any."""
+    """Build the image; push it to `--push`, or else import it into the node `up --node` runs
+    on this state dir, if any."""
     _install_stop_handlers()
     try:
-        archive = build_image(
-            Path(__file__).resolve().parents[3], args.tag, base=args.base, rebuild=args.rebuild
-        )
+        repo_root = Path(__file__).resolve().parents[3]
+        archive = build_image(repo_root, args.tag, base=args.base, rebuild=args.rebuild)
         socket = args.state_dir / "node" / "containerd" / "containerd.sock"
-        if socket.exists():
+        if args.push:
+            destination = f"{args.push}/{args.tag or default_tag(repo_root)}"
+            loopback = args.push.rsplit(":", 1)[0] in _LOOPBACK_HOSTS
+            push_image(archive, destination, tls_verify=not loopback)
+        elif socket.exists():
             names = import_image(archive, socket)
             _say(f"imported into the local node's containerd as {', '.join(names)}")
         else:
@@ -168,6 +184,48 @@ def _image(args: argparse.Namespace) -> int:
         _say(f"{stop.args[0]}: build stopped")
         return 130
     print(archive, flush=True)
+    return 0
+
+
+def _registry(args: argparse.Namespace) -> int:
+    """Run a local registry in the foreground; the node `up --node` runs, if any, pulls from
+    it."""
+    _install_stop_handlers()
+    try:
+        registry = Registry.start(args.state_dir, binary=obtain_registry())
+    except _Stop:
+        _say("interrupted during start-up; stopped")
+        return 130
+    try:
+        node = args.cluster_state_dir / "node"
+        if (node / LINK_FILE).exists():
+            relay = registry.serve_node(node)
+            _say(f"the local node pulls {registry.address}/... through {relay}")
+        else:
+            _say(
+                f"no local node runs on {args.cluster_state_dir}: pushes work, but no node "
+                f"pulls from here (start `make cluster NODE=1` first, then the registry)"
+            )
+        _say(
+            f"distribution registry {REGISTRY_VERSION} at {registry.url} (plain HTTP, "
+            f"storage in {registry.folder}, emptied on stop)"
+        )
+        print(f"export REGISTRY={registry.address}", flush=True)
+        print(
+            f"# running in the foreground; stop with Ctrl-C or `kill {os.getpid()}`",
+            flush=True,
+        )
+        while True:
+            time.sleep(1.0)
+            registry.check_running()
+    except _Stop as stop:
+        _say(f"{stop.args[0]}: stopping")
+    except RegistryError as error:
+        _say(str(error))
+        return 1
+    finally:
+        registry.stop()
+    _say("stopped")
     return 0
 
 
@@ -260,7 +318,35 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_STATE_DIR,
         help=f"the state dir of the cluster whose node imports it (default: ./{DEFAULT_STATE_DIR})",
     )
+    image.add_argument(
+        "--push",
+        metavar="REGISTRY",
+        help="push it to REGISTRY/<name>:<tag> (plain HTTP for a registry on 127.0.0.1) "
+        "instead of importing it into the node",
+    )
     image.set_defaults(run=_image)
+
+    registry = commands.add_parser(
+        "registry",
+        help=(
+            "run a local OCI registry (CNCF distribution) on 127.0.0.1 in the foreground, "
+            "pulled from by the node `up --node` runs; prints `export REGISTRY=...`"
+        ),
+    )
+    registry.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_REGISTRY_DIR,
+        help=f"its configuration, storage, log and address (default: ./{DEFAULT_REGISTRY_DIR})",
+    )
+    registry.add_argument(
+        "--cluster-state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"the state dir of the cluster whose node pulls from it (default: "
+        f"./{DEFAULT_STATE_DIR})",
+    )
+    registry.set_defaults(run=_registry)
 
     node_deps = commands.add_parser(
         "node-deps",
@@ -285,7 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.run(args)
-    except (BinariesError, ControlPlaneError, HostDependencyError, ImageError, NodeError) as error:
+    except (
+        BinariesError,
+        ControlPlaneError,
+        HostDependencyError,
+        ImageError,
+        NodeError,
+        RegistryError,
+    ) as error:
         _say(str(error))
         return 1
     return code

@@ -29,6 +29,9 @@ no Docker engine to build with and no registry to pull from or push to, so:
   arguments), so an unchanged context costs a hash of a few dozen small files and no build
   at all; a changed one rebuilds with buildah's layer cache (`--layers`). After a build,
   dangling images (the replaced build's) are pruned, so the storage does not grow.
+- **A registry**: `push_image` pushes an archive's image to a registry with buildah (the
+  local one of `registry.py` speaks plain HTTP: `--tls-verify=false`), for a node that pulls
+  it instead of importing it.
 - **The pause image**: Kubernetes' own `build/pause/linux/pause.c`, from the
   `k8s.io/kubernetes` module the control plane is built from (already in the Go module
   cache), linked statically, alone in a `FROM scratch` image; named `PAUSE_IMAGE`
@@ -766,6 +769,71 @@ def archive_names(archive: Path) -> list[str]:
             f"{archive} is not a readable docker-archive ({error}); delete it and build again"
         ) from None
     return [str(tag) for entry in manifest for tag in entry.get("RepoTags") or []]
+
+
+def archive_image_id(archive: Path) -> str:
+    """The id (config digest, without `sha256:`) of the image a docker-archive file holds."""
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile("manifest.json")
+            if member is None:
+                raise KeyError("manifest.json")
+            (entry,) = json.load(member)
+            return str(entry["Config"]).removesuffix(".json")
+    except (OSError, KeyError, ValueError, tarfile.TarError) as error:
+        raise ImageError(
+            f"{archive} is not a readable docker-archive of one image ({error}); delete it "
+            f"and build again"
+        ) from None
+
+
+def push_image(
+    archive: Path, destination: str, *, tls_verify: bool = True, progress: TextIO | None = None
+) -> str:
+    """Push the image a docker-archive holds (`build_image`'s) to `destination`
+    (`HOST[:PORT]/NAME:TAG`) with buildah; the digest of the manifest the registry stored.
+    `tls_verify=False` also lets buildah speak plain HTTP (a registry on loopback)."""
+    say = printer(progress)
+    _ensure(("buildah",), purpose="pushing the tasklease image", say=say)
+    buildah = Buildah.default()
+    image_id = archive_image_id(archive)
+    started = time.monotonic()
+    with buildah.locked(say), tempfile.TemporaryDirectory(dir=buildah.home) as work:
+        # buildah's storage holds the build in the OCI format it was built in, whose id is
+        # not the archive's (Docker-format) config digest: push the archive's own image, loaded
+        # for the push and removed after it (its layers would otherwise be stored twice).
+        loaded = buildah.inspect(image_id) is None
+        if loaded:
+            buildah.run(
+                "pull",
+                "--quiet",
+                "--signature-policy",
+                str(buildah.policy),
+                f"docker-archive:{archive}",
+                label="buildah pull docker-archive",
+                timeout_s=PUSH_TIMEOUT_S,
+            )
+        digest_file = Path(work) / "digest"
+        try:
+            buildah.run(
+                "push",
+                "--quiet",
+                "--signature-policy",
+                str(buildah.policy),
+                f"--tls-verify={str(tls_verify).lower()}",
+                "--digestfile",
+                str(digest_file),
+                image_id,
+                f"docker://{destination}",
+                label=f"buildah push {destination}",
+                timeout_s=PUSH_TIMEOUT_S,
+            )
+        finally:
+            if loaded:
+                buildah.run("rmi", "--force", image_id, label="buildah rmi")
+        digest = digest_file.read_text().strip()
+    say(f"pushed {destination} ({digest}) in {_seconds(time.monotonic() - started)}")
+    return digest
 
 
 def _bud_echo(line: str) -> str | None:

@@ -19,6 +19,13 @@ joined to the local control plane, with everything it touches kept to itself:
   `/<id>/runtime`, the kubelet in `/<id>/kubelet`, and pods go under `/<id>/kubepods`
   (`cgroupRoot`), in every mounted cgroup hierarchy. Stopping kills what is left in those
   cgroups, so no container outlives the node, and removes them.
+- **Registries**: containerd reads a `hosts.toml` per registry from `registry_hosts_dir(...)`
+  (its `config_path`) at each pull, so a registry can be made reachable after the node
+  started. The local registry (`registry.py`) listens on the host's 127.0.0.1, which inside
+  the namespace is the node's own loopback: `add_registry_mirror` sends pulls of
+  `127.0.0.1:PORT/...` to a relay on `host_ip` instead, over plain HTTP. The link's
+  addresses are in `link.json` in the node's folder (`read_link`) for such helpers in other
+  processes.
 - **Files and mounts**: containerd's root, state and socket, the kubelet's root, certs and
   pod logs, the CNI configuration and IPAM data all live under the node's folder; stopping
   unmounts whatever is mounted below it. The kubelet also uses a few fixed host paths (its
@@ -31,6 +38,7 @@ Needs root, Linux, and the Debian packages in `hostdeps.NODE` (installed when mi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -63,6 +71,7 @@ CONTAINER_LOG_LINKS: Final = Path("/var/log/containers")
 CNI_RESULT_CACHE: Final = Path("/var/lib/cni/results")
 CNI_LOOPBACK_NETWORK: Final = "cni-loopback"  # containerd's own, for each pod's `lo`
 NETNS_DIR: Final = Path("/run/netns")
+LINK_FILE: Final = "link.json"
 # Folders the above create when missing; removed at stop if this node created them and
 # they are empty again (deepest first).
 HOST_DIRS: Final = (
@@ -272,7 +281,13 @@ def unmount_all(folder: Path) -> None:
 
 
 def containerd_config(
-    *, folder: Path, socket: Path, cgroup: str, sandbox_image: str, cni_conf_dir: Path
+    *,
+    folder: Path,
+    socket: Path,
+    cgroup: str,
+    sandbox_image: str,
+    cni_conf_dir: Path,
+    registry_hosts: Path,
 ) -> str:
     """containerd's configuration: its own root, state and socket; pods through CRI."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
@@ -324,7 +339,45 @@ disabled_plugins = [
     [{cri}.cni]
       bin_dir = "{CNI_BIN_DIR}"
       conf_dir = "{cni_conf_dir}"
+
+    [{cri}.registry]
+      config_path = "{registry_hosts}"
 """
+
+
+def registry_hosts_dir(node_folder: Path) -> Path:
+    """containerd's `config_path`: one folder per registry host, holding its `hosts.toml`."""
+    return node_folder / "containerd" / "certs.d"
+
+
+def registry_hosts_toml(*, host: str, mirror: str) -> str:
+    """containerd's hosts.toml for pulling `host`'s images from `mirror` (a URL; `http://`
+    for plain HTTP), with `host` itself tried last."""
+    return f"""\
+# Written by tasklease: pulls of {host}/... go to {mirror}, then to {host} itself.
+server = "http://{host}"
+
+[host."{mirror}"]
+  capabilities = ["pull", "resolve"]
+"""
+
+
+def add_registry_mirror(node_folder: Path, *, host: str, mirror: str) -> Path:
+    """Make the node's containerd pull `host`'s images from `mirror`, from its next pull on;
+    the folder written (removed with the node, or by the caller when the mirror goes)."""
+    folder = registry_hosts_dir(node_folder) / host
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hosts.toml").write_text(registry_hosts_toml(host=host, mirror=mirror))
+    return folder
+
+
+def read_link(node_folder: Path) -> Addresses:
+    """The addresses of a running node's link, from the file it wrote at start."""
+    try:
+        data = json.loads((node_folder / LINK_FILE).read_text())
+        return Addresses(**data)
+    except (OSError, ValueError, TypeError) as error:
+        raise NodeError(f"no running node in {node_folder} ({error})") from None
 
 
 def cni_config(*, network: str, addresses: Addresses, ipam_dir: Path) -> dict[str, object]:
@@ -551,6 +604,7 @@ class Node:
     ) -> None:
         self._mkdir(self.folder / "logs")
         addresses = self._make_network(apiserver_port=apiserver_port, service_ip=service_ip)
+        (self.folder / LINK_FILE).write_text(json.dumps(dataclasses.asdict(addresses)))
         self.cgroups.create("runtime", "kubelet")
 
         # The relay from the node's side of the link to the API server on loopback.
@@ -584,6 +638,7 @@ class Node:
                 cgroup=self.cgroups.path("runtime"),
                 sandbox_image=images.sandbox_name,
                 cni_conf_dir=cni_conf_dir,
+                registry_hosts=self._mkdir(registry_hosts_dir(self.folder)),
             )
         )
         containerd = self._spawn("containerd", ["containerd", "--config", str(config)])

@@ -14,6 +14,9 @@ KUBERNETES_VERSION: Final = "v1.37.2"
 ETCD_VERSION: Final = "v3.7.0"
 # Helm, for the chart's tests; `go install`ed as is (no wrapper module needed).
 HELM_VERSION: Final = "v3.22.0"
+# The CNCF distribution registry, for installing from a registry on the local node;
+# `go install`ed as is, like helm.
+REGISTRY_VERSION: Final = "v3.0.0"
 
 
 def kubernetes_minor() -> int:
@@ -35,3 +38,8 @@ def cache_key() -> str:
 def helm_cache_key() -> str:
     """Folder name of the cache entry holding the `helm` binary."""
     return f"helm-{HELM_VERSION}"
+
+
+def registry_cache_key() -> str:
+    """Folder name of the cache entry holding the `registry` binary."""
+    return f"registry-{REGISTRY_VERSION}"
