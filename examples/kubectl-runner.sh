@@ -100,15 +100,23 @@ outcome() {
 
 # report [PERCENT MESSAGE]: send one progress report (with arguments: new progress first).
 # Every report differs from the one before (a fresh reportTime and a counter in `fields`),
-# or the API server would see no change and the operator no heartbeat.
+# or the API server would see no change and the operator no heartbeat. One report at a time
+# (a lock directory): a heartbeat that read the progress before a step's report must not
+# land after it with the older progress.
 report() {
+    until mkdir "$STATE/lock" 2>/dev/null; do
+        [ -z "${STOP:-}" ] && [ -d "$STATE" ] || return 1 # stopping, or the runner is gone
+        sleep 1
+    done
     if [ $# -ge 2 ]; then
         printf '"percent":%s,"message":%s' "$1" "$(json_string "$2")" >"$STATE/progress.new"
         mv "$STATE/progress.new" "$STATE/progress"
     fi
     BEATS=$((BEATS + 1))
     cancel=$(kubectl patch task "$TASKLEASE_TASK" -n "$TASKLEASE_NAMESPACE" --subresource=status --type=json -o 'jsonpath={.spec.cancel}' -p '[{"op":"test","path":"/metadata/annotations/tasklease.io~1epoch","value":"'"$TASKLEASE_EPOCH"'"},{"op":"test","path":"/metadata/annotations/tasklease.io~1holder","value":"'"$TASKLEASE_POD_NAME"'"},{"op":"add","path":"/status/progress","value":{"epoch":'"$TASKLEASE_EPOCH"','"$(cat "$STATE/progress")"',"reportTime":"'"$(now)"'","fields":{"beat":"'"$ROLE-$BEATS"'"}}}]' 2>"$STATE/err-$ROLE")
-    outcome $? "$cancel"
+    delivered=$?
+    rmdir "$STATE/lock"
+    outcome "$delivered" "$cancel"
 }
 
 # set_result FINISHED | set_result FAILED ERROR_ID MESSAGE (retried when not delivered).
@@ -136,11 +144,21 @@ set_result() {
 }
 
 # The background heartbeat: report every spec.heartbeatInterval; on a refusal, stop the
-# main process (its TERM trap exits 143).
+# main process (its TERM trap exits 143). TERM (from set_result) ends it between reports,
+# never during one, so no heartbeat lands after the result.
 heartbeat() {
     ROLE=heartbeat
     BEATS=0
-    while sleep "$INTERVAL"; do
+    STOP=
+    trap 'STOP=yes' TERM
+    while [ -z "$STOP" ]; do
+        sleep "$INTERVAL" &
+        SLEEP_PID=$!
+        wait "$SLEEP_PID"
+        if [ -n "$STOP" ]; then
+            kill "$SLEEP_PID" 2>/dev/null
+            exit 0
+        fi
         report
         if [ $? -eq 2 ]; then
             kill -TERM "$MAIN_PID"

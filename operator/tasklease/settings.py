@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tasklease.api.durations import Duration
+
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -49,6 +51,13 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = Field(default=8080, ge=0, le=65535, description="0 disables metrics.")
     health_port: int = Field(default=8081, ge=0, le=65535, description="0 disables probes.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
+    ttl_after_finished: Duration | None = Field(
+        default=None,
+        description=(
+            "spec.ttlAfterFinished of Tasks that set none, e.g. '168h' (a Go duration); "
+            "unset: such Tasks are kept."
+        ),
+    )
     leader_election: bool = Field(
         default=False,
         description=(

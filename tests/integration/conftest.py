@@ -80,3 +80,49 @@ def runner_account(cluster: Cluster) -> str:
     runner_role(cluster)
     bind_runner(cluster)
     return RUNNER
+
+
+# --- runner pods run by the local executor ----------------------------------------------
+
+
+@pytest.fixture
+def runner_rbac(cluster: Cluster) -> None:
+    """What a runner pod's ServiceAccount (`default`) needs: read its Task, patch its status."""
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client)
+    rbac.create_namespaced_role(
+        cluster.namespace,
+        {
+            "metadata": {"name": "tasklease-runner"},
+            "rules": [
+                {"apiGroups": ["tasklease.io"], "resources": ["tasks"], "verbs": ["get"]},
+                {
+                    "apiGroups": ["tasklease.io"],
+                    "resources": ["tasks/status"],
+                    "verbs": ["get", "patch"],
+                },
+            ],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        cluster.namespace,
+        {
+            "metadata": {"name": "tasklease-runner"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "tasklease-runner",
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": "default", "namespace": cluster.namespace}
+            ],
+        },
+    )
+
+
+@pytest.fixture
+def executor(control_plane: Any, tmp_path: Path, runner_rbac: None) -> Iterator[Any]:
+    """The local pod executor, in-process: it runs every runner pod's command."""
+    from tasklease.executor import LocalExecutor
+
+    with LocalExecutor(control_plane.kubeconfig, tmp_path / "executor") as running:
+        yield running

@@ -8,6 +8,7 @@ test process with the SDK, using the identity the operator gave the runner pod.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -78,6 +79,11 @@ class Cluster:
             GROUP, VERSION, self.namespace, PLURAL, name
         )
         return found
+
+    def tasks(self) -> list[dict[str, Any]]:
+        listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        items: list[dict[str, Any]] = listed["items"]
+        return items
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
@@ -160,9 +166,15 @@ class Cluster:
         self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
 
     def runner(
-        self, task_name: str, *, epoch: int, heartbeat_interval_s: float | None = None
+        self,
+        task_name: str,
+        *,
+        epoch: int,
+        heartbeat_interval_s: float | None = None,
+        api_client: client.ApiClient | None = None,
     ) -> TaskLease:
-        """A runner holding the identity the operator put into that epoch's pod."""
+        """A runner holding the identity the operator put into that epoch's pod, writing
+        with the admin's credentials or `api_client`'s (a runner ServiceAccount's)."""
         pod = wait_for(
             f"runner pod of {task_name} epoch {epoch}",
             lambda: next(
@@ -176,7 +188,9 @@ class Cluster:
         )
         identity = identity_from_pod(pod)
         return TaskLease(
-            identity, api_client=self.api_client, heartbeat_interval_s=heartbeat_interval_s
+            identity,
+            api_client=api_client or self.api_client,
+            heartbeat_interval_s=heartbeat_interval_s,
         )
 
 
@@ -313,3 +327,42 @@ def unbind_runner(cluster: Cluster) -> None:
     client.RbacAuthorizationV1Api(cluster.api_client).delete_namespaced_role_binding(
         RUNNER, cluster.namespace
     )
+
+
+# --- runner pods under the wrapper (`tasklease run`) ----------------------------------
+
+
+def wrapped(script: str) -> dict[str, Any]:
+    """A pod template whose container runs `script` under `tasklease run`."""
+    return {
+        "spec": {
+            "containers": [
+                {
+                    "name": "runner",
+                    "image": "tasklease",
+                    "command": [
+                        sys.executable,
+                        "-m",
+                        "tasklease",
+                        "run",
+                        "--grace-period",
+                        "2",
+                        "--",
+                        "sh",
+                        "-c",
+                        script,
+                    ],
+                }
+            ]
+        }
+    }
+
+
+def shell(body: str) -> str:
+    """`body` with a `progress TEXT` function that writes the progress file atomically (to
+    a temporary name, then a rename); TEXT's `\\n` become newlines."""
+    write = (
+        'printf %b "$1" > "$TASKLEASE_PROGRESS_FILE.tmp" && '
+        'mv "$TASKLEASE_PROGRESS_FILE.tmp" "$TASKLEASE_PROGRESS_FILE"'
+    )
+    return f"progress() {{ {write}; }}\n{body}"

@@ -179,6 +179,20 @@ def test_the_runner_sdk_passes_the_policy_with_a_bound_token(setup: Setup) -> No
     assert setup.cluster.status(name)["result"]["epoch"] == 2
 
 
+def test_a_failure_with_its_checkpoint_passes_the_policy_in_one_write(setup: Setup) -> None:
+    """fail(checkpoint=...) changes status.progress and status.result in one write: each
+    carries the current epoch, and the holder's bound token passes both rules at once."""
+    name = setup.task(holder=HOLDER, epoch=2)
+    identity = Identity(task=name, namespace=setup.namespace, epoch=2, pod_name=HOLDER)
+    with TaskLease(identity, api_client=setup.as_pod(HOLDER, "bound-token")) as lease:
+        assert lease.progress(percent=50, checkpoint={"row": 5})
+        lease.fail("Transient", "connection reset", checkpoint={"row": 7})
+    assert not lease.lost, lease.cancel_reason
+    status = setup.cluster.status(name)
+    assert (status["result"]["status"], status["result"]["epoch"]) == ("FAILED", 2)
+    assert (status["progress"]["checkpoint"], status["progress"]["epoch"]) == ({"row": 7}, 2)
+
+
 def test_the_runner_sdk_from_another_pod_is_refused_every_time(setup: Setup) -> None:
     """A runner whose fence passes (it claims the holder's name) but whose token belongs to
     another pod: the policy refuses every write. The Task still names the pod the runner

@@ -73,6 +73,7 @@ ALL_OPTIONS: dict[str, Any] = {
         "apiBurst": 160,
         "logLevel": "DEBUG",
         "healthPort": 9081,
+        "ttlAfterFinished": "168h",
         "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "extraEnv": [{"name": "PYTHONFAULTHANDLER", "value": "1"}],
         "podLabels": {"team": "batch"},
@@ -406,10 +407,12 @@ def test_chart_installs_and_operator_runs_under_its_rbac(
             assert not lease.lost, lease.cancel_reason
             cluster.wait_phase("charted", "Succeeded")
             # A runner that never acknowledges: the operator ends the attempt and deletes its
-            # pod, the one verb (pods delete) the happy path above does not use.
+            # pod, then the Task once its ttl passed: the verbs (pods and tasks delete) the
+            # happy path above does not use.
             cluster.create_task(
                 "abandoned",
                 ackTimeout="1s",
+                ttlAfterFinished="5s",
                 retry={"maxAttempts": 1},
                 template={
                     "spec": {
@@ -422,6 +425,10 @@ def test_chart_installs_and_operator_runs_under_its_rbac(
             wait_for(
                 "the abandoned runner pod to be deleted",
                 lambda: cluster.live_pod("abandoned-1") is None,
+            )
+            wait_for(
+                "the abandoned Task to be deleted after its ttl",
+                lambda: not [t for t in cluster.tasks() if t["metadata"]["name"] == "abandoned"],
             )
             assert operator.alive, operator.log()[-4000:]
         finally:

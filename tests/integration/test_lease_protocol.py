@@ -19,11 +19,15 @@ from kubernetes import watch
 from tasklease.api.models import GROUP, PLURAL, VERSION
 from tasklease.api.times import parse_rfc3339
 from tasklease.runner import LeaseLost, TaskLease
+from tests.integration.chart_support import service_account_token, token_client
 from tests.integration.support import (
     Cluster,
     OperatorProcess,
+    bind_runner,
     identity_from_pod,
+    pod_env,
     raw_fenced_patch,
+    unbind_runner,
     wait_for,
 )
 
@@ -390,6 +394,51 @@ def test_checkpoint_reaches_next_attempt(
     with second:
         second.progress(percent=100, checkpoint={"row": 100})
     cluster.wait_phase("resumable", "Succeeded")
+
+
+def test_checkpoint_sent_with_a_failure_reaches_the_next_attempt(
+    cluster: Cluster, operator_process: OperatorProcess, control_plane: Any, runner_account: str
+) -> None:
+    """fail(checkpoint=B) after progress(checkpoint=A): the next attempt resumes from B,
+    which went in the same write as the failure (temporalio/temporal#11363 lost it). Then
+    a checkpoint whose progress report was refused (403: the runner's RBAC unbound for a
+    moment) still reaches the attempt after, carried by a fail() without one. The runners
+    write as the runner ServiceAccount, with the runner Role's rights only."""
+    runner_api = token_client(
+        control_plane, service_account_token(cluster.core, cluster.namespace, runner_account)
+    )
+    cluster.create_task("fails-forward", retry={"maxAttempts": 3, "backoff": {"initial": "0s"}})
+    cluster.wait_epoch("fails-forward", 1)
+    with cluster.runner("fails-forward", epoch=1, api_client=runner_api) as first:
+        assert first.progress(percent=40, checkpoint={"row": 40})
+        first.fail("Transient", "connection reset", checkpoint={"row": 57})
+    assert not first.lost, first.cancel_reason
+
+    status = cluster.wait_epoch("fails-forward", 2)
+    assert status["result"]["status"] == "FAILED" and status["result"]["epoch"] == 1
+    # No background heartbeat: only fail() may deliver what the refused report held.
+    second = cluster.runner(
+        "fails-forward", epoch=2, api_client=runner_api, heartbeat_interval_s=3600
+    )
+    assert second.checkpoint == {"row": 57}
+    env = pod_env(cluster.pod("fails-forward-2"))
+    assert json.loads(env["TASKLEASE_CHECKPOINT"]) == {"row": 57}
+    with second:
+        unbind_runner(cluster)
+        wait_for("reports refused with 403", lambda: not second.report() and not second.lost)
+        assert second.progress(checkpoint={"row": 80}) is False
+        assert cluster.status("fails-forward")["progress"]["checkpoint"] == {"row": 57}
+        bind_runner(cluster)
+        second.fail("Transient", "disk full")  # retried until the Role applies again
+    assert not second.lost, second.cancel_reason
+
+    cluster.wait_epoch("fails-forward", 3)
+    third = cluster.runner("fails-forward", epoch=3, api_client=runner_api)
+    assert third.checkpoint == {"row": 80}
+    with third:
+        third.progress(percent=100)
+    status = cluster.wait_phase("fails-forward", "Succeeded")
+    assert attempt_outcomes(status) == ["Failed", "Failed", "Succeeded"]
 
 
 def test_heartbeat_costs_operator_no_write(

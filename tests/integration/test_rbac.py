@@ -144,6 +144,7 @@ def test_operator_rbac_is_scoped_and_exact(setup: ChartSetup) -> None:
         ("list", "tasks.tasklease.io"),
         ("watch", "tasks.tasklease.io"),
         ("patch", "tasks.tasklease.io"),
+        ("delete", "tasks.tasklease.io"),  # spec.ttlAfterFinished
         ("patch", "tasks.tasklease.io/status"),
         ("list", "pods"),
         ("watch", "pods"),
@@ -159,7 +160,6 @@ def test_operator_rbac_is_scoped_and_exact(setup: ChartSetup) -> None:
     refused = [
         ("update", "tasks.tasklease.io"),
         ("create", "tasks.tasklease.io"),
-        ("delete", "tasks.tasklease.io"),
         ("update", "tasks.tasklease.io/status"),
         ("get", "pods"),
         ("patch", "pods"),

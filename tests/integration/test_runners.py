@@ -13,18 +13,23 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, watch
+from kubernetes import watch
 
 from tasklease.controlplane.process import die_with_parent
-from tests.integration.support import Cluster, OperatorProcess, pod_env, wait_for
+from tests.integration.support import (
+    Cluster,
+    OperatorProcess,
+    pod_env,
+    shell,
+    wait_for,
+    wrapped,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -138,85 +143,6 @@ def test_kubectl_only_runner_with_a_stale_epoch_is_refused(
 # --- the wrapper, through the local executor ----------------------------------------------
 
 
-@pytest.fixture
-def runner_rbac(cluster: Cluster) -> None:
-    """What a runner pod's ServiceAccount (`default`) needs: read its Task, patch its status."""
-    rbac = client.RbacAuthorizationV1Api(cluster.api_client)
-    rbac.create_namespaced_role(
-        cluster.namespace,
-        {
-            "metadata": {"name": "tasklease-runner"},
-            "rules": [
-                {"apiGroups": ["tasklease.io"], "resources": ["tasks"], "verbs": ["get"]},
-                {
-                    "apiGroups": ["tasklease.io"],
-                    "resources": ["tasks/status"],
-                    "verbs": ["get", "patch"],
-                },
-            ],
-        },
-    )
-    rbac.create_namespaced_role_binding(
-        cluster.namespace,
-        {
-            "metadata": {"name": "tasklease-runner"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "tasklease-runner",
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": "default", "namespace": cluster.namespace}
-            ],
-        },
-    )
-
-
-@pytest.fixture
-def executor(control_plane: Any, tmp_path: Path, runner_rbac: None) -> Iterator[Any]:
-    """The local pod executor, in-process: it runs every runner pod's command."""
-    from tasklease.executor import LocalExecutor
-
-    with LocalExecutor(control_plane.kubeconfig, tmp_path / "executor") as running:
-        yield running
-
-
-def wrapped(script: str) -> dict[str, Any]:
-    """A pod template whose container runs `script` under `tasklease run`."""
-    return {
-        "spec": {
-            "containers": [
-                {
-                    "name": "runner",
-                    "image": "tasklease",
-                    "command": [
-                        sys.executable,
-                        "-m",
-                        "tasklease",
-                        "run",
-                        "--grace-period",
-                        "2",
-                        "--",
-                        "sh",
-                        "-c",
-                        script,
-                    ],
-                }
-            ]
-        }
-    }
-
-
-def shell(body: str) -> str:
-    """`body` with a `progress TEXT` function that writes the progress file atomically (to
-    a temporary name, then a rename); TEXT's `\\n` become newlines."""
-    write = (
-        'printf %b "$1" > "$TASKLEASE_PROGRESS_FILE.tmp" && '
-        'mv "$TASKLEASE_PROGRESS_FILE.tmp" "$TASKLEASE_PROGRESS_FILE"'
-    )
-    return f"progress() {{ {write}; }}\n{body}"
-
-
 def pid_of(executor: Any, namespace: str, pod: str) -> int:
     pid: int = wait_for(
         f"the process of pod {pod}", lambda: executor.pid_of(namespace, pod), timeout=30
@@ -257,6 +183,26 @@ def test_wrapper_runner_finishes_task(
         "the pod's logs", lambda: executor.logs(cluster.namespace, "wrapped-1"), timeout=10
     )
     assert "hello from the program" in logs and "finishing" in logs
+
+
+def test_checkpoint_of_a_wrapped_program_that_fails_reaches_the_next_attempt(
+    cluster: Cluster, operator_process: OperatorProcess, executor: Any
+) -> None:
+    """The program writes a checkpoint and exits 1 at once, before the wrapper's next poll
+    of the progress file: the checkpoint goes in the FAILED result's write, and the next
+    attempt (through the executor, as the pod's ServiceAccount with the runner's rights)
+    resumes from it."""
+    script = shell(
+        'if [ "$TASKLEASE_ATTEMPT" = 1 ]; then\n'
+        '  progress \'3/10\\nfailing\\ncheckpoint={"row": 30}\\n\'; echo "disk full" >&2; exit 1\n'
+        "fi\n"
+        'progress "1/1\\nresumed from $TASKLEASE_CHECKPOINT\\n"\n'
+    )
+    cluster.create_task("fails-wrapped", template=wrapped(script), heartbeatInterval="1s")
+    status = cluster.wait_phase("fails-wrapped", "Succeeded", timeout=60)
+    assert attempt_outcomes(status) == ["Failed", "Succeeded"]
+    assert "ExitCode1" in status["attempts"][0]["message"]
+    assert status["progress"]["message"] == 'resumed from {"row": 30}'
 
 
 def test_hung_wrapper_runner_is_replaced(

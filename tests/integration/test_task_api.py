@@ -130,6 +130,18 @@ REFUSALS = [
         {"retry": {"backoff": {"jitter": 2}}}, "spec.retry.backoff.jitter", id="jitter-over-1"
     ),
     pytest.param({"workerGroup": "Pool_A"}, "spec.workerGroup", id="bad-worker-group"),
+    pytest.param(
+        {"template": None, "workerGroup": "etl", "replacementPolicy": "AfterTermination"},
+        "spec.replacementPolicy",
+        id="after-termination-in-a-pool",
+    ),
+    pytest.param(
+        {"replacementPolicy": "WhenConvenient"}, "spec.replacementPolicy", id="bad-policy"
+    ),
+    pytest.param(
+        {"retry": {"onDisruption": "Skip"}}, "spec.retry.onDisruption", id="bad-on-disruption"
+    ),
+    pytest.param({"ttlAfterFinished": "-1s"}, "spec.ttlAfterFinished", id="negative-ttl"),
 ]
 
 

@@ -120,6 +120,8 @@ class FakeLease:
         self.result: tuple[Any, ...] | None = None
         self.cancel_reason: str | None = None
         self.lost_at_result = False
+        self.refuse_progress = False  # play reports refused by a passing error
+        self.checkpoint_with_result: dict[str, Any] = {}  # {"checkpoint": ...} when fail got one
         self._canceled = False
 
     @property
@@ -131,6 +133,8 @@ class FakeLease:
         self._canceled = True
 
     def progress(self, **report: Any) -> bool:
+        if self.refuse_progress:
+            return False
         self.reports.append(report)
         return True
 
@@ -139,10 +143,13 @@ class FakeLease:
             raise LeaseLost("refused")
         self.result = ("FINISHED",)
 
-    def fail(self, error_id: str, message: str, *, stack_trace: str | None = None) -> None:
+    def fail(
+        self, error_id: str, message: str, *, stack_trace: str | None = None, **checkpoint: Any
+    ) -> None:
         if self.lost_at_result:
             raise LeaseLost("refused")
         self.result = ("FAILED", error_id, message, stack_trace)
+        self.checkpoint_with_result = checkpoint
 
 
 def write(path: Path, text: str) -> None:
@@ -217,6 +224,40 @@ def test_success_reports_progress_and_finishes(tmp_path: Path) -> None:
         "fields": {"rows": "40"},
         "checkpoint": {"row": 40},
     }
+
+
+def test_failing_exit_carries_the_checkpoint_in_the_failure() -> None:
+    lease = FakeLease()
+    lease.refuse_progress = True  # the report of the last write is refused: not lost
+    script = (
+        'printf "3/10\\nfailing\\ncheckpoint={\\"row\\": 30}\\n" > "$TASKLEASE_PROGRESS_FILE"; '
+        "exit 1"
+    )
+    assert run(lease, script) == 1
+    assert lease.result is not None and lease.result[:2] == ("FAILED", "ExitCode1")
+    assert lease.checkpoint_with_result == {"checkpoint": {"row": 30}}
+
+
+def test_failing_exit_carries_the_last_checkpoint_the_file_set() -> None:
+    lease = FakeLease()
+    script = (
+        'printf "1/4\\nstarting\\ncheckpoint={\\"row\\": 1}\\n" > "$TASKLEASE_PROGRESS_FILE"; '
+        'sleep 0.5; printf "2/4\\nno checkpoint here\\n" > "$TASKLEASE_PROGRESS_FILE"; exit 2'
+    )
+    assert run(lease, script) == 2
+    assert lease.reports[-1] == {
+        "percent": 50.0,
+        "message": "no checkpoint here",
+        "fields": {},
+    }
+    assert lease.checkpoint_with_result == {"checkpoint": {"row": 1}}
+
+
+def test_failing_exit_without_a_checkpoint_leaves_the_lease_its_own() -> None:
+    lease = FakeLease()
+    assert run(lease, 'echo 10% > "$TASKLEASE_PROGRESS_FILE"; exit 1') == 1
+    assert lease.result is not None and lease.result[0] == "FAILED"
+    assert lease.checkpoint_with_result == {}  # fail() then carries the SDK's newest
 
 
 def test_progress_file_env_and_temp_dir_cleanup(tmp_path: Path) -> None:

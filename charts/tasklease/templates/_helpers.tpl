@@ -92,10 +92,11 @@ namespaces (runner pods run in their Task's namespace); else the release namespa
 {{/* The operator's rules on the namespaced resources it works with (see values.yaml). */}}
 {{- define "tasklease.operatorNamespacedRules" -}}
 # Tasks: kopf lists and watches them; the reconciler reads one (GET) before deciding again
-# after a conflict and writes the lease annotations with a compare-and-swap merge PATCH.
+# after a conflict, writes the lease annotations with a compare-and-swap merge PATCH, and
+# deletes a finished one whose ttlAfterFinished passed (preconditioned on its version).
 - apiGroups: ["tasklease.io"]
   resources: ["tasks"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 # The status the operator owns (phase, attempts, conditions), also a compare-and-swap PATCH.
 - apiGroups: ["tasklease.io"]
   resources: ["tasks/status"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -28,7 +28,7 @@ from pydantic.alias_generators import to_camel
 
 from tasklease.api.durations import WHOLE_MILLISECONDS_RULE, Duration, format_go_duration
 from tasklease.api.runner_env import RESERVED_ENV_PREFIX
-from tasklease.api.times import parse_rfc3339
+from tasklease.api.times import parse_rfc3339, parse_stamp
 
 GROUP = "tasklease.io"
 VERSION = "v1alpha1"
@@ -174,6 +174,20 @@ class Backoff(_Model):
     )
 
 
+class DisruptionPolicy(enum.StrEnum):
+    """Whether an attempt ended by a disruption counts against spec.retry.maxAttempts."""
+
+    IGNORE = "Ignore"
+    COUNT = "Count"
+
+
+class ReplacementPolicy(enum.StrEnum):
+    """When the next attempt's pod may start while the previous one's may still run."""
+
+    OVERLAP = "Overlap"
+    AFTER_TERMINATION = "AfterTermination"
+
+
 class RetryPolicy(_Model):
     """How many attempts a task gets and how long to wait between them."""
 
@@ -203,6 +217,27 @@ class RetryPolicy(_Model):
         ),
     )
 
+    on_disruption: DisruptionPolicy = Field(
+        default=DisruptionPolicy.IGNORE,
+        description=(
+            "What an attempt ended by a disruption costs: its pod evicted (the Eviction API, "
+            "a node drain), preempted, or deleted with its lost node, as the pod's "
+            "DisruptionTarget condition says (the Job API's podFailurePolicy reads the same "
+            "condition). Ignore: the next attempt starts at once and the attempt does not "
+            "count against maxAttempts, up to maxDisruptions of them. Count: it counts like "
+            "any failed attempt. The attempt history records it either way."
+        ),
+    )
+    max_disruptions: int = Field(
+        default=10,
+        ge=0,
+        le=1000,
+        description=(
+            "Disruptions not counted against maxAttempts, at most (onDisruption Ignore); "
+            "later ones count like any failed attempt, so a task cannot loop forever."
+        ),
+    )
+
     @model_validator(mode="after")
     def _backoff_max_is_not_below_initial(self) -> RetryPolicy:
         if self.backoff.max < self.backoff.initial:
@@ -213,6 +248,12 @@ class RetryPolicy(_Model):
 _TEMPLATE_AND_WORKER_GROUP = (
     "spec.workerGroup and spec.template exclude each other: a pool task has no template "
     "(a pool runner of its worker group claims it); set one of the two"
+)
+
+
+_AFTER_TERMINATION_IN_A_POOL = (
+    "spec.replacementPolicy AfterTermination needs spec.template: a pool task's runner is a "
+    "long-lived pod that serves other tasks, and it stops its own program once it cannot report"
 )
 
 
@@ -237,6 +278,15 @@ class TaskSpec(_Model):
                     "rule": "!(has(self.template) && has(self.workerGroup))",
                     "message": _TEMPLATE_AND_WORKER_GROUP,
                     "fieldPath": ".workerGroup",
+                    "reason": "FieldValueForbidden",
+                },
+                {
+                    "rule": (
+                        "!has(self.workerGroup) || !has(self.replacementPolicy) "
+                        "|| self.replacementPolicy == 'Overlap'"
+                    ),
+                    "message": _AFTER_TERMINATION_IN_A_POOL,
+                    "fieldPath": ".replacementPolicy",
                     "reason": "FieldValueForbidden",
                 },
                 {
@@ -376,6 +426,29 @@ class TaskSpec(_Model):
         default_factory=RetryPolicy,
         description="How many attempts the task gets and the delay between them.",
     )
+    replacement_policy: ReplacementPolicy = Field(
+        default=ReplacementPolicy.OVERLAP,
+        description=(
+            "When an attempt's pod is replaced, e.g. after a lost lease. Overlap: the next "
+            "attempt's pod is created at once and the old pod is deleted in the background "
+            "(the lease already refuses the old runner's writes, but not its other side "
+            "effects). AfterTermination: the next attempt's pod is created only once the old "
+            "pod is gone or has ended (the Job API's podReplacementPolicy Failed); while it "
+            "waits, the Leased condition says WaitingForTermination, and TerminationOverdue "
+            "when the pod outlives its grace period (its node may be unreachable: the wait "
+            "lasts until the pod is gone; `kubectl delete pod --force` ends it). Pod-per-"
+            "attempt tasks only: a pool runner stops its own program once it cannot report."
+        ),
+    )
+    ttl_after_finished: Duration | None = Field(
+        default=None,
+        description=(
+            "How long a finished task (Succeeded, Failed, Skipped or Canceled) is kept after "
+            "its completionTime; then the operator deletes it, and its runner pods with it "
+            "(the Job API's ttlSecondsAfterFinished), e.g. '1h' ('0s': at once). Unset: the "
+            "operator's default (the chart's `operator.ttlAfterFinished`), else kept forever."
+        ),
+    )
     attempt_timeout: Duration | None = Field(
         default=None,
         description=(
@@ -424,6 +497,8 @@ class TaskSpec(_Model):
     def _template_or_worker_group(self) -> TaskSpec:
         if self.template is not None and self.worker_group is not None:
             raise ValueError(_TEMPLATE_AND_WORKER_GROUP)
+        if self.worker_group is not None and self.replacement_policy != ReplacementPolicy.OVERLAP:
+            raise ValueError(_AFTER_TERMINATION_IN_A_POOL)
         return self
 
     @field_validator("template")
@@ -498,6 +573,9 @@ class Outcome(enum.StrEnum):
     # template is wrong, and every attempt would be refused alike, so the task fails.
     POD_REJECTED = "PodRejected"
     RUNNER_LOST = "RunnerLost"  # a pool runner's own Lease expired or its pod died
+    # The pod was evicted, preempted or lost with its node (its DisruptionTarget condition),
+    # and spec.retry.onDisruption Ignore kept the attempt from counting.
+    DISRUPTED = "Disrupted"
     RELEASED = "Released"  # a pool runner gave the task back (it was told to stop)
     CANCELED = "Canceled"
 
@@ -587,6 +665,14 @@ class TaskStatus(_Model):
         ),
     )
     attempt: int = Field(default=0, ge=0, description="Attempts started so far.")
+    disruptions: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Attempts ended by a disruption that did not count against "
+            "spec.retry.maxAttempts (outcome Disrupted)."
+        ),
+    )
     epoch: int = Field(
         default=0,
         ge=0,
@@ -692,7 +778,7 @@ class Task(_Model):
         return Lease(
             holder=annotations.get(HOLDER_ANNOTATION) or None,
             epoch=int(epoch_text) if _EPOCH_TEXT.fullmatch(epoch_text) else 0,
-            acquire_time=_parse_time(annotations.get(ACQUIRE_TIME_ANNOTATION)),
+            acquire_time=parse_stamp(annotations.get(ACQUIRE_TIME_ANNOTATION)),
         )
 
     @property
@@ -706,15 +792,3 @@ class Task(_Model):
             return AttemptRecord.model_validate_json(text)
         except ValidationError:
             return None
-
-
-def _parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        parsed = parse_rfc3339(text)
-    except ValueError:
-        return None
-    # Kubernetes timestamps are UTC; one written without a zone is read as UTC too, so it
-    # can be compared with the operator's aware clock.
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)

@@ -31,6 +31,20 @@ def parse_rfc3339(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def parse_stamp(text: object) -> datetime | None:
+    """A timestamp read leniently from an object anyone may edit (an annotation) or one
+    written by the API server: None when it is missing or does not parse. Kubernetes
+    timestamps are UTC; one written without a zone is read as UTC too, so it can be
+    compared with an aware clock."""
+    if not isinstance(text, str):
+        return None
+    try:
+        parsed = parse_rfc3339(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 

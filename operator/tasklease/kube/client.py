@@ -355,6 +355,28 @@ class KubeWriter:
             return False
         return True
 
+    async def delete_task(
+        self, namespace: str, name: str, *, uid: str, resource_version: str
+    ) -> bool:
+        """Delete a Task as decided on: refused (409) when it changed or was replaced since,
+        False when it was already gone. Its runner pods follow by their owner references."""
+        await self._budget(self._limiter, "requests")
+        body = {
+            "preconditions": {"uid": uid, "resourceVersion": resource_version},
+            "propagationPolicy": "Background",
+        }
+        try:
+            await self._call(
+                "DELETE",
+                PLURAL,
+                self._custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, body=body, _preload_content=False
+                ),
+            )
+        except Gone:
+            return False
+        return True
+
     async def record_event(
         self,
         task: ObjectRef,

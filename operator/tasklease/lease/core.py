@@ -34,13 +34,15 @@ from tasklease.api.models import (
     WORKER_GROUP_LABEL,
     AttemptRecord,
     Condition,
+    DisruptionPolicy,
     Outcome,
     Phase,
     Progress,
+    ReplacementPolicy,
     ResultStatus,
     Task,
 )
-from tasklease.api.times import rfc3339_model
+from tasklease.api.times import parse_stamp, rfc3339_model
 from tasklease.api.written import ages
 from tasklease.lease.backoff import retry_delay
 from tasklease.lease.pods import runner_pod, runner_pod_name
@@ -63,6 +65,12 @@ CONDITION_LEASED = "Leased"
 CONDITION_COMPLETE = "Complete"
 CONDITION_LATE = "Late"
 CONDITION_INVALID = "Invalid"
+# Leased condition reasons while AfterTermination holds the next attempt back.
+WAITING_FOR_TERMINATION = "WaitingForTermination"
+TERMINATION_OVERDUE = "TerminationOverdue"
+# A pod still there this long after its grace period ended has no kubelet finishing its
+# deletion (a kubelet confirms within seconds): its node is unreachable, or gone.
+TERMINATION_OVERDUE_AFTER = timedelta(seconds=10)
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -94,6 +102,11 @@ class PodState:
     # A pod the API server refused to create (reason FAILED_CREATE, with its message): it
     # may be tried again at `retry_at` (monotonic). An invalid one has reason POD_REJECTED.
     retry_at: float | None = None
+    # Its DisruptionTarget condition ("reason: message"): evicted, preempted, or deleted
+    # with its lost node.
+    disruption: str | None = None
+    # metadata.deletionTimestamp as written: when its grace period ends.
+    grace_ends: str | None = None
 
     @classmethod
     def refused(
@@ -237,13 +250,22 @@ class DeletePod:
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteTask:
+    """Delete the Task (spec.ttlAfterFinished), and with it, by their owner references, its
+    runner pods. Preconditioned on the uid and resourceVersion decided on."""
+
+    uid: str
+    resource_version: str
+
+
+@dataclass(frozen=True, slots=True)
 class RecordEvent:
     type: Literal["Normal", "Warning"]
     reason: str
     message: str
 
 
-Action = PatchLease | PatchStatus | CreatePod | DeletePod | RecordEvent
+Action = PatchLease | PatchStatus | CreatePod | DeletePod | DeleteTask | RecordEvent
 
 
 @dataclass(slots=True)
@@ -268,6 +290,10 @@ class Decision:
     @property
     def writes(self) -> bool:
         return any(not isinstance(a, RecordEvent) for a in self.actions)
+
+    @property
+    def deletes_task(self) -> bool:
+        return any(isinstance(a, DeleteTask) for a in self.actions)
 
 
 @dataclass(slots=True)
@@ -327,6 +353,42 @@ def _condition_is(task: Task, type_: str, status: str) -> bool:
     return any(c.type == type_ and c.status == status for c in task.status.conditions)
 
 
+def _counted_attempts(task: Task) -> int:
+    """Attempts that count against spec.retry.maxAttempts: those disrupted are left out."""
+    return task.status.attempt - task.status.disruptions
+
+
+def _attempt_label(task: Task, attempt: int, disruptions: int) -> str:
+    """'attempt 2/3', or with disruptions left out 'attempt 4 (2/3 counted, 2 disrupted)'."""
+    max_attempts = task.spec.retry.max_attempts
+    if disruptions == 0:
+        return f"attempt {attempt}/{max_attempts}"
+    return (
+        f"attempt {attempt} ({attempt - disruptions}/{max_attempts} counted, "
+        f"{disruptions} disrupted)"
+    )
+
+
+def _disrupted(
+    task: Task, pod: PodState | None, outcome: Outcome, message: str
+) -> tuple[Outcome, str]:
+    """How an attempt that would end with `outcome` ends when its pod was disrupted (its
+    DisruptionTarget condition): Disrupted, which does not count against maxAttempts, while
+    spec.retry allows; otherwise `outcome`, saying why it counts."""
+    if pod is None or pod.disruption is None or pod.epoch != task.lease.epoch:
+        return outcome, message
+    retry = task.spec.retry
+    what = f"{message} (pod {pod.name} disrupted: {pod.disruption})"
+    if retry.on_disruption == DisruptionPolicy.COUNT:
+        return outcome, f"{what}; counted, as spec.retry.onDisruption is Count"
+    if task.status.disruptions >= retry.max_disruptions:
+        return outcome, (
+            f"{what}; counted: spec.retry.maxDisruptions ({retry.max_disruptions}) were "
+            "already left out"
+        )
+    return Outcome.DISRUPTED, f"{what}; not counted against spec.retry.maxAttempts"
+
+
 # --- transitions --------------------------------------------------------------------------
 
 
@@ -362,12 +424,15 @@ def _hand_out(task: Task, plan: _Plan, *, previous: AttemptRecord | None = None)
     )
     checkpoint = task.status.progress.checkpoint if task.status.progress else None
     plan.add(CreatePod(runner_pod(task, epoch=epoch, attempt=attempt, checkpoint=checkpoint)))
+    disruptions = task.status.disruptions + (
+        previous is not None and previous.outcome == Outcome.DISRUPTED
+    )
     plan.add(
         RecordEvent(
             "Normal",
             "HandedOut",
-            f"attempt {attempt}/{task.spec.retry.max_attempts}: lease epoch {epoch} handed "
-            f"to pod {holder}",
+            f"{_attempt_label(task, attempt, disruptions)}: lease epoch {epoch} handed to pod "
+            f"{holder}",
         )
     )
     plan.decision.why = f"hand out epoch {epoch}"
@@ -392,10 +457,12 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
     acquired = min(lease.acquire_time, now) if lease.acquire_time else now
     attempt = status.attempt + 1
     attempts = list(status.attempts)
+    disruptions = status.disruptions
     if attempts and attempts[-1].end_time is None and attempts[-1].epoch < epoch:
         recorded = task.previous_attempt
         if recorded is not None and recorded.epoch == attempts[-1].epoch:
             attempts[-1] = recorded
+            disruptions += recorded.outcome == Outcome.DISRUPTED
         else:
             # Only someone editing the lease annotations by hand gets here.
             attempts[-1] = attempts[-1].model_copy(
@@ -413,6 +480,7 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
             {
                 "phase": (Phase.RUNNING if acknowledged else Phase.ASSIGNED).value,
                 "attempt": attempt,
+                "disruptions": disruptions,
                 "epoch": epoch,
                 "holder": holder,
                 "attempts": _dump_attempts(attempts),
@@ -435,8 +503,8 @@ def _record_hand_out(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodSta
             RecordEvent(
                 "Normal",
                 "Claimed",
-                f"attempt {attempt}/{task.spec.retry.max_attempts}: lease epoch {epoch} "
-                f"claimed by pool runner {holder}",
+                f"{_attempt_label(task, attempt, disruptions)}: lease epoch {epoch} claimed "
+                f"by pool runner {holder}",
             )
         )
         plan.decision.handed_out = epoch
@@ -512,10 +580,11 @@ def _end_attempt(
 
     next_attempt_time: datetime | None = None
     if final_phase is None:
-        if status.attempt >= spec.retry.max_attempts:
+        if outcome != Outcome.DISRUPTED and _counted_attempts(task) >= spec.retry.max_attempts:
             final_phase = Phase.FAILED
+            left_out = f" ({status.disruptions} disrupted left out)" if status.disruptions else ""
             message = (
-                f"retries exhausted after {status.attempt} attempt(s); last: "
+                f"retries exhausted after {status.attempt} attempt(s){left_out}; last: "
                 f"{outcome.value}: {message}"
             )
         elif outcome in BACKED_OFF:
@@ -527,7 +596,20 @@ def _end_attempt(
 
     plan.decision.ended = outcome
     plan.decision.retrying = final_phase is None
-    if final_phase is None and next_attempt_time is None and task.spec.template is not None:
+    straight_on = final_phase is None and next_attempt_time is None and spec.template is not None
+    waits_for = ""
+    if (
+        straight_on
+        and spec.replacement_policy == ReplacementPolicy.AFTER_TERMINATION
+        and not (pod is not None and (pod.gone or pod.terminated))
+    ):
+        # The next pod waits for this one to end (`_wait_for_termination`).
+        straight_on = False
+        waits_for = (
+            f"; the next attempt waits for pod {task.lease.holder or 'of this attempt'} to "
+            "end (spec.replacementPolicy AfterTermination)"
+        )
+    if straight_on:
         # Straight on to the next attempt (a lost lease, AWS's reassignment): the new lease
         # carries the end of this attempt, and the status records both afterwards.
         ended = attempts[-1] if attempts and attempts[-1].epoch == task.lease.epoch else None
@@ -543,6 +625,8 @@ def _end_attempt(
         "holder": None,
         "observedGeneration": task.generation,
     }
+    if outcome == Outcome.DISRUPTED:
+        patch["disruptions"] = status.disruptions + 1
     conditions = status.conditions
     if final_phase is not None:
         patch["phase"] = final_phase.value
@@ -574,7 +658,11 @@ def _end_attempt(
     else:
         patch["phase"] = Phase.PENDING.value
         patch["nextAttemptTime"] = rfc3339_model(next_attempt_time) if next_attempt_time else None
-        wait = f"; next attempt at {rfc3339_model(next_attempt_time)}" if next_attempt_time else ""
+        wait = (
+            f"; next attempt at {rfc3339_model(next_attempt_time)}"
+            if next_attempt_time
+            else waits_for
+        )
         conditions = set_condition(
             conditions,
             type_=CONDITION_LEASED,
@@ -635,8 +723,16 @@ def _release_lease(plan: _Plan, *, claimable: bool | None = None) -> None:
 # --- the decision -------------------------------------------------------------------------
 
 
-def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock) -> Decision:
-    """The next writes for `task`; `pod` is the current epoch's runner pod, if seen."""
+def decide(
+    task: Task,
+    *,
+    sighting: Sighting,
+    pod: PodState | None,
+    clock: Clock,
+    ttl_after_finished: timedelta | None = None,
+) -> Decision:
+    """The next writes for `task`; `pod` is the current epoch's runner pod, if seen.
+    `ttl_after_finished` is the operator's default for a Task that sets none."""
     plan = _Plan(clock)
     status = task.status
     spec = task.spec
@@ -667,6 +763,8 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
             _release_lease(plan, claimable=False if task.is_pool_task else None)
         elif _generation_unobserved(task):
             _observe_generation(task, plan)
+        else:
+            _expire(task, plan, spec.ttl_after_finished or ttl_after_finished)
         return plan.decision
 
     if lease.epoch > status.epoch and lease.holder:
@@ -719,7 +817,7 @@ def decide(task: Task, *, sighting: Sighting, pod: PodState | None, clock: Clock
             plan.wake(clock.monotonic_at(late_at))
 
     if status.phase == Phase.PENDING:
-        _decide_pending(task, plan)
+        _decide_pending(task, plan, sighting=sighting, pod=pod)
     else:
         _decide_active(task, plan, sighting=sighting, pod=pod)
     if not plan.decision.actions and _generation_unobserved(task):
@@ -853,15 +951,15 @@ def _finish_without_attempt(
     plan.decision.why = f"{reason} -> {phase.value}"
 
 
-def _decide_pending(task: Task, plan: _Plan) -> None:
+def _decide_pending(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState | None) -> None:
     status = task.status
-    if status.attempt >= task.spec.retry.max_attempts:
+    if _counted_attempts(task) >= task.spec.retry.max_attempts:
         _finish_without_attempt(
             task,
             plan,
             Phase.FAILED,
             "RetriesExhausted",
-            f"{status.attempt} attempt(s) used of spec.retry.maxAttempts",
+            f"{_counted_attempts(task)} attempt(s) used of spec.retry.maxAttempts",
         )
         return
     if status.next_attempt_time is not None and plan.clock.wall < status.next_attempt_time:
@@ -873,7 +971,86 @@ def _decide_pending(task: Task, plan: _Plan) -> None:
     if task.is_pool_task:
         _offer_to_pool(task, plan)
         return
+    if (
+        task.spec.replacement_policy == ReplacementPolicy.AFTER_TERMINATION
+        and status.attempt > 0
+        and not _previous_pod_ended(task, sighting=sighting, pod=pod)
+    ):
+        _wait_for_termination(task, plan, pod=pod)
+        return
     _hand_out(task, plan)
+
+
+def _previous_pod_ended(task: Task, *, sighting: Sighting, pod: PodState | None) -> bool:
+    """Whether the pod of the attempt that ended (the lease's epoch) is gone or has ended.
+    A pod not seen counts as gone, unless this process created it (its watch event is
+    still on its way); after a restart the pod watch's listing is complete."""
+    epoch = task.lease.epoch
+    if pod is None or pod.epoch != epoch:
+        return not (sighting.epoch == epoch and sighting.pod_ensured)
+    return pod.gone or pod.terminated
+
+
+def _wait_for_termination(task: Task, plan: _Plan, *, pod: PodState | None) -> None:
+    """Hold the next attempt back until the previous pod ends (AfterTermination), and say
+    so on the Task: WaitingForTermination, then TerminationOverdue once the pod outlives
+    its grace period by TERMINATION_OVERDUE_AFTER (no kubelet finishes its deletion)."""
+    if task.lease.holder or CLAIMABLE_LABEL in task.labels:
+        _release_lease(plan)  # the old runner is fenced while it winds down
+        return
+    status = task.status
+    now = plan.clock.wall
+    name = pod.name if pod is not None else runner_pod_name(task.name, task.lease.epoch)
+    reason = WAITING_FOR_TERMINATION
+    message = (
+        f"attempt {status.attempt + 1} waits for pod {name} of attempt {status.attempt} to "
+        "end (spec.replacementPolicy AfterTermination)"
+    )
+    event_type: Literal["Normal", "Warning"] = "Normal"
+    grace_ends = parse_stamp(pod.grace_ends) if pod is not None else None
+    if grace_ends is not None:
+        overdue_at = grace_ends + TERMINATION_OVERDUE_AFTER
+        if now >= overdue_at:
+            reason, event_type = TERMINATION_OVERDUE, "Warning"
+            message = (
+                f"pod {name} has not terminated though its grace period ended at "
+                f"{rfc3339_model(grace_ends)}: its node may be unreachable. Attempt "
+                f"{status.attempt + 1} waits until the pod is gone or has ended "
+                f"(spec.replacementPolicy AfterTermination); once its process is known to "
+                f"be stopped, `kubectl delete pod {name} --grace-period=0 --force` lets it "
+                "start"
+            )
+        else:
+            plan.wake(plan.clock.monotonic_at(overdue_at))
+    if not _condition_is_reason(task, CONDITION_LEASED, "False", reason):
+        conditions = set_condition(
+            status.conditions,
+            type_=CONDITION_LEASED,
+            status="False",
+            reason=reason,
+            message=message,
+            now=now,
+            generation=task.generation,
+        )
+        plan.add(PatchStatus({"conditions": dump_conditions(conditions)}))
+        plan.add(RecordEvent(event_type, reason, message))
+        plan.decision.why = f"{reason}: pod {name}"
+    plan.decision.why = plan.decision.why or f"waiting for pod {name} to end"
+
+
+def _expire(task: Task, plan: _Plan, ttl: timedelta | None) -> None:
+    """Delete a finished Task once its ttlAfterFinished has passed; until then, be asked
+    again then (the deadline queue, no timer of its own)."""
+    completed = task.status.completion_time
+    if ttl is None or completed is None:
+        return
+    expires = completed + ttl
+    if plan.clock.wall < expires:
+        plan.wake(plan.clock.monotonic_at(expires))
+        return
+    version = str(task.metadata.get("resourceVersion", ""))
+    plan.add(DeleteTask(uid=task.uid, resource_version=version))
+    plan.decision.why = f"ttlAfterFinished of {format_go_duration(ttl)} passed: delete"
 
 
 def _offer_to_pool(task: Task, plan: _Plan) -> None:
@@ -921,7 +1098,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
 
     result = status.result
     if result is not None and result.epoch == lease.epoch:
-        _decide_result(task, plan)
+        _decide_result(task, plan, pod=pod)
         return
 
     if lease.holder is None:
@@ -934,13 +1111,10 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
 
     if pod is not None and pod.epoch == lease.epoch and task.is_pool_task:
         if pod.gone or pod.terminating or pod.terminated:
-            _end_attempt(
-                task,
-                plan,
-                outcome=Outcome.RUNNER_LOST,
-                message=pod.message or f"pool runner {pod.name} is gone",
-                pod=pod,
+            outcome, text = _disrupted(
+                task, pod, Outcome.RUNNER_LOST, pod.message or f"pool runner {pod.name} is gone"
             )
+            _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
             return
     elif pod is not None and pod.epoch == lease.epoch and pod.reason == POD_REJECTED:
         message = f"the API server refused to create pod {pod.name}: {pod.message}"
@@ -953,16 +1127,16 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
     elif pod is not None and pod.epoch == lease.epoch and pod.reason != FAILED_CREATE:
         if pod.gone or pod.terminating:
             what = "was deleted" if pod.gone else "is being deleted"
-            _end_attempt(
-                task, plan, outcome=Outcome.POD_LOST, message=f"pod {pod.name} {what}", pod=pod
-            )
+            outcome, text = _disrupted(task, pod, Outcome.POD_LOST, f"pod {pod.name} {what}")
+            _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
             return
         if pod.terminated:
             detail = ": ".join(p for p in (pod.reason, pod.message) if p)
             text = f"pod {pod.name} ended ({pod.phase}) without reporting a result" + (
                 f" ({detail})" if detail else ""
             )
-            _end_attempt(task, plan, outcome=Outcome.POD_FAILED, message=text, pod=pod)
+            outcome, text = _disrupted(task, pod, Outcome.POD_FAILED, text)
+            _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
             return
 
     if spec.attempt_timeout is not None and (task.is_pool_task or lease.acquire_time):
@@ -1073,7 +1247,7 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
     plan.decision.why = plan.decision.why or "lease held"
 
 
-def _decide_result(task: Task, plan: _Plan) -> None:
+def _decide_result(task: Task, plan: _Plan, *, pod: PodState | None) -> None:
     result = task.status.result
     assert result is not None
     if result.status == ResultStatus.FINISHED:
@@ -1107,7 +1281,10 @@ def _decide_result(task: Task, plan: _Plan) -> None:
             final_phase=Phase.FAILED,
         )
         return
-    _end_attempt(task, plan, outcome=Outcome.FAILED, message=text)
+    # A runner stopped by its pod's eviction reports FAILED (the wrapper: Interrupted); the
+    # pod's DisruptionTarget condition, written before the eviction's SIGTERM, says why.
+    outcome, text = _disrupted(task, pod, Outcome.FAILED, text)
+    _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
 
 
 # A runner that reported its result normally exits within seconds; one that has not after

@@ -180,8 +180,21 @@ def runner_pod_seen(
         terminating=metadata.get("deletionTimestamp") is not None,
         reason=status.get("reason"),
         message=status.get("message"),
+        disruption=disruption_of(status),
+        grace_ends=metadata.get("deletionTimestamp"),
     )
     return (metadata.get("namespace", ""), owner.get("name", "")), state
+
+
+def disruption_of(status: dict[str, Any]) -> str | None:
+    """A pod's DisruptionTarget condition as "reason: message" (evicted, preempted, deleted
+    with its lost node), None when it has none."""
+    for condition in status.get("conditions") or ():
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            reason = condition.get("reason") or "DisruptionTarget"
+            message = condition.get("message")
+            return f"{reason}: {message}" if message else reason
+    return None
 
 
 def with_pod(pods: tuple[PodState, ...], state: PodState) -> tuple[PodState, ...]:

@@ -100,6 +100,7 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
         metrics=metrics,
         monotonic=sight.clock,
         blind_within=sight.blind_within,
+        ttl_after_finished=operator.ttl_after_finished,
     )
     metrics.attach(reconciler.cache)
     if operator.metrics_port:

@@ -16,7 +16,7 @@ from typing import Any
 
 from tasklease.api.models import Task
 from tasklease.lease.core import PodState
-from tasklease.operator.cache import TaskEntry, TaskKey
+from tasklease.operator.cache import TaskEntry, TaskKey, disruption_of
 
 RunnerKey = tuple[str, str]  # (namespace, the runner's pod and Lease name)
 _NO_TASKS: frozenset[TaskKey] = frozenset()
@@ -30,6 +30,7 @@ class _PoolRunner:
     duration_s: float
     renew_time: str | None = None
     gone: str | None = None  # why it is gone, once its Lease or pod is
+    disruption: str | None = None  # its pod's DisruptionTarget condition
 
     def expires_at(self) -> float:
         return self.renew_seen_at + self.duration_s
@@ -69,7 +70,11 @@ class PoolRunners:
         """A runner's pod changed; the Tasks it holds when that ends the runner."""
         metadata = body.get("metadata", {})
         key = (metadata.get("namespace", ""), metadata.get("name", ""))
-        phase = (body.get("status") or {}).get("phase")
+        status = body.get("status") or {}
+        phase = status.get("phase")
+        disruption = disruption_of(status)
+        if disruption is not None and key in self._runners:
+            self._runners[key].disruption = disruption
         why = None
         if event_type == "DELETED":
             why = f"pool runner pod {key[1]} was deleted"
@@ -79,6 +84,7 @@ class PoolRunners:
             return _NO_TASKS
         runner = self._runners.setdefault(key, _PoolRunner(self._monotonic(), 0.0))
         runner.gone = why
+        runner.disruption = disruption or runner.disruption
         return self._held_by.get(key, _NO_TASKS)
 
     def holder_state(self, task: Task) -> tuple[PodState | None, float | None]:
@@ -99,7 +105,14 @@ class PoolRunners:
         message = runner.gone or (
             f"pool runner {holder}'s Lease expired (not renewed for {runner.duration_s:.0f}s)"
         )
-        return PodState(name=holder, epoch=task.lease.epoch, gone=True, message=message), None
+        gone = PodState(
+            name=holder,
+            epoch=task.lease.epoch,
+            gone=True,
+            message=message,
+            disruption=runner.disruption,
+        )
+        return gone, None
 
     def index(self, entry: TaskEntry, holder: str | None) -> None:
         """Keep the index in step with the lease annotations: `holder` is the pool runner

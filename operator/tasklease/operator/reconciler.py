@@ -31,7 +31,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import pydantic_core
@@ -46,6 +46,7 @@ from tasklease.lease.core import (
     CreatePod,
     Decision,
     DeletePod,
+    DeleteTask,
     PatchLease,
     PatchStatus,
     PodState,
@@ -112,6 +113,9 @@ class Writer(Protocol):
     ) -> bytes: ...
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool: ...
     async def delete_pod(self, namespace: str, name: str) -> bool: ...
+    async def delete_task(
+        self, namespace: str, name: str, *, uid: str, resource_version: str
+    ) -> bool: ...
     async def record_event(
         self, task: ObjectRef, *, type_: str, reason: str, message: str
     ) -> None: ...
@@ -129,8 +133,11 @@ class Reconciler:
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: OperatorMetrics | None = None,
         blind_within: Callable[[float], float] | None = None,
+        ttl_after_finished: timedelta | None = None,
     ) -> None:
         self._writer = writer
+        # The default spec.ttlAfterFinished (the chart's operator.ttlAfterFinished).
+        self._ttl_after_finished = ttl_after_finished
         self._workers = workers
         self._monotonic = monotonic
         # How much of the last s seconds the operator could not see (`Sight.blind_within`):
@@ -270,7 +277,13 @@ class Reconciler:
             else:
                 next_pod_check = await self._deletions.delete_stale(entry, task, clock)
                 pod = entry.pod_for(task.lease.epoch)
-            decision = decide(task, sighting=entry.sighting, pod=pod, clock=clock)
+            decision = decide(
+                task,
+                sighting=entry.sighting,
+                pod=pod,
+                clock=clock,
+                ttl_after_finished=self._ttl_after_finished,
+            )
             if not decision.actions:
                 self._deferred.forget(key)
                 wake_at = min(
@@ -300,8 +313,8 @@ class Reconciler:
                     raw = await self._writer.get_task(namespace, name)
                 except Gone:
                     return
-            if self.cache.get(key) is not entry:
-                return  # deleted meanwhile
+            if self.cache.get(key) is not entry or decision.deletes_task:
+                return  # deleted meanwhile, or by this decision (its DELETED event follows)
             self._record_metrics(entry, task, decision, decided_at=clock.monotonic)
             task = self._observe(entry, raw, seen_at=self._monotonic())
         self._deadlines.schedule(key, self._monotonic() + _RETRY_AFTER_ERROR_S)
@@ -390,6 +403,10 @@ class Reconciler:
                 case DeletePod(name=pod_name):
                     # Off the critical path: the lease already fences the old runner.
                     self._deletions.in_background(entry, namespace, pod_name)
+                case DeleteTask(uid=uid, resource_version=version):
+                    await self._writer.delete_task(
+                        namespace, name, uid=uid, resource_version=version
+                    )
                 case RecordEvent(type=type_, reason=reason, message=message):
                     about = ObjectRef(namespace, name, task.uid, resource_version)
                     self._events.post(PendingEvent(about, type_, reason, message))

@@ -9,7 +9,9 @@
                 break
             work(row)
             task.progress(percent=row / 10, checkpoint={"row": row})
-    # leaving the block: FINISHED; an exception escaping it: FAILED with its stack trace
+    # leaving the block: FINISHED; an exception escaping it: FAILED with its stack trace,
+    # and the next attempt gets the last checkpoint (task.fail(..., checkpoint=...) sets one
+    # in the same write as the failure)
 
 Every write is fenced: a JSON Patch that first `test`s the Task's epoch and holder
 annotations, so the API server itself refuses the write of a runner whose lease was handed
@@ -165,6 +167,11 @@ class TaskLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._progress: dict[str, Any] = {"epoch": identity.epoch}
+        if identity.checkpoint is not None:
+            # Until this attempt sets a checkpoint of its own, it stands where the previous
+            # one left off: its reports (the acknowledgement first) keep that checkpoint in
+            # status.progress, so an attempt that fails before setting one hands it on.
+            self._progress["checkpoint"] = identity.checkpoint
         self._canceled = False
         self._lost = False
         self._result_sent = False
@@ -286,7 +293,11 @@ class TaskLease:
         fields: Mapping[str, str] | None = None,
         checkpoint: Any = _UNSET,
     ) -> bool:
-        """Record progress and report it at once. Returns False when it was refused."""
+        """Record progress and report it at once. Returns False when it was refused or not
+        delivered; what was recorded goes out with the next heartbeat, and with fail().
+
+        `checkpoint` (any JSON value) is what the next attempt resumes from
+        (`TASKLEASE_CHECKPOINT`, the `checkpoint` property) if this one does not finish."""
         with self._lock:
             if percent is not None:
                 self._progress["percent"] = max(0.0, min(100.0, float(percent)))
@@ -327,20 +338,45 @@ class TaskLease:
         """Report FALSE (AWS: a precondition was not met); the task becomes Skipped."""
         self._set_result(ResultStatus.FALSE, error_message=message)
 
-    def fail(self, error_id: str, message: str, *, stack_trace: str | None = None) -> None:
-        """Report FAILED; the operator retries unless error_id is non-retryable."""
+    def fail(
+        self,
+        error_id: str,
+        message: str,
+        *,
+        stack_trace: str | None = None,
+        checkpoint: Any = _UNSET,
+    ) -> None:
+        """Report FAILED; the operator retries unless error_id is non-retryable.
+
+        The next attempt resumes from `checkpoint` (any JSON value; None: from scratch) or,
+        without it, from the newest checkpoint set through `progress()`, delivered or not
+        (a report refused by a passing error is only re-sent at the next heartbeat), else
+        from the one this attempt was handed. The progress with that checkpoint and the
+        result go in one fenced write: the Task never shows the failure without the
+        checkpoint, so the operator cannot hand the task on without it.
+        """
         self._set_result(
             ResultStatus.FAILED,
+            progress={} if checkpoint is _UNSET else {"checkpoint": checkpoint},
             error_id=error_id[:256],
             error_message=message[-4096:],
             error_stack_trace=stack_trace[-32768:] if stack_trace else None,
         )
 
-    def _set_result(self, status: ResultStatus, **details: str | None) -> None:
+    def _set_result(
+        self,
+        status: ResultStatus,
+        *,
+        progress: Mapping[str, Any] | None = None,
+        **details: str | None,
+    ) -> None:
+        """Write the result; with `progress` (changes to the current progress), the
+        progress too, in the same fenced write."""
+        report_time = self._report_time()
         result: dict[str, Any] = {
             "epoch": self.identity.epoch,
             "status": status.value,
-            "reportTime": self._report_time(),
+            "reportTime": report_time,
         }
         result.update({_camel(k): v for k, v in details.items() if v is not None})
         with self._lock:
@@ -348,13 +384,24 @@ class TaskLease:
                 raise RuntimeError("the result was already reported")
             if self._lost:
                 raise LeaseLost(self.cancel_reason)
+            operations: list[dict[str, Any]] = []
+            if progress is not None:
+                self._progress.update(progress)
+                operations.append(
+                    {
+                        "op": "add",
+                        "path": "/status/progress",
+                        "value": dict(self._progress, reportTime=report_time),
+                    }
+                )
+            operations.append({"op": "add", "path": "/status/result", "value": result})
             # Retried while the failure is not a proven loss: a result lost to a network
             # blip would cost a whole progress timeout and an attempt. Retrying ends when
             # the runner has been silent for as long as the operator waits for a report.
             delay = 0.5
             while True:
                 try:
-                    self._fenced_patch([{"op": "add", "path": "/status/result", "value": result}])
+                    self._fenced_patch(operations)
                 except LeaseLost:
                     raise
                 except Exception as error:

@@ -15,8 +15,10 @@ own to take part in the protocol:
    the program (SIGTERM, the grace period, SIGKILL), reports nothing and exits 143;
 5. when the program ends, its exit status becomes the result: 0 is FINISHED; anything else
    is FAILED with errorId `ExitCode<N>` or `KilledBy<SIGNAL>` and the end of the program's
-   stderr as the message. The wrapper then exits with the program's exit code (128+N for
-   a program killed by signal N, as shells do).
+   stderr as the message, and carries the last checkpoint the program wrote into the
+   progress file in the same write as the failure, so the next attempt resumes from it
+   even when the progress report before it was refused or lost. The wrapper then exits
+   with the program's exit code (128+N for a program killed by signal N, as shells do).
 
 The program's stdout is the wrapper's own (inherited); its stderr passes through the
 wrapper, which keeps only a bounded tail (the last 8 KiB) for the error message.
@@ -88,7 +90,14 @@ class RunnerLease(Protocol):
 
     def succeed(self) -> None: ...
 
-    def fail(self, error_id: str, message: str, *, stack_trace: str | None = None) -> None: ...
+    def fail(
+        self,
+        error_id: str,
+        message: str,
+        *,
+        stack_trace: str | None = None,
+        checkpoint: Any = ...,
+    ) -> None: ...
 
 
 # --- pure parts ---------------------------------------------------------------------------
@@ -195,6 +204,9 @@ class ProgressFileWatcher:
         # Content present before the program started (a reused --progress-file) is stale.
         self._signature = self._stat()
         self._last_reported: ProgressUpdate | None = None
+        # The newest checkpoint the file set (a checkpoint stays until the file sets
+        # another): {"checkpoint": value}, or empty while it set none.
+        self.checkpoint: dict[str, Any] = {}
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -221,6 +233,8 @@ class ProgressFileWatcher:
         if not update.usable or update.same_report(self._last_reported):
             return None
         self._last_reported = update
+        if update.has_checkpoint:
+            self.checkpoint = {"checkpoint": update.checkpoint}
         return update
 
 
@@ -465,7 +479,7 @@ def _supervise(
         if update is not None:
             report_update(task, update)
         outcome = outcome_of(returncode, interrupted_by=received[0] if received else None)
-        return _report_outcome(task, outcome, tail.text())
+        return _report_outcome(task, outcome, tail.text(), checkpoint=watcher.checkpoint)
     finally:
         if child is not None and child.process.poll() is None:  # only on an error of ours
             child.signal(signal.SIGKILL)
@@ -473,7 +487,17 @@ def _supervise(
             signal.signal(forwarded, handler)
 
 
-def _report_outcome(task: RunnerLease, outcome: ProgramOutcome, stderr_tail: str) -> int:
+def _report_outcome(
+    task: RunnerLease,
+    outcome: ProgramOutcome,
+    stderr_tail: str,
+    *,
+    checkpoint: Mapping[str, Any],
+) -> int:
+    """Report the program's outcome. A failure carries `checkpoint` ({"checkpoint": value},
+    or empty) in the result's own write: the progress report just before it may have been
+    refused by a passing error, and would go out again only with a heartbeat, which the
+    result ends."""
     try:
         if outcome.succeeded:
             task.succeed()
@@ -484,6 +508,7 @@ def _report_outcome(task: RunnerLease, outcome: ProgramOutcome, stderr_tail: str
                 outcome.error_id,
                 failure_message(outcome.summary, stderr_tail),
                 stack_trace=stderr_tail or None,
+                **checkpoint,
             )
             logger.info("%s: reported FAILED (%s)", outcome.summary, outcome.error_id)
     except LeaseLost:
