@@ -118,6 +118,9 @@ class _FakeCache:
     def phase_counts(self) -> dict[Phase, int]:
         return {}
 
+    def overdue_counts(self) -> dict[Phase, int]:
+        return {}
+
     def report_ages(self) -> Iterable[float]:
         return []
 

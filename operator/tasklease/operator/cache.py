@@ -7,9 +7,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from tasklease.api.models import EPOCH_LABEL, KIND, Phase
+from tasklease.api.models import EPOCH_LABEL, KIND, Phase, Task
 from tasklease.lease.core import PodState, Sighting
 
 TaskKey = tuple[str, str]  # (namespace, name)
@@ -42,6 +43,9 @@ class TaskEntry:
     invalid: str | None = None
     sighting: Sighting | None = None
     phase: Phase | None = None  # of the last parsed version, for metrics
+    # When it will have waited Pending or Assigned for longer than it should (monotonic;
+    # `overdue_at`), for the stuck-Tasks metric.
+    overdue_at: float | None = None
     pods: tuple[PodState, ...] = ()  # runner pods seen (by name; one or two, rarely more)
     deleting: set[str] | None = None  # pods we asked to delete (a set only when there are)
     pod_created_for_epoch: int = 0
@@ -141,6 +145,15 @@ class TaskCache:
                 counts[entry.phase] = counts.get(entry.phase, 0) + 1
         return counts
 
+    def overdue_counts(self) -> dict[Phase, int]:
+        """Tasks Pending or Assigned for longer than they should be (`overdue_at`)."""
+        now = self._monotonic()
+        counts: dict[Phase, int] = {}
+        for entry in list(self._entries.values()):  # another thread; see phase_counts
+            if entry.overdue_at is not None and entry.phase is not None and now > entry.overdue_at:
+                counts[entry.phase] = counts.get(entry.phase, 0) + 1
+        return counts
+
     def report_ages(self) -> list[float]:
         now = self._monotonic()
         ages = []
@@ -151,6 +164,32 @@ class TaskCache:
             seen = sighting.report_seen_at or sighting.epoch_seen_at
             ages.append(now - seen)
         return ages
+
+
+# An operator times a lease out at its deadline, within a second: a Task still Assigned this
+# long after its ack window is one the operator is not acting on.
+OVERDUE_GRACE_S = 30.0
+
+
+def overdue_at(task: Task, sighting: Sighting, *, now: float, wall: datetime) -> float | None:
+    """When `task`, just seen in its phase at `now` (monotonic), will be overdue: Assigned
+    (or handed out and not yet recorded) past its ack window from the hand-out as this
+    process saw it, or Pending for an ack window after its backoff, without a hand-out;
+    plus OVERDUE_GRACE_S. None for the other phases, and for pool Tasks while Pending
+    (waiting for a claim is the pool's queue)."""
+    status = task.status
+    window = task.spec.ack_timeout.total_seconds() + OVERDUE_GRACE_S
+    lease = task.lease
+    # Handed out, the status not yet recorded (put off during a burst of hand-outs): as
+    # good as Assigned.
+    handed_out = lease.holder is not None and lease.epoch > status.epoch
+    if status.phase == Phase.ASSIGNED or (status.phase == Phase.PENDING and handed_out):
+        return sighting.epoch_seen_at + window
+    if status.phase == Phase.PENDING and not task.is_pool_task:
+        retry = status.next_attempt_time
+        backoff = max(0.0, (retry - wall).total_seconds()) if retry is not None else 0.0
+        return now + backoff + window
+    return None
 
 
 def runner_pod_seen(

@@ -39,6 +39,7 @@ DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 *
 
 class TaskCache(Protocol):
     def phase_counts(self) -> dict[Phase, int]: ...
+    def overdue_counts(self) -> dict[Phase, int]: ...
     def report_ages(self) -> Iterable[float]: ...
 
 
@@ -192,6 +193,17 @@ class _CacheCollector(Collector):
         for phase in Phase:
             phases.add_metric([phase.value], counts.get(phase, 0))
         yield phases
+
+        overdue = GaugeMetricFamily(
+            "tasklease_tasks_overdue",
+            "Tasks Assigned for longer than their ackTimeout plus 30s, or Pending (not waiting "
+            "for a pool runner) for that long after their backoff: nothing moves them on.",
+            labels=["phase"],
+        )
+        late = self._cache.overdue_counts()
+        for phase in (Phase.PENDING, Phase.ASSIGNED):
+            overdue.add_metric([phase.value], late.get(phase, 0))
+        yield overdue
 
         tally: Tally[float] = Tally()
         total = 0.0

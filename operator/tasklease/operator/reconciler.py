@@ -61,6 +61,7 @@ from tasklease.operator.cache import (
     TaskEntry,
     TaskKey,
     comparable_version,
+    overdue_at,
     runner_pod_seen,
 )
 from tasklease.operator.deferral import DeferredWrites
@@ -335,12 +336,16 @@ class Reconciler:
         entry.newest_version = max(
             entry.newest_version, comparable_version(task.metadata.get("resourceVersion"))
         )
-        entry.phase = task.status.phase
         self._pool_runners.index(entry, task.lease.holder if task.is_pool_task else None)
-        sighting = observe(entry.sighting, task, now=seen_at, blind_within=self._blind_within)
+        previous = entry.sighting
+        sighting = observe(previous, task, now=seen_at, blind_within=self._blind_within)
         if sighting.epoch == entry.pod_created_for_epoch and not sighting.pod_ensured:
             sighting = dataclasses.replace(sighting, pod_ensured=True)
         entry.sighting = sighting
+        phase = task.status.phase
+        if phase != entry.phase or previous is None or previous.epoch != sighting.epoch:
+            entry.overdue_at = overdue_at(task, sighting, now=seen_at, wall=self._wall())
+        entry.phase = phase
         return task
 
     def _hold_body(self, entry: TaskEntry, raw: Body) -> None:
