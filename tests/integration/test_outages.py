@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import config
+from kubernetes import client, config
 
 from tasklease.api.times import parse_rfc3339
+from tasklease.executor import LocalExecutor
 from tasklease.runner import TaskLease
 from tests.conftest import CRDS_DIR
 from tests.integration.chart_support import (
@@ -330,3 +331,45 @@ def test_crash_looping_operator_still_expires_dead_leases(
         operator.stop()
         if runner is not None:
             runner.close()
+
+
+def test_executor_finishes_a_graceful_deletion_the_api_server_was_down_for(
+    own_plane: Any, tmp_path: Path
+) -> None:
+    """A pod's grace period ends while the API server is down: the executor (the local
+    node's kubelet) kills the process, cannot remove the pod then, and does once the API
+    server is back, as a kubelet finishes a deletion; the pod must not stay for ever."""
+    api = config.new_client_from_config(config_file=str(own_plane.kubeconfig))
+    core = client.CoreV1Api(api)
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "stubborn"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["sh", "-c", 'trap "" TERM; sleep 600 & wait'],
+                }
+            ],
+        },
+    }
+    with LocalExecutor(own_plane.kubeconfig, tmp_path / "executor", all_pods=True) as executor:
+        core.create_namespaced_pod(NAMESPACE, manifest)
+        wait_for("its process", lambda: executor.pid_of(NAMESPACE, "stubborn"), timeout=30)
+        core.delete_namespaced_pod("stubborn", NAMESPACE)
+        own_plane.restart_apiserver(down_for_s=5)  # the grace period ends meanwhile
+        assert executor.pid_of(NAMESPACE, "stubborn") is None  # killed in the outage
+
+        def gone() -> bool:
+            return not [
+                p
+                for p in core.list_namespaced_pod(NAMESPACE).items
+                if p.metadata.name == "stubborn"
+            ]
+
+        wait_for("the pod to be removed", gone, timeout=60, retrying=(Exception,))
+    api.close()

@@ -921,6 +921,12 @@ class LocalExecutor:
                 logger.warning("pod %s: removing failed: %s", run.key, _api_message(error))
                 run.removed = False
             return
+        except Exception as error:  # connection trouble (the API server restarting)
+            # Tried again when the pod is seen next (the watch lists it again once it is
+            # back), as a kubelet finishes a graceful deletion once it can.
+            logger.warning("pod %s: removing failed (trying again when seen): %s", run.key, error)
+            run.removed = False
+            return
         logger.info("pod %s: removed", run.key)
 
     def _write_status(self, run: _Run, body: dict[str, Any]) -> None:
