@@ -35,6 +35,7 @@ from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import LocalCluster, LocalRegistry
 from tests.e2e.hoststate import host_state
 from tests.integration.support import Cluster, wait_for
+from tests.monitoring.prometheus import assert_every_query_has_data, running_prometheus
 from tests.readme import readme_lines
 
 if TYPE_CHECKING:
@@ -341,6 +342,36 @@ def test_killed_runner_container_is_replaced_at_once(release: Release) -> None:
     status = release.tasks.wait_phase(name, "Succeeded", timeout=50)
     outcomes = [attempt["outcome"] for attempt in status["attempts"]]
     assert outcomes == ["PodFailed", "Succeeded"], release.describe(name)
+
+
+def test_prometheus_scrapes_the_chart_installed_operator(release: Release, tmp_path: Path) -> None:
+    """The monitoring the chart ships, on the operator as the chart runs it: a real Prometheus
+    scrapes the operator pod's metrics port (what the chart's ServiceMonitor points at) while
+    a runner container is killed and its Task handed on, and every dashboard query and alert
+    expression has data, every rule evaluates, and neither down nor not-leading fires."""
+    (pod,) = release.operator_pods()
+    target = f"{pod['status']['podIP']}:8080"  # the chart's metrics.port
+    with running_prometheus(tmp_path, target) as prometheus:
+        wait_for(
+            "Prometheus to scrape the operator pod",
+            lambda: prometheus.query('up{job="tasklease"} == 1'),
+            timeout=60,
+        )
+        name = "watched-runner"
+        first_pod = release.start_runner(name, lease="60s", work_s=3)
+        release.cluster.ctr(
+            "tasks", "kill", "--all", "--signal", "SIGKILL", release.container_id(first_pod)
+        )
+        release.tasks.wait_phase(name, "Succeeded", timeout=50)
+        wait_for(
+            "Prometheus to have scraped the reassignment",
+            lambda: prometheus.query(
+                'increase(tasklease_reassignments_total{job="tasklease", reason="PodFailed"}[1m])'
+                " > 0"
+            ),
+            timeout=30,
+        )
+        assert_every_query_has_data(prometheus)
 
 
 def _token_kubeconfig(release: Release, pod: str, path: Path) -> dict[str, str]:

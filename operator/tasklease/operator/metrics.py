@@ -137,6 +137,8 @@ class OperatorMetrics:
             self.reassignments.labels(outcome.value)
         for type_ in ("Normal", "Warning"):
             self.events_dropped.labels(type_)
+        for budget in ("requests", "events"):
+            self.api_throttle.labels(budget)
 
     def attach(self, cache: TaskCache) -> None:
         """Export per-Task figures computed from `cache` at scrape time."""
