@@ -132,9 +132,23 @@ class Api:
     for long-running watches, so a watch never waits for a request slot.
     """
 
-    def __init__(self, server: str, *, ca: Path, cert: Path, key: Path, connections: int) -> None:
+    def __init__(
+        self,
+        server: str,
+        *,
+        ca: Path,
+        cert: Path | None = None,
+        key: Path | None = None,
+        token: str | None = None,
+        connections: int,
+    ) -> None:
+        """With `token`, a bearer token (a runner pod's bound token) instead of the client
+        certificate (the API server would authenticate the certificate first)."""
         context = ssl.create_default_context(cafile=str(ca))
-        context.load_cert_chain(str(cert), str(key))
+        if token is None:
+            assert cert is not None and key is not None, "a client certificate or a token"
+            context.load_cert_chain(str(cert), str(key))
+        self._token = token
         self.server = server.rstrip("/")
         self._context = context
         self._connections = connections
@@ -148,7 +162,8 @@ class Api:
             ),
             timeout=aiohttp.ClientTimeout(total=120),
             skip_auto_headers=("User-Agent",),
-            headers={"User-Agent": "tasklease-bench"},
+            headers={"User-Agent": "tasklease-bench"}
+            | ({"Authorization": f"Bearer {self._token}"} if self._token else {}),
         )
         self._watch_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=self._context, limit=32),
