@@ -72,4 +72,6 @@ def test_requests_and_waits_are_exported_by_verb_resource_code_and_budget() -> N
 
     assert value("tasklease_api_throttle_seconds_count", budget="requests") == 1
     assert value("tasklease_api_throttle_seconds_sum", budget="requests") == 0.5
-    assert value("tasklease_api_throttle_seconds_count", budget="events") is None
+    assert (
+        value("tasklease_api_throttle_seconds_count", budget="events") == 0
+    )  # at zero from the start
