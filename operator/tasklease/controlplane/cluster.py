@@ -137,15 +137,25 @@ def _sweep_stale_temp_dirs() -> None:
             continue
 
 
-class _StateDir:
-    """The folder holding certs, etcd data, logs and kubeconfigs of one control plane.
+class StateDir:
+    """The folder holding one local component's files: a control plane's certs, etcd data,
+    logs and kubeconfigs (or, with another `marker`, the registry's storage).
 
     A folder given by the caller is reused across runs (the CLI's `./.tasklease/controlplane`),
     so it is marked as ours and locked while in use: a second `up` on the same folder fails
-    instead of wiping the first one's etcd data, and a folder that is not ours is never wiped.
+    instead of wiping the first one's files, and a folder that is not ours is never wiped.
+    Without one, a temporary folder is made (and swept once its owner died).
     """
 
-    def __init__(self, requested: Path | None) -> None:
+    def __init__(
+        self,
+        requested: Path | None,
+        *,
+        marker: str = MARKER,
+        owner: str = "control plane",
+        error: Callable[[str], Exception] = ControlPlaneError,
+    ) -> None:
+        self._marker = marker
         if requested is None:
             _sweep_stale_temp_dirs()
             self.path = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
@@ -155,21 +165,21 @@ class _StateDir:
             self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             entries = {entry.name for entry in self.path.iterdir()}
-            if entries and MARKER not in entries:
-                raise ControlPlaneError(
+            if entries and marker not in entries:
+                raise error(
                     f"state dir {self.path} is not empty and was not made by tasklease; "
                     f"choose an empty or new folder"
                 )
-        self._lock: IO[str] | None = (self.path / MARKER).open("a+")
+        self._lock: IO[str] | None = (self.path / marker).open("a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.seek(0)
-            owner = self._lock.read().strip() or "unknown"
+            holder = self._lock.read().strip() or "unknown"
             self._lock.close()
             self._lock = None
-            raise ControlPlaneError(
-                f"state dir {self.path} is in use by another control plane (pid {owner})"
+            raise error(
+                f"state dir {self.path} is in use by another {owner} (pid {holder})"
             ) from None
         self._lock.truncate(0)
         self._lock.write(f"{os.getpid()}\n")
@@ -178,7 +188,7 @@ class _StateDir:
 
     def clear(self) -> None:
         for entry in self.path.iterdir():
-            if entry.name == MARKER:
+            if entry.name == self._marker:
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -197,7 +207,7 @@ class _StateDir:
             else:
                 with contextlib.suppress(OSError):
                     self.clear()
-                    (self.path / MARKER).unlink()
+                    (self.path / self._marker).unlink()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -231,7 +241,7 @@ class ControlPlane:
     """A running control plane. Start with `ControlPlane.start()`, ideally as a context
     manager; `stop()` is idempotent and also runs at interpreter exit."""
 
-    def __init__(self, *, state: _StateDir, binaries: Binaries, pki: Pki, keep_state: bool) -> None:
+    def __init__(self, *, state: StateDir, binaries: Binaries, pki: Pki, keep_state: bool) -> None:
         self.node: Node | None = None
         self._state = state
         self.binaries = binaries
@@ -302,7 +312,7 @@ class ControlPlane:
             binaries = obtain_binaries(progress=progress)
         requested = Path(state_dir) if state_dir is not None else None
         for attempt in range(1, _PORT_RETRIES + 1):
-            state = _StateDir(requested)
+            state = StateDir(requested)
             plane: ControlPlane | None = None
             try:
                 plane = cls(

@@ -642,7 +642,9 @@ class Node:
             )
         )
         containerd = self._spawn("containerd", ["containerd", "--config", str(config)])
-        self._await(containerd, self._containerd_ready, timeout=timeout, what="answer")
+        containerd.await_ready(
+            self._containerd_ready, timeout=timeout, what="answer", error=NodeError
+        )
         for archive in (images.sandbox, *images.others):
             self.import_image(archive)
 
@@ -700,21 +702,6 @@ class Node:
         except (NodeError, subprocess.TimeoutExpired):
             return False
         return True
-
-    def _await(self, child: Child, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if not child.running:
-                raise NodeError(
-                    f"{child.name} exited with code {child.process.returncode} during "
-                    f"start-up. Last {TAIL_LINES} lines of its log:\n{child.tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise NodeError(
-                    f"{child.name} did not {what} within {timeout:.0f}s. Last {TAIL_LINES} "
-                    f"lines of its log:\n{child.tail()}"
-                )
-            time.sleep(0.1)
 
     def _make_network(self, *, apiserver_port: int, service_ip: str) -> Addresses:
         addresses = Addresses.pick(_networks_in_use(), start=secrets.randbelow(256))

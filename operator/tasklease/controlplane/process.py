@@ -131,6 +131,30 @@ class Child:
         self._log.flush()
         return log_tail(self.log_path, lines)
 
+    def await_ready(
+        self,
+        ready: Callable[[], bool],
+        *,
+        timeout: float,
+        what: str,
+        error: Callable[[str], Exception],
+    ) -> None:
+        """Poll `ready` until it holds; `error(message)` with the end of the log when the
+        process exits first, or does not `what` ("answer") within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not self.running:
+                raise error(
+                    f"{self.name} exited with code {self.process.returncode} during start-up. "
+                    f"Last {TAIL_LINES} lines of its log:\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise error(
+                    f"{self.name} did not {what} within {timeout:.0f}s. Last {TAIL_LINES} "
+                    f"lines of its log:\n{self.tail()}"
+                )
+            time.sleep(0.1)
+
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGTERM, wait up to `timeout`, then SIGKILL. Idempotent."""
         try:

@@ -19,20 +19,16 @@ and the chart are installed from a registry, as on a real cluster.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import secrets
 import shutil
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
-from tasklease.controlplane.cluster import free_port
+from tasklease.controlplane.cluster import StateDir, free_port
 from tasklease.controlplane.node import add_registry_mirror, read_link
 from tasklease.controlplane.process import TAIL_LINES, Child
 
@@ -77,11 +73,10 @@ class Registry:
     """A running registry. `Registry.start(folder, binary=...)`; `stop()` is idempotent and
     removes what it made (its process, the node's relay and hosts.toml, its folder's content)."""
 
-    def __init__(self, folder: Path, lock: IO[str], created: bool) -> None:
-        self.folder = folder
+    def __init__(self, state: StateDir) -> None:
+        self._state = state
+        self.folder = state.path
         self.address = ""  # 127.0.0.1:PORT once started
-        self._lock: IO[str] | None = lock
-        self._created = created
         self._children: list[Child] = []
         self._mirrors: list[Path] = []
         self._stopped = False
@@ -102,24 +97,8 @@ class Registry:
     def start(cls, folder: Path, *, binary: Path, timeout_s: float = 30.0) -> Registry:
         """Start the registry with its files in `folder` (made if missing; refused if it holds
         files that are not a registry's); return once it answers `GET /v2/`."""
-        folder = folder.expanduser().resolve()
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        entries = {entry.name for entry in folder.iterdir()}
-        if entries and MARKER not in entries:
-            raise RegistryError(
-                f"{folder} is not empty and was not made by tasklease's registry; choose an "
-                f"empty or new folder"
-            )
-        lock = (folder / MARKER).open("a+")
+        registry = cls(StateDir(folder, marker=MARKER, owner="registry", error=RegistryError))
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise RegistryError(f"{folder} is in use by another registry") from None
-        registry = cls(folder, lock, created)
-        try:
-            registry._clear()
             registry._boot(binary, timeout_s=timeout_s)
         except BaseException:
             registry.stop()
@@ -141,7 +120,12 @@ class Registry:
             log_path=self.folder / "relay.log",
         )
         self._children.append(relay)
-        self._await(relay, lambda: self._answers(f"http://{relay_address}"), timeout_s)
+        relay.await_ready(
+            lambda: self._answers(f"http://{relay_address}"),
+            timeout=timeout_s,
+            what="answer",
+            error=RegistryError,
+        )
         try:
             mirror = add_registry_mirror(
                 node_folder, host=self.address, mirror=f"http://{relay_address}"
@@ -186,26 +170,9 @@ class Registry:
             shutil.rmtree(mirror, ignore_errors=True)
         for child in reversed(self._children):
             child.stop(timeout=STOP_TIMEOUT_S)
-        if self._created:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                self._clear()
-                (self.folder / MARKER).unlink()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        self._state.release(keep=False)
 
     # -- start-up ----------------------------------------------------------------------
-
-    def _clear(self) -> None:
-        for entry in self.folder.iterdir():
-            if entry.name == MARKER:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
 
     def _boot(self, binary: Path, *, timeout_s: float) -> None:
         env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
@@ -220,7 +187,12 @@ class Registry:
                 "registry", [str(binary), "serve", str(config)], log_path=self.log_path, env=env
             )
             try:
-                self._await(child, lambda: self._answers(self.url), timeout_s)
+                child.await_ready(
+                    lambda: self._answers(self.url),
+                    timeout=timeout_s,
+                    what="answer",
+                    error=RegistryError,
+                )
             except RegistryError as error:
                 child.stop(timeout=STOP_TIMEOUT_S)
                 if "address already in use" not in str(error) or attempt == _PORT_RETRIES:
@@ -236,18 +208,3 @@ class Registry:
                 return int(response.status) == 200
         except (OSError, ValueError):
             return False
-
-    def _await(self, child: Child, ready: Callable[[], bool], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not ready():
-            if not child.running:
-                raise RegistryError(
-                    f"{child.name} exited with code {child.process.returncode} during "
-                    f"start-up. Last {TAIL_LINES} lines of its log:\n{child.tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise RegistryError(
-                    f"{child.name} did not answer within {timeout_s:.0f}s. Last "
-                    f"{TAIL_LINES} lines of its log:\n{child.tail()}"
-                )
-            time.sleep(0.1)
