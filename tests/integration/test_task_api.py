@@ -14,6 +14,7 @@ from subprocess import CompletedProcess
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -28,6 +29,7 @@ from tasklease.api.models import (
     Task,
     TaskSpec,
 )
+from tests.readme import readme_block
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -417,3 +419,22 @@ def test_short_name_and_category(kubectl: Kubectl, namespace: str) -> None:
     for resource in ("tl", "tasklease", "tasks.tasklease.io"):
         listed = kubectl("get", resource, "-n", namespace, "-o", "name").stdout.split()
         assert listed == ["task.tasklease.io/demo"], resource
+
+
+ATTEMPT_POLICIES_MARKER = (
+    "<!-- tests/integration/test_task_api.py creates a Task with this spec as it is -->"
+)
+
+
+def test_the_readmes_attempt_policies_are_accepted_as_written(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """The README's attempt-policy block, with a pod template beside it, is a Task the API
+    server accepts and keeps as written."""
+    spec = yaml.safe_load(readme_block(ATTEMPT_POLICIES_MARKER, "yaml"))["spec"]
+    result = create(kubectl, namespace, task("policies", **spec))
+    assert result.returncode == 0, result.stderr
+    stored = get(kubectl, namespace, "policies")["spec"]
+    assert stored["replacementPolicy"] == spec["replacementPolicy"] == "AfterTermination"
+    assert stored["ttlAfterFinished"] == spec["ttlAfterFinished"]
+    assert {k: stored["retry"][k] for k in spec["retry"]} == spec["retry"]

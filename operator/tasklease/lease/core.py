@@ -60,6 +60,8 @@ RUNNER_REPORTED = frozenset({Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.FAILED}
 # Lease losses are handed out again at once (AWS reassigns a task whose reports stopped);
 # failures of the work itself wait for the backoff so a crash loop does not spin.
 BACKED_OFF = frozenset({Outcome.FAILED, Outcome.POD_FAILED})
+# Outcomes that a disruption of the pod (evicted, preempted, its node lost) can explain.
+DISRUPTABLE = frozenset({Outcome.POD_LOST, Outcome.POD_FAILED, Outcome.RUNNER_LOST, Outcome.FAILED})
 
 CONDITION_LEASED = "Leased"
 CONDITION_COMPLETE = "Complete"
@@ -567,8 +569,11 @@ def _end_attempt(
 ) -> None:
     """Close the current attempt and either finish the task or schedule the next attempt.
 
-    `final_phase` None means: retry if the policy allows, else fail.
+    `final_phase` None means: retry if the policy allows, else fail. An outcome of the pod or
+    the runner failing (`DISRUPTABLE`) becomes Disrupted when the pod was disrupted.
     """
+    if final_phase is None and outcome in DISRUPTABLE:
+        outcome, message = _disrupted(task, pod, outcome, message)
     now = plan.clock.wall
     status = task.status
     spec = task.spec
@@ -1111,10 +1116,13 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
 
     if pod is not None and pod.epoch == lease.epoch and task.is_pool_task:
         if pod.gone or pod.terminating or pod.terminated:
-            outcome, text = _disrupted(
-                task, pod, Outcome.RUNNER_LOST, pod.message or f"pool runner {pod.name} is gone"
+            _end_attempt(
+                task,
+                plan,
+                outcome=Outcome.RUNNER_LOST,
+                message=pod.message or f"pool runner {pod.name} is gone",
+                pod=pod,
             )
-            _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
             return
     elif pod is not None and pod.epoch == lease.epoch and pod.reason == POD_REJECTED:
         message = f"the API server refused to create pod {pod.name}: {pod.message}"
@@ -1127,16 +1135,16 @@ def _decide_active(task: Task, plan: _Plan, *, sighting: Sighting, pod: PodState
     elif pod is not None and pod.epoch == lease.epoch and pod.reason != FAILED_CREATE:
         if pod.gone or pod.terminating:
             what = "was deleted" if pod.gone else "is being deleted"
-            outcome, text = _disrupted(task, pod, Outcome.POD_LOST, f"pod {pod.name} {what}")
-            _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
+            _end_attempt(
+                task, plan, outcome=Outcome.POD_LOST, message=f"pod {pod.name} {what}", pod=pod
+            )
             return
         if pod.terminated:
             detail = ": ".join(p for p in (pod.reason, pod.message) if p)
             text = f"pod {pod.name} ended ({pod.phase}) without reporting a result" + (
                 f" ({detail})" if detail else ""
             )
-            outcome, text = _disrupted(task, pod, Outcome.POD_FAILED, text)
-            _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
+            _end_attempt(task, plan, outcome=Outcome.POD_FAILED, message=text, pod=pod)
             return
 
     if spec.attempt_timeout is not None and (task.is_pool_task or lease.acquire_time):
@@ -1283,8 +1291,7 @@ def _decide_result(task: Task, plan: _Plan, *, pod: PodState | None) -> None:
         return
     # A runner stopped by its pod's eviction reports FAILED (the wrapper: Interrupted); the
     # pod's DisruptionTarget condition, written before the eviction's SIGTERM, says why.
-    outcome, text = _disrupted(task, pod, Outcome.FAILED, text)
-    _end_attempt(task, plan, outcome=outcome, message=text, pod=pod)
+    _end_attempt(task, plan, outcome=Outcome.FAILED, message=text, pod=pod)
 
 
 # A runner that reported its result normally exits within seconds; one that has not after
