@@ -1000,7 +1000,7 @@ def _wait_for_termination(task: Task, plan: _Plan, *, pod: PodState | None) -> N
     """Hold the next attempt back until the previous pod ends (AfterTermination), and say
     so on the Task: WaitingForTermination, then TerminationOverdue once the pod outlives
     its grace period by TERMINATION_OVERDUE_AFTER (no kubelet finishes its deletion)."""
-    if task.lease.holder or CLAIMABLE_LABEL in task.labels:
+    if task.lease.holder:  # a pod-per-attempt task: never claimable
         _release_lease(plan)  # the old runner is fenced while it winds down
         return
     status = task.status
