@@ -157,6 +157,18 @@ class Cluster:
     def event_reasons(self, name: str) -> list[str]:
         return [e.reason for e in self.events(name)]
 
+    def wait_events(self, name: str, *reasons: str, timeout: float = 30) -> list[str]:
+        """The reasons of the Events about `name` once all of `reasons` are among them. The
+        operator sends Events from their own queue, a moment after the status write a test
+        waits for, so a test never reads them at once."""
+        wanted = set(reasons)
+        return wait_for(
+            f"the {', '.join(reasons)} Event(s) of {name}",
+            lambda: self.event_reasons(name),
+            until=lambda found: wanted <= set(found),
+            timeout=timeout,
+        )
+
     def set_pod_phase(self, pod_name: str, phase: str, *, reason: str | None = None) -> None:
         """Play the kubelet: there is none here, so a test reports the pod's fate itself."""
         status: dict[str, Any] = {"phase": phase}

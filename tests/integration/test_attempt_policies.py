@@ -113,11 +113,7 @@ def test_after_termination_policy_never_runs_two_attempts_at_once(
         assert first_of_second < last_of_first, (first_of_second, last_of_first)
     else:
         assert first_of_second > last_of_first, (first_of_second, last_of_first)
-        wait_for(
-            "the WaitingForTermination Event",
-            lambda: "WaitingForTermination" in cluster.event_reasons("stubborn"),
-            timeout=10,
-        )
+        cluster.wait_events("stubborn", "WaitingForTermination", timeout=10)
 
 
 def test_unterminated_old_pod_is_reported_not_waited_on_silently(
@@ -159,15 +155,7 @@ def test_unterminated_old_pod_is_reported_not_waited_on_silently(
     message = leased_condition(status)["message"]
     assert "its node may be unreachable" in message, message
     assert "kubectl delete pod stranded-1 --grace-period=0 --force" in message, message
-    # Events are sent from their own queue, a moment after the status write.
-    wait_for(
-        "both Events",
-        lambda: (
-            {"WaitingForTermination", "TerminationOverdue"}
-            <= set(cluster.event_reasons("stranded"))
-        ),
-        timeout=10,
-    )
+    cluster.wait_events("stranded", "WaitingForTermination", "TerminationOverdue", timeout=10)
     assert [p.metadata.name for p in cluster.pods("stranded")] == ["stranded-1"]
 
     cluster.core.delete_namespaced_pod("stranded-1", cluster.namespace, grace_period_seconds=0)

@@ -135,9 +135,7 @@ def test_kubectl_plugin_get_describe_cancel_rerun_logs(
     try:
         assert lease.progress(percent=40, message="loading partition 4")
         cluster.wait_phase("orders", "Running")
-        wait_for(
-            "the Acknowledged event", lambda: "Acknowledged" in cluster.event_reasons("orders")
-        )
+        cluster.wait_events("orders", "Acknowledged")
 
         # get: the namespace from -n, and from the context when no -n is given.
         listed = run_kubectl("tasklease", "get", "-n", namespace)

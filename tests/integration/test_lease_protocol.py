@@ -65,7 +65,7 @@ def test_handout_creates_runner_pod(cluster: Cluster, operator_process: Operator
     assert env["TASKLEASE_POD_NAME"].value_from.field_ref.field_path == "metadata.name"
     assert "TASKLEASE_CHECKPOINT" not in env  # first attempt: nothing to resume from
 
-    wait_for("a HandedOut event", lambda: "HandedOut" in cluster.event_reasons("hand"))
+    cluster.wait_events("hand", "HandedOut")
     assert len(cluster.pods("hand")) == 1
 
 
@@ -78,7 +78,7 @@ def test_first_report_acknowledges(cluster: Cluster, operator_process: OperatorP
         assert status["progress"]["epoch"] == 1
         leased = next(c for c in status["conditions"] if c["type"] == "Leased")
         assert (leased["status"], leased["reason"]) == ("True", "Running")
-        wait_for("an Acknowledged event", lambda: "Acknowledged" in cluster.event_reasons("ack"))
+        cluster.wait_events("ack", "Acknowledged")
         runner.succeed()
 
 
@@ -94,7 +94,7 @@ def test_ack_timeout_reassigns(cluster: Cluster, operator_process: OperatorProce
     assert cluster.annotations("silent")["tasklease.io/holder"] == "silent-2"
     wait_for("pod silent-1 to be deleted", lambda: cluster.live_pod("silent-1") is None)
     assert cluster.pod("silent-2") is not None
-    assert "AckTimeout" in cluster.event_reasons("silent")
+    cluster.wait_events("silent", "AckTimeout")
 
 
 def test_progress_timeout_reassigns_hung_runner(
@@ -166,7 +166,7 @@ def test_result_finished_succeeds(cluster: Cluster, operator_process: OperatorPr
     complete = next(c for c in status["conditions"] if c["type"] == "Complete")
     assert (complete["status"], complete["reason"]) == ("True", "Succeeded")
     wait_for("lease released", lambda: "tasklease.io/holder" not in cluster.annotations("fin"))
-    assert "Succeeded" in cluster.event_reasons("fin")
+    cluster.wait_events("fin", "Succeeded")
 
 
 def test_result_false_skips(cluster: Cluster, operator_process: OperatorProcess) -> None:
@@ -199,7 +199,7 @@ def test_non_retryable_error_fails_at_once(
         "the lease released",
         lambda: "tasklease.io/holder" not in cluster.annotations("bad-input"),
     )
-    wait_for("the Failed event", lambda: "Failed" in cluster.event_reasons("bad-input"))
+    cluster.wait_events("bad-input", "Failed")
     assert len(cluster.pods("bad-input")) == 1  # no second attempt
 
 
@@ -255,7 +255,7 @@ def test_cancel_reaches_runner(cluster: Cluster, operator_process: OperatorProce
         status = cluster.wait_phase("stopme", "Canceled")
         assert attempt_outcomes(status) == ["Canceled"]
         wait_for("the runner pod to be deleted", lambda: cluster.live_pod("stopme-1") is None)
-    assert "Canceled" in cluster.event_reasons("stopme")
+    cluster.wait_events("stopme", "Canceled")
 
 
 def test_zombie_runner_is_fenced(cluster: Cluster, operator_process: OperatorProcess) -> None:
@@ -451,10 +451,7 @@ def test_heartbeat_costs_operator_no_write(
     cluster.wait_phase("beat", "Running")
     # The acknowledgement's one status write is in (phase Running); its Event and the
     # hand-out's are sent in the background: wait for both before counting.
-    wait_for(
-        "the hand-out's and the acknowledgement's Events",
-        lambda: {"HandedOut", "Acknowledged"} <= set(cluster.event_reasons("beat")),
-    )
+    cluster.wait_events("beat", "HandedOut", "Acknowledged")
     events_before = len(cluster.events("beat"))
     start_rv = cluster.task("beat")["metadata"]["resourceVersion"]
 
@@ -519,7 +516,7 @@ def test_invalid_task_reported_not_crashed(
     )
     assert "spec.template.spec.containers[0].env[0].name" in invalid["message"]
     assert "TASKLEASE_EPOCH" in invalid["message"]
-    wait_for("an InvalidSpec event", lambda: "InvalidSpec" in cluster.event_reasons("wrong"))
+    cluster.wait_events("wrong", "InvalidSpec")
     assert cluster.pods("wrong") == []
 
     # The operator lives on: a valid task is handed out, and fixing the spec heals the other.
@@ -581,7 +578,7 @@ def test_late_after_marks_late_and_goes_on(
         cluster.wait_phase("tardy", "Running")
         assert not runner.canceled
     cluster.wait_phase("tardy", "Succeeded")
-    assert cluster.event_reasons("tardy").count("Late") == 1
+    assert cluster.wait_events("tardy", "Late").count("Late") == 1
 
 
 def test_deleting_task_removes_its_pods(
@@ -615,10 +612,7 @@ def test_foreign_phase_write_does_not_steer_the_operator(
             GROUP, VERSION, cluster.namespace, PLURAL, "overwritten",
             {"status": {"phase": "Succeeded"}},
         )  # fmt: skip
-        wait_for(
-            "the operator's warning",
-            lambda: "StatusOverwritten" in cluster.event_reasons("overwritten"),
-        )
+        cluster.wait_events("overwritten", "StatusOverwritten")
         status = cluster.wait_phase("overwritten", "Running")
         assert status.get("completionTime") is None
         assert cluster.annotations("overwritten")["tasklease.io/holder"] == "overwritten-1"
@@ -712,7 +706,7 @@ def test_refused_pod_create_that_can_clear_is_retried_with_backoff(
         return leased is not None and leased["reason"] == "FailedCreate"
 
     wait_for("the refusal on the Task", refused, timeout=30)
-    assert "FailedCreate" in cluster.event_reasons("later")
+    cluster.wait_events("later", "FailedCreate")
     assert cluster.pods("later") == []
     cluster.core.create_namespaced_service_account(
         cluster.namespace, {"metadata": {"name": "comes-later"}}

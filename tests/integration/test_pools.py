@@ -72,7 +72,7 @@ def test_pool_runner_claims_and_finishes(
     status = cluster.wait_phase("shard-7", "Succeeded")
     assert [a["holder"] for a in status["attempts"]] == ["warm-a"]
     assert cluster.pods("shard-7") == []  # no pod per attempt for pool tasks
-    assert "Claimed" in cluster.event_reasons("shard-7")
+    cluster.wait_events("shard-7", "Claimed")
 
 
 def test_poll_for_task_waits_and_returns_none_when_nothing_comes(
