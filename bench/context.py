@@ -64,6 +64,8 @@ class Settings:
     profile: bool
     profile_native: bool
     seed: int
+    heartbeat_cost_writes: int  # per variant and round; 0 skips the phase
+    heartbeat_cost_rounds: int
     apiserver_args: list[str]
     kcm_args: list[str]
     operator_env: dict[str, str] = field(default_factory=dict)

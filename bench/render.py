@@ -30,6 +30,11 @@ LABELS: Final = {
     "handout_ratio": "handout_ratio (operator / Jobs)",
     "restart_resume_s": "restart: all Tasks tracked (s)",
     "restart_false_reassignments": "restart: false reassignments",
+    "apiserver_cpu_ms_per_heartbeat": "apiserver+etcd CPU-ms / Task heartbeat",
+    "apiserver_cpu_ms_per_lease_renewal": "apiserver+etcd CPU-ms / Lease renewal",
+    "heartbeat_cost_vs_lease": "heartbeat_cost_vs_lease (Task / Lease)",
+    "apiserver_cpu_ms_per_heartbeat_small": "the same, small Task: CPU-ms / heartbeat",
+    "heartbeat_cost_vs_lease_small": "the same, small Task: vs Lease",
 }
 
 

@@ -5,6 +5,9 @@
 Starts a local control plane (etcd, kube-apiserver, kube-controller-manager with the Job
 controller added), then runs the phases in bench/phases/, in order:
 
+0. heartbeat_cost: API server + etcd CPU per Task heartbeat (the runner SDK's write, on a
+   realistic and a small Task) and per Lease renewal, the same client and concurrency for
+   both (bench/heartbeat_cost.py), before anything else uses the API server.
 1. job_controller: N batch/v1 Jobs (parallelism 1) created in bulk; pods per second from the
    first create to the N-th pod seen by a watch.
 2. warm_up: the operator (a subprocess, `python -m tasklease operator`), warmed up with one
@@ -59,6 +62,7 @@ from bench.phases import (
     detection,
     handout,
     headroom,
+    heartbeat_cost,
     job_controller,
     restart,
     steady,
@@ -110,6 +114,8 @@ async def run_phases(
             control_plane_pids=pids,
             found=found,
         )
+        # Before anything else writes: the API server's CPU is this phase's alone.
+        await heartbeat_cost.run(bench)
         watches = [
             await api.start_watch(
                 f"/api/v1/namespaces/{NAMESPACE}/pods",
@@ -226,6 +232,13 @@ def parse_args(argv: list[str] | None) -> Settings:
         help="with --profile: every thread, with C frames (TLS, parsers), not only Python's",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--heartbeat-cost-writes",
+        type=int,
+        default=1000,
+        help="writes per variant and round in the heartbeat-cost phase (1000; 0 skips it)",
+    )
+    parser.add_argument("--heartbeat-cost-rounds", type=int, default=3)
     args = parser.parse_args(argv)
     timeout = args.timeout if args.timeout is not None else auto_timeout(args.tasks, args.qps)
     ack = args.ack_timeout if args.ack_timeout is not None else timeout
@@ -263,6 +276,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         profile=args.profile or args.profile_native,
         profile_native=args.profile_native,
         seed=args.seed,
+        heartbeat_cost_writes=args.heartbeat_cost_writes,
+        heartbeat_cost_rounds=args.heartbeat_cost_rounds,
         apiserver_args=apiserver_args,
         kcm_args=kcm_args,
         operator_env=dict(item.split("=", 1) for item in args.operator_env),

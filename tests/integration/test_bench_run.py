@@ -35,6 +35,8 @@ def test_the_bench_runs_every_phase_and_ends_with_its_json_line(tmp_path: Path) 
             "--push-rounds=2",
             f"--victims-percent={VICTIMS_PERCENT}",
             f"--output-dir={tmp_path}",
+            "--heartbeat-cost-writes=100",
+            "--heartbeat-cost-rounds=1",
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -55,6 +57,10 @@ def test_the_bench_runs_every_phase_and_ends_with_its_json_line(tmp_path: Path) 
         "job_controller_pods_per_s",
         "detection_p99_s",
         "restart_resume_s",
+        "apiserver_cpu_ms_per_heartbeat",
+        "apiserver_cpu_ms_per_lease_renewal",
+        "heartbeat_cost_vs_lease",
+        "heartbeat_cost_vs_lease_small",
     ):
         assert isinstance(figures[measured], float | int), measured
     notes = json.loads((tmp_path / "details.json").read_text())["notes"]

@@ -1,0 +1,50 @@
+"""Phase 0: what one heartbeat costs the API server next to a Lease renewal, on the quiet
+control plane before anything else runs (bench/heartbeat_cost.py measures it: the same
+client and concurrency for both, the variants in alternating order). The realistic Task
+has a pod template and three attempts in its history; the small one a single container."""
+
+from __future__ import annotations
+
+from bench.context import BenchRun, log
+from bench.heartbeat_cost import measure, parse_args
+
+FIGURES = (
+    "apiserver_cpu_ms_per_heartbeat",
+    "apiserver_cpu_ms_per_lease_renewal",
+    "heartbeat_cost_vs_lease",
+    "apiserver_cpu_ms_per_heartbeat_small",
+    "heartbeat_cost_vs_lease_small",
+)
+
+
+async def run(bench: BenchRun) -> None:
+    s = bench.settings
+    if s.heartbeat_cost_writes <= 0:
+        return
+    bench.enter("heartbeat cost")
+    log(
+        f"heartbeat cost: {s.heartbeat_cost_writes} writes x {s.heartbeat_cost_rounds} rounds "
+        "of a Lease renewal, a realistic and a small Task heartbeat"
+    )
+    before = bench.cpu()
+    found = await measure(
+        bench.plane,
+        parse_args(
+            [
+                *("--writes", str(s.heartbeat_cost_writes)),
+                *("--rounds", str(s.heartbeat_cost_rounds)),
+                *("--variants", "", "--no-policies"),
+            ]
+        ),
+    )
+    bench.record_cpu("heartbeat cost", bench.cpu().minus(before))
+    for key in FIGURES:
+        bench.found.figures[key] = found[key]
+    bench.found.notes["heartbeat_cost"] = {
+        "variants": found["variants"],
+        "object_bytes": found["object_bytes"],
+    }
+    log(
+        f"heartbeat cost: {found['heartbeat_cost_vs_lease']:.2f}x a Lease renewal "
+        f"({found['heartbeat_cost_vs_lease_small']:.2f}x for the small Task)"
+    )
