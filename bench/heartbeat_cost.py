@@ -13,22 +13,27 @@ The variants (`--variants` picks some; `lease`, `task_small` and `task` are alwa
 - `lease`: a `coordination.k8s.io/v1` Lease renewal, a merge patch of `spec.renewTime`.
 - `task`, `task_small`: a heartbeat exactly as the runner SDK sends it (JSON Patch: `test` of
   the epoch and holder annotations, `add /status/progress` with a new reportTime) on a
-  realistic Task (a pod template, three attempts, conditions) and on a small one.
+  realistic Task (a pod template, three attempts, conditions) and on a small one, each as
+  the operator's hand-out leaves it: managedFields the operator's and the runner's entries
+  (compactManagedFields, the default).
+- `task_kept`, `task_small_kept`: the same with every manager's entry kept, the creator's
+  (the whole spec) included: a Task applied server-side, or `compactManagedFields: false`.
+  The levers below are measured on `task_kept`.
 - `*_sa`, `*_sa_policies`: the same as the runner ServiceAccount with a token bound to the
   holder pod (what a runner pod sends), in a namespace the chart's policies do not bind and
   in one they bind. The admin's writes (the rows without `_sa`) never match the policies:
   their matchConditions select service accounts only.
-- levers, each on the realistic Task: `task_nocel` (the CRD without its CEL rules),
-  `task_schemaless` (the CRD without a schema: preserve-unknown-fields), `task_no_attempts`
-  (no attempt history), `task_one_manager` (managedFields emptied before the heartbeats,
-  which then hold the runner's entry only; `task_nocel_one_manager` and
-  `task_small_one_manager` combine it), `task_merge_rv` (a merge patch of
-  status.progress with the resourceVersion the runner last saw as precondition instead of
-  `test`s), `task_no_test`
-  (the JSON Patch without its `test`s, not fenced: a reference), `task_merge` (merge patch,
-  not fenced), `task_apply` (server-side apply of status.progress, not fenced); and the
-  floor of any custom resource, `cr_tiny_schemaless`: a schemaless Task holding about what a
-  Lease holds, with the SDK's heartbeat.
+- levers, each on the realistic Task with its entries kept: `task_nocel` (the CRD without
+  its CEL rules), `task_schemaless` (the CRD without a schema: preserve-unknown-fields),
+  `task_no_attempts` (no attempt history), `task_one_manager` (managedFields emptied before
+  the heartbeats, which then hold the runner's entry only; `task_nocel_one_manager` and
+  `task_small_one_manager` combine it), `task_merge_rv` (a merge patch of status.progress
+  with the resourceVersion the runner last saw as precondition instead of `test`s),
+  `task_no_test` (the JSON Patch without its `test`s, not fenced: a reference),
+  `task_merge` (merge patch, not fenced), `task_apply` (server-side apply of
+  status.progress, not fenced); and the floor of any custom resource,
+  `cr_tiny_schemaless`: a schemaless Task holding about what a Lease holds, with the SDK's
+  heartbeat.
 
 The last stdout line is one JSON object: `apiserver_cpu_ms_per_heartbeat` (realistic Task),
 `apiserver_cpu_ms_per_lease_renewal`, `heartbeat_cost_vs_lease` (their ratio, goal <= 1.5),
@@ -80,6 +85,8 @@ from tasklease.api.models import (
     VERSION,
 )
 from tasklease.api.times import rfc3339_micro
+from tasklease.api.written import lease_entry
+from tasklease.kube.client import FIELD_MANAGER
 
 NAMESPACE: Final = "hb"  # the admin's writes and the runner's without policies; the
 # chart's policies bind only NAMESPACE-policy
@@ -95,6 +102,8 @@ NOCEL_GROUP: Final = "nocel.heartbeat-cost.bench"
 SCHEMALESS_GROUP: Final = "schemaless.heartbeat-cost.bench"
 
 LEVERS: Final = (
+    "task_kept",
+    "task_small_kept",
     "task_sa",
     "task_sa_policies",
     "lease_sa",
@@ -429,14 +438,28 @@ async def make_tasks(
             status = {"epoch": EPOCH}
         await post_json(api, base, body, "?fieldManager=kubectl-create")
         path = f"{base}/{name}"
-        # The operator's status, as its own field manager writes it at hand-out.
-        code, data = await api.call(
-            "PATCH",
-            f"{path}/status?fieldManager=tasklease-operator",
-            json.dumps({"status": status}).encode(),
-            content_type=MERGE_PATCH,
-        )
-        _check(code, "operator status", data)
+        await _operator_status(api, path, status)
+        if shape.get("handed_out", False):
+            # The operator's hand-out as it writes it (compactManagedFields, the default):
+            # the lease annotations, managedFields its own entry for them; then its status
+            # write again, as the hand-out's bookkeeping follows.
+            annotations = body["metadata"]["annotations"]
+            patch = {
+                "metadata": {
+                    "annotations": annotations,
+                    "managedFields": [
+                        lease_entry(FIELD_MANAGER, f"{group}/{VERSION}", annotations)
+                    ],
+                }
+            }
+            code, data = await api.call(
+                "PATCH",
+                f"{path}?fieldManager={FIELD_MANAGER}",
+                json.dumps(patch).encode(),
+                content_type=MERGE_PATCH,
+            )
+            _check(code, "hand-out", data)
+            await _operator_status(api, path, status)
         if shape.get("strip_managed_fields", False):
             # `managedFields: [{}]` empties the list; the heartbeats then add one entry.
             code, data = await api.call(
@@ -448,6 +471,17 @@ async def make_tasks(
             _check(code, "managedFields reset", data)
         paths.append(path)
     return paths
+
+
+async def _operator_status(api: Api, path: str, status: dict[str, Any]) -> None:
+    """The operator's status, as its own field manager writes it."""
+    code, data = await api.call(
+        "PATCH",
+        f"{path}/status?fieldManager={FIELD_MANAGER}",
+        json.dumps({"status": status}).encode(),
+        content_type=MERGE_PATCH,
+    )
+    _check(code, "operator status", data)
 
 
 async def _make_leases(api: Api, namespace: str, prefix: str, count: int) -> list[str]:
@@ -556,11 +590,13 @@ async def build_variants(
     found: list[Variant] = []
     lease_paths = await _make_leases(admin, namespace, "lease", in_flight)
     found.append(Variant("lease", lease_renewal(as_admin, lease_paths), lease_paths))
-    small = await tasks("small", group=GROUP, namespace=namespace, realistic=False)
+    small = await tasks("small", group=GROUP, namespace=namespace, realistic=False, handed_out=True)
     found.append(Variant("task_small", sdk_heartbeat(as_admin, small), small))
-    real = await tasks("real", group=GROUP, namespace=namespace)
+    real = await tasks("real", group=GROUP, namespace=namespace, handed_out=True)
     found.append(Variant("task", sdk_heartbeat(as_admin, real), real))
     for name, group, shape in (
+        ("task_kept", GROUP, {}),
+        ("task_small_kept", GROUP, {"realistic": False}),
         ("task_nocel", NOCEL_GROUP, {}),
         ("task_schemaless", SCHEMALESS_GROUP, {}),
         ("task_no_attempts", GROUP, {"attempts": False}),

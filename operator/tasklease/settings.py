@@ -51,6 +51,14 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = Field(default=8080, ge=0, le=65535, description="0 disables metrics.")
     health_port: int = Field(default=8081, ge=0, le=65535, description="0 disables probes.")
     log_level: str = Field(default="INFO", description="Python logging level name.")
+    compact_managed_fields: bool = Field(
+        default=True,
+        description=(
+            "At each hand-out, replace a Task's managedFields by the operator's entry for the "
+            "lease, unless a manager applied the Task server-side: each heartbeat then costs "
+            "the API server about half (docs/decisions/compact-managed-fields.md)."
+        ),
+    )
     ttl_after_finished: Duration | None = Field(
         default=None,
         description=(

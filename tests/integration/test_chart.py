@@ -74,6 +74,7 @@ ALL_OPTIONS: dict[str, Any] = {
         "logLevel": "DEBUG",
         "healthPort": 9081,
         "ttlAfterFinished": "168h",
+        "compactManagedFields": False,
         "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "extraEnv": [{"name": "PYTHONFAULTHANDLER", "value": "1"}],
         "podLabels": {"team": "batch"},
@@ -262,6 +263,7 @@ def test_default_rendering(helm: Helm, tmp_path: Path) -> None:
     assert "TASKLEASE_NAMESPACES" not in env, "watching every namespace by default"
     assert "TASKLEASE_LEADER_ELECTION" not in env, "no election unless asked for"
     assert env["TASKLEASE_METRICS_PORT"] == "8080"
+    assert env["TASKLEASE_COMPACT_MANAGED_FIELDS"] == "true"
     (service,) = by_kind["Service"]
     assert service["spec"]["ports"] == [
         {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}

@@ -21,6 +21,8 @@ from tasklease.api.times import parse_rfc3339
 from tasklease.runner import LeaseLost, TaskLease
 from tests.integration.chart_support import service_account_token, token_client
 from tests.integration.support import (
+    FAST_SPEC,
+    RUNNER_TEMPLATE,
     Cluster,
     OperatorProcess,
     bind_runner,
@@ -718,3 +720,54 @@ def test_refused_pod_create_that_can_clear_is_retried_with_backoff(
     status = cluster.wait_phase("later", "Succeeded")
     assert [a["outcome"] for a in status["attempts"]] == ["Succeeded"]
     assert "Traceback" not in operator_process.log()
+
+
+def test_handout_leaves_managed_fields_to_the_lease_and_status_writers(
+    cluster: Cluster, operator_process: OperatorProcess
+) -> None:
+    """What each heartbeat makes the API server decode and rewrite: after a hand-out, the
+    operator's and the runner's managedFields entries only; a Task applied server-side keeps
+    every entry (its applier's ownership is what a later apply prunes by)."""
+    cluster.create_task("compact")
+    applied = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Task",
+        "metadata": {"name": "applied"},
+        "spec": {**FAST_SPEC, "template": RUNNER_TEMPLATE},
+    }
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        cluster.namespace,
+        PLURAL,
+        "applied",
+        applied,
+        field_manager="gitops",
+        _content_type="application/apply-patch+yaml",
+    )
+
+    def managers(name: str) -> dict[tuple[str, str, str], dict[str, Any]]:
+        entries = cluster.task(name)["metadata"]["managedFields"]
+        return {(e["manager"], e["operation"], e.get("subresource", "")): e for e in entries}
+
+    seen = {}
+    for name in ("compact", "applied"):
+        cluster.wait_epoch(name, 1)
+        with cluster.runner(name, epoch=1) as runner:
+            runner.progress(percent=10)
+            cluster.wait_phase(name, "Running")
+            seen[name] = managers(name)
+
+    assert set(seen["compact"]) == {
+        ("tasklease-operator", "Update", ""),
+        ("tasklease-operator", "Update", "status"),
+        ("tasklease-runner", "Update", "status"),
+    }, sorted(seen["compact"])
+    lease = seen["compact"][("tasklease-operator", "Update", "")]
+    assert {
+        "f:tasklease.io/holder",
+        "f:tasklease.io/epoch",
+        "f:tasklease.io/acquire-time",
+    } <= set(lease["fieldsV1"]["f:metadata"]["f:annotations"])
+    assert lease["time"]  # a restarted operator's lease age
+    assert ("gitops", "Apply", "") in seen["applied"]

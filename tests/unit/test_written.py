@@ -1,12 +1,21 @@
 """The age of a lease and of its last report by the API server's own record, for an
-operator that sees them first in a listing (after a restart or a takeover)."""
+operator that sees them first in a listing (after a restart or a takeover); whether a Task is
+applied server-side, and the one managedFields entry a hand-out leaves."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
 
-from tasklease.api.written import WRITTEN_KEY, ages, keep_written_times, written_times
+from tasklease.api.written import (
+    APPLIED_KEY,
+    WRITTEN_KEY,
+    ages,
+    applied_server_side,
+    keep_written_times,
+    lease_entry,
+    written_times,
+)
 from tasklease.lease.core import first_seen_at
 
 EPOCH_FIELD = "f:tasklease.io/epoch"
@@ -85,3 +94,38 @@ def test_the_grace_is_at_most_half_the_window() -> None:
         1000.0, age_s=600.0, window=timedelta(seconds=10), heartbeat=timedelta(seconds=8)
     )
     assert seen == 995.0
+
+
+def test_a_watch_event_keeps_no_times_and_marks_a_task_applied_server_side() -> None:
+    plain: dict[str, Any] = {"metadata": {"managedFields": MANAGED}}
+    keep_written_times(plain, None)
+    assert plain["metadata"] == {}
+    assert not applied_server_side(plain["metadata"])
+    applied_entry = {**MANAGED[0], "manager": "kustomize-controller", "operation": "Apply"}
+    applied: dict[str, Any] = {"metadata": {"managedFields": [applied_entry, *MANAGED[1:]]}}
+    assert applied_server_side(applied["metadata"])  # as a write's answer carries it
+    keep_written_times(applied, None)
+    assert applied["metadata"] == {APPLIED_KEY: True}
+    assert applied_server_side(applied["metadata"])
+
+
+def test_the_lease_entry_owns_what_the_write_sets_and_not_what_it_removes() -> None:
+    entry = lease_entry(
+        "tasklease-operator",
+        "tasklease.io/v1alpha1",
+        {"tasklease.io/holder": "t-2", "tasklease.io/epoch": "2", "tasklease.io/gone": None},
+        {"tasklease.io/claimable": None},
+    )
+    assert entry == {
+        "manager": "tasklease-operator",
+        "operation": "Update",
+        "apiVersion": "tasklease.io/v1alpha1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+            "f:metadata": {"f:annotations": {"f:tasklease.io/holder": {}, EPOCH_FIELD: {}}}
+        },
+    }
+    # Written back, it is what a later listing reads the lease's time from.
+    assert written_times([{**entry, "time": "2026-12-06T10:00:05Z"}]) == {
+        "lease": "2026-12-06T10:00:05Z"
+    }

@@ -1,6 +1,7 @@
-"""When the API server last saw a Task's lease and its report written, by its own clock.
+"""What the operator reads of a Task's `managedFields`, and the one entry it writes there.
 
-A restarted operator has observed nothing yet. Granting every lease a whole window from its
+When the API server last saw a Task's lease and its report written, by its own clock. A
+restarted operator has observed nothing yet. Granting every lease a whole window from its
 first sighting (what an operator that just started must do if it knows nothing) means an
 operator that restarts faster than `ackTimeout` never expires anything. The API server keeps
 a record it writes itself: each field manager's `managedFields[].time`, updated whenever the
@@ -11,10 +12,18 @@ comparison between machines' clocks in it (both have whole seconds).
 
 The informer keeps only these two times and the listing's Date (`WRITTEN_KEY` in the body's
 metadata) when it drops `managedFields`; `lease.core.observe` uses them for first sightings.
+
+Whether anyone applies the Task server-side (`APPLIED_KEY`): the API server decodes, diffs
+and rewrites every manager's entry on each write, so the creator's entry (every spec field,
+the pod template's included) costs each heartbeat about as much again as the heartbeat's own
+change (docs/decisions/compact-managed-fields.md). At each hand-out the operator replaces
+the list by its own entry for the lease annotations (`lease_entry`), unless a manager used
+server-side apply: ownership is what that apply prunes and detects conflicts by.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
@@ -24,6 +33,7 @@ from tasklease.api.times import parse_rfc3339
 
 # Private to the operator's in-memory bodies (never written to the API server).
 WRITTEN_KEY: Final = "tasklease.io/written"
+APPLIED_KEY: Final = "tasklease.io/applied"
 
 
 def written_times(managed_fields: list[dict[str, Any]] | None) -> dict[str, str]:
@@ -47,11 +57,50 @@ def written_times(managed_fields: list[dict[str, Any]] | None) -> dict[str, str]
 
 
 def keep_written_times(item: dict[str, Any], listed: str | None) -> None:
-    """Replace an item's `managedFields` by the written times and the listing's Date."""
+    """Replace an item's `managedFields` by what the operator reads of them: the written
+    times and the listing's Date (`listed`; None for a watch event, whose times are not
+    kept), and whether a manager applied it server-side."""
     metadata = item.get("metadata") or {}
-    times = written_times(metadata.pop("managedFields", None))
-    if listed and times:
-        metadata[WRITTEN_KEY] = {**times, "listed": listed}
+    managed = metadata.pop("managedFields", None)
+    if any(entry.get("operation") == "Apply" for entry in managed or ()):
+        metadata[APPLIED_KEY] = True
+    if listed:
+        times = written_times(managed)
+        if times:
+            metadata[WRITTEN_KEY] = {**times, "listed": listed}
+
+
+def applied_server_side(metadata: dict[str, Any]) -> bool:
+    """Whether a manager of the Task used server-side apply (a body the informer kept, or
+    one with its `managedFields`)."""
+    return bool(metadata.get(APPLIED_KEY)) or any(
+        entry.get("operation") == "Apply" for entry in metadata.get("managedFields") or ()
+    )
+
+
+def lease_entry(
+    manager: str,
+    api_version: str,
+    annotations: Mapping[str, object],
+    labels: Mapping[str, object] | None = None,
+) -> dict[str, Any]:
+    """The `managedFields` entry of `manager` owning `annotations` and `labels` (those set,
+    not those removed): written as the whole list, it is what the list holds afterwards,
+    stamped with the write's time (the lease's written time of a later listing)."""
+    metadata: dict[str, Any] = {}
+    for field, values in (("f:annotations", annotations), ("f:labels", labels or {})):
+        owned: dict[str, Any] = {
+            f"f:{key}": {} for key, value in values.items() if value is not None
+        }
+        if owned:
+            metadata[field] = owned
+    return {
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": api_version,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:metadata": metadata},
+    }
 
 
 def ages(metadata: dict[str, Any]) -> dict[str, float]:

@@ -30,6 +30,7 @@ from yarl import URL
 
 from tasklease.api.models import GROUP, KIND, PLURAL, VERSION
 from tasklease.api.times import rfc3339
+from tasklease.api.written import lease_entry
 from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.kube.refs import ObjectRef
 
@@ -288,10 +289,17 @@ class KubeWriter:
         resource_version: str,
         annotations: dict[str, str | None],
         labels: dict[str, str | None] | None = None,
+        compact_managed_fields: bool = False,
     ) -> bytes:
+        """Merge the annotations and labels; with `compact_managed_fields`, managedFields
+        becomes the operator's entry for these annotations alone (api/written.py)."""
         metadata: dict[str, Any] = {"resourceVersion": resource_version, "annotations": annotations}
         if labels:
             metadata["labels"] = labels
+        if compact_managed_fields:
+            metadata["managedFields"] = [
+                lease_entry(FIELD_MANAGER, f"{GROUP}/{VERSION}", annotations, labels or {})
+            ]
         return await self._merge_patch(namespace, name, {"metadata": metadata})
 
     async def patch_task_status(

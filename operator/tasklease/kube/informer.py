@@ -18,7 +18,8 @@ namespace (or one for the whole cluster):
 
 Bodies are decoded once (pydantic_core's `from_json`: a quarter less CPU than `json.loads`
 on a Task), never through the generated client's models, and lose `metadata.managedFields`
-(often larger than the rest of an object, and read by nobody) before they are handed on.
+(often larger than the rest of an object) before they are handed on: a Task keeps only what
+the operator reads of them (api/written.py).
 The callback runs on the event loop, in stream order, and must be cheap.
 """
 
@@ -86,8 +87,9 @@ class Watched:
     resource: str  # the API resource (plural), for metrics
     lister: Callable[[k8s.ApiClient, str | None], Lister]
     label_selector: str | None = None
-    # What a listed item keeps of its managedFields, given the listing's HTTP Date.
-    keep_of_listed: Callable[[dict[str, Any], str | None], None] = _drop_managed_fields
+    # What an item keeps of its managedFields, given the listing's HTTP Date (None: a watch
+    # event).
+    keep_of_managed_fields: Callable[[dict[str, Any], str | None], None] = _drop_managed_fields
 
 
 def _list_tasks(api: k8s.ApiClient, namespace: str | None) -> Lister:
@@ -113,8 +115,9 @@ def _list_leases(api: k8s.ApiClient, namespace: str | None) -> Lister:
     return coordination.list_lease_for_all_namespaces  # type: ignore[no-any-return]
 
 
-# A listed Task keeps when the API server saw its lease and report written (api/written.py).
-TASKS: Final = Watched("Tasks", PLURAL, _list_tasks, keep_of_listed=keep_written_times)
+# A Task keeps when the API server saw its lease and report written (listed ones), and
+# whether it is applied server-side (api/written.py).
+TASKS: Final = Watched("Tasks", PLURAL, _list_tasks, keep_of_managed_fields=keep_written_times)
 # Every pod with our role label: the runner pods of Tasks and the pool runners.
 RUNNER_PODS: Final = Watched("runner pods", "pods", _list_pods, label_selector=ROLE_LABEL)
 # The Leases pool runners renew (ReportTaskRunnerHeartbeat).
@@ -296,7 +299,7 @@ class Informer:
         self._lister = watched.lister(api, namespace)
         self._sight: SightListener = sight or Unwatched()
         self._label_selector = watched.label_selector
-        self._keep_of_listed = watched.keep_of_listed
+        self._keep_of_managed_fields = watched.keep_of_managed_fields
         self._what = watched.what
         self._resource = watched.resource
         self._deliver = deliver
@@ -435,7 +438,7 @@ class Informer:
                 response.release()
             self._recovered()
             for index, item in enumerate(page.get("items") or ()):
-                self._keep_of_listed(item, listed)
+                self._keep_of_managed_fields(item, listed)
                 self._hand_on(self._view.listed(self._view.key(item)), item)
                 if index % _YIELD_EVERY == _YIELD_EVERY - 1:
                     await asyncio.sleep(0)
@@ -487,7 +490,7 @@ class Informer:
             raise status_error(body.get("code"), str(body.get("message") or body))
         metadata = body.get("metadata") or {}
         if event_type in (ADDED, MODIFIED, DELETED):
-            metadata.pop("managedFields", None)
+            self._keep_of_managed_fields(body, None)
             self._view.watched(event_type, self._view.key(body))
             self._hand_on(event_type, body)
         # BOOKMARK events carry nothing but the version: the point of them.

@@ -101,6 +101,7 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
         monotonic=sight.clock,
         blind_within=sight.blind_within,
         ttl_after_finished=operator.ttl_after_finished,
+        compact_managed_fields=operator.compact_managed_fields,
     )
     metrics.attach(reconciler.cache)
     if operator.metrics_port:

@@ -37,7 +37,8 @@ from typing import Any, Protocol
 import pydantic_core
 from pydantic import ValidationError
 
-from tasklease.api.models import EPOCH_LABEL, POOL_RUNNER_ROLE, ROLE_LABEL, Task
+from tasklease.api.models import EPOCH_LABEL, HOLDER_ANNOTATION, POOL_RUNNER_ROLE, ROLE_LABEL, Task
+from tasklease.api.written import applied_server_side
 from tasklease.kube.errors import ApiError, Conflict, Gone
 from tasklease.kube.refs import ObjectRef
 from tasklease.lease.core import (
@@ -108,6 +109,7 @@ class Writer(Protocol):
         resource_version: str,
         annotations: dict[str, str | None],
         labels: dict[str, str | None] | None = None,
+        compact_managed_fields: bool = False,
     ) -> bytes: ...
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
@@ -135,10 +137,13 @@ class Reconciler:
         metrics: OperatorMetrics | None = None,
         blind_within: Callable[[float], float] | None = None,
         ttl_after_finished: timedelta | None = None,
+        compact_managed_fields: bool = True,
     ) -> None:
         self._writer = writer
         # The default spec.ttlAfterFinished (the chart's operator.ttlAfterFinished).
         self._ttl_after_finished = ttl_after_finished
+        # The chart's operator.compactManagedFields (api/written.py).
+        self._compact_managed_fields = compact_managed_fields
         self._workers = workers
         self._monotonic = monotonic
         # How much of the last s seconds the operator could not see (`Sight.blind_within`):
@@ -383,6 +388,7 @@ class Reconciler:
                         resource_version=resource_version,
                         annotations=annotations,
                         labels=labels,
+                        compact_managed_fields=self._compacts(task, annotations),
                     )
                     resource_version = _resource_version(written)
                     failpoints.reached(failpoints.AFTER_LEASE_WRITE)
@@ -416,6 +422,16 @@ class Reconciler:
                     about = ObjectRef(namespace, name, task.uid, resource_version)
                     self._events.post(PendingEvent(about, type_, reason, message))
         return written
+
+    def _compacts(self, task: Task, annotations: dict[str, str | None]) -> bool:
+        """Whether this lease write replaces the Task's managedFields: a hand-out (the next
+        runner's heartbeats are what it makes cheaper), unless the Task is applied
+        server-side."""
+        return (
+            self._compact_managed_fields
+            and annotations.get(HOLDER_ANNOTATION) is not None
+            and not applied_server_side(task.metadata)
+        )
 
     def _pod_refused(
         self, entry: TaskEntry, task: Task, pod: str, epoch: int, error: ApiError
