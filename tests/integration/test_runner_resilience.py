@@ -8,6 +8,7 @@ talking to the real API server, directly or through a relay the test can cut.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,13 @@ def test_partitioned_runner_stops_its_program_by_itself(
                 wrapper.communicate()
     assert wrapper.returncode == 143, output
     assert stopped.read_text().strip() == "stopped", output
-    assert "no report reached the API server for spec.reportProgressTimeout" in output, output
+    # Which window: reportProgressTimeout once the wrapper saw a report delivered, its
+    # ackTimeout when the answers to its first reports came too late for it (a loaded
+    # machine) although the API server applied them. Both are the same 5 s here.
+    assert re.search(
+        r"no report reached the API server for spec\.(reportProgressTimeout|ackTimeout) \(5s\)",
+        output,
+    ), output
     # The operator, which could see all along, handed the task to a new pod meanwhile.
     status = cluster.wait_epoch("cut-off", 2, timeout=20)
     assert status["attempts"][0]["outcome"] == "ProgressTimeout"
