@@ -1,5 +1,6 @@
-"""The Task informer against the real API server: list (in pages), watch, resume after a
-restart, relist after 410 Gone reporting what was deleted meanwhile.
+"""The Task informer against the real API server: list (streamed, or in pages where the API
+server does not stream lists), watch, resume after a restart, relist after 410 Gone
+reporting what was deleted meanwhile.
 
 The informer runs in the test's own event loop; Tasks are written with the admin's
 synchronous client from a worker thread, so the loop keeps reading the watch meanwhile.
@@ -8,8 +9,9 @@ synchronous client from a worker thread, so the loop keeps reading the watch mea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +20,8 @@ import pytest
 from tasklease.api.models import GROUP, PLURAL, VERSION
 from tasklease.kube.client import api_client
 from tasklease.kube.informer import ADDED, DELETED, MODIFIED, TaskInformer
-from tests.integration.support import Cluster
+from tests.conftest import CRDS_DIR
+from tests.integration.support import RUNNER_TEMPLATE, Cluster
 from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.cluster
@@ -96,6 +99,7 @@ def test_list_then_watch_delivers_added_modified_deleted(
 
     async def body(informer: TaskInformer) -> None:
         await synced(informer)
+        assert informer.streams, "v1.37 serves streaming lists"
         assert recorder.seen() == [(ADDED, "before")]
         assert informer.known == 1
         await in_thread(cluster.create_task, "after")
@@ -118,21 +122,70 @@ def test_list_then_watch_delivers_added_modified_deleted(
     run(with_informer(control_plane.kubeconfig, cluster.namespace, recorder, body))
 
 
-def test_list_is_paginated(cluster: Cluster, control_plane: Any) -> None:
-    names = [f"paged-{n}" for n in range(5)]
+def test_streamed_list_then_watch_delivers_each_object_once(
+    cluster: Cluster, control_plane: Any
+) -> None:
+    names = [f"streamed-{n}" for n in range(5)]
     for name in names:
         cluster.create_task(name)
     recorder = Recorder(cluster.namespace)
 
     async def body(informer: TaskInformer) -> None:
         await synced(informer)
+        assert informer.streams
         assert sorted(recorder.seen()) == [(ADDED, name) for name in names]
-        # The watch starts from the list's version: nothing listed is delivered twice.
-        await in_thread(cluster.create_task, "paged-late")
-        await recorder.wait_event(ADDED, "paged-late")
+        # The watch starts from the bookmark's version: nothing listed is delivered twice.
+        await in_thread(cluster.create_task, "streamed-late")
+        await recorder.wait_event(ADDED, "streamed-late")
         assert len(recorder.events) == len(names) + 1
 
-    run(with_informer(control_plane.kubeconfig, cluster.namespace, recorder, body, page_size=2))
+    run(with_informer(control_plane.kubeconfig, cluster.namespace, recorder, body))
+
+
+@pytest.fixture(scope="module")
+def plane_without_streaming(control_plane_binaries: Any) -> Iterator[Any]:
+    """An API server as v1.30-v1.33 are by default: WatchList off, lists in pages only."""
+    from tasklease.controlplane import ControlPlane
+
+    with ControlPlane.start(
+        binaries=control_plane_binaries,
+        extra_args={"kube-apiserver": ["--feature-gates=WatchList=false"]},
+    ) as plane:
+        plane.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))
+        plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+        yield plane
+
+
+def test_an_api_server_that_does_not_stream_lists_is_listed_in_pages(
+    plane_without_streaming: Any,
+) -> None:
+    plane = plane_without_streaming
+    names = [f"paged-{n}" for n in range(5)]
+    plane.kubectl("create", "namespace", "paged")
+    for name in names:
+        task = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Task", "metadata": {"name": name}}
+        task["spec"] = {"template": RUNNER_TEMPLATE}
+        plane.kubectl("-n", "paged", "create", "-f", "-", input=json.dumps(task))
+    recorder = Recorder("paged")
+
+    async def body(informer: TaskInformer) -> None:
+        await synced(informer)
+        assert not informer.streams, "the API server refused the streaming list"
+        assert sorted(recorder.seen()) == [(ADDED, name) for name in names]
+        # The watch starts from the list's version: nothing listed is delivered twice.
+        await in_thread(
+            plane.kubectl,
+            "-n",
+            "paged",
+            "annotate",
+            "task",
+            "paged-0",
+            "example.com/touched=yes",
+        )
+        await recorder.wait_event(MODIFIED, "paged-0")
+        assert len(recorder.events) == len(names) + 1
+
+    run(with_informer(plane.kubeconfig, "paged", recorder, body, page_size=2))
 
 
 def test_clusterwide_informer_sees_the_namespace(cluster: Cluster, control_plane: Any) -> None:
