@@ -144,7 +144,8 @@ def test_streamed_list_then_watch_delivers_each_object_once(
 
 @pytest.fixture(scope="module")
 def plane_without_streaming(control_plane_binaries: Any) -> Iterator[Any]:
-    """An API server as v1.30-v1.33 are by default: WatchList off, lists in pages only."""
+    """An API server as v1.30, v1.31 and v1.33 are by default: WatchList off, lists in
+    pages only."""
     from tasklease.controlplane import ControlPlane
 
     with ControlPlane.start(

@@ -283,8 +283,8 @@ class Informer:
             if namespace
             else f"{watched.api_path}/{watched.resource}"
         )
-        # Until the API server refuses a streaming list once (WatchList off: before v1.34,
-        # or turned off), then pages.
+        # Until the API server refuses a streaming list once (its WatchList feature off, as
+        # in v1.30, v1.31 and v1.33 by default), then pages.
         self._streams = True
         self._sight: SightListener = sight or Unwatched()
         self._label_selector = watched.label_selector
