@@ -85,8 +85,7 @@ from tasklease.api.models import (
     VERSION,
 )
 from tasklease.api.times import rfc3339_micro
-from tasklease.api.written import lease_entry
-from tasklease.kube.client import FIELD_MANAGER
+from tasklease.kube.client import FIELD_MANAGER, lease_patch
 
 NAMESPACE: Final = "hb"  # the admin's writes and the runner's without policies; the
 # chart's policies bind only NAMESPACE-policy
@@ -120,6 +119,14 @@ LEVERS: Final = (
     "task_apply",
 )
 ALWAYS: Final = ("lease", "task_small", "task")
+# The figures `summarise` gives, beside the variants (`make bench` reports them too).
+FIGURES: Final = (
+    "apiserver_cpu_ms_per_heartbeat",
+    "apiserver_cpu_ms_per_lease_renewal",
+    "heartbeat_cost_vs_lease",
+    "apiserver_cpu_ms_per_heartbeat_small",
+    "heartbeat_cost_vs_lease_small",
+)
 
 
 # --- objects -------------------------------------------------------------------------------
@@ -443,15 +450,7 @@ async def make_tasks(
             # The operator's hand-out as it writes it (compactManagedFields, the default):
             # the lease annotations, managedFields its own entry for them; then its status
             # write again, as the hand-out's bookkeeping follows.
-            annotations = body["metadata"]["annotations"]
-            patch = {
-                "metadata": {
-                    "annotations": annotations,
-                    "managedFields": [
-                        lease_entry(FIELD_MANAGER, f"{group}/{VERSION}", annotations)
-                    ],
-                }
-            }
+            patch = lease_patch(body["metadata"]["annotations"], compact_managed_fields=True)
             code, data = await api.call(
                 "PATCH",
                 f"{path}?fieldManager={FIELD_MANAGER}",

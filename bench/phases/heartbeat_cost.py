@@ -8,15 +8,7 @@ manager's managedFields entry kept, as a Task applied server-side is."""
 from __future__ import annotations
 
 from bench.context import BenchRun, log
-from bench.heartbeat_cost import measure, parse_args
-
-FIGURES = (
-    "apiserver_cpu_ms_per_heartbeat",
-    "apiserver_cpu_ms_per_lease_renewal",
-    "heartbeat_cost_vs_lease",
-    "apiserver_cpu_ms_per_heartbeat_small",
-    "heartbeat_cost_vs_lease_small",
-)
+from bench.heartbeat_cost import FIGURES, measure, parse_args
 
 
 async def run(bench: BenchRun) -> None:

@@ -56,7 +56,7 @@ class OperatorSettings(BaseSettings):
         description=(
             "At each hand-out, replace a Task's managedFields by the operator's entry for the "
             "lease, unless a manager applied the Task server-side: each heartbeat then costs "
-            "the API server about half (docs/decisions/compact-managed-fields.md)."
+            "the API server about a quarter less (docs/decisions/compact-managed-fields.md)."
         ),
     )
     ttl_after_finished: Duration | None = Field(

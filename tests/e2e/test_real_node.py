@@ -270,6 +270,10 @@ def test_helm_install_runs_a_task_in_real_containers(release: Release) -> None:
     status = release.tasks.status("load-orders")
     assert status["phase"] == "Succeeded"
     assert [attempt["outcome"] for attempt in status["attempts"]] == ["Succeeded"]
+    # The chart's operator compacted managedFields at the hand-out: kubectl's entry (the
+    # whole spec) is gone, so the heartbeats did not rewrite it (compactManagedFields).
+    managed = release.tasks.task("load-orders")["metadata"]["managedFields"]
+    assert {entry["manager"] for entry in managed} == {"tasklease-operator", "tasklease-runner"}
     (pod,) = release.tasks.pods("load-orders")
     assert pod.spec.node_name == "tasklease-node"
     assert pod.spec.service_account_name == "tasklease-runner"

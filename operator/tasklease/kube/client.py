@@ -219,6 +219,28 @@ class _Unobserved:
 NO_ANSWER = "none"
 
 
+def lease_patch(
+    annotations: dict[str, str | None],
+    *,
+    labels: dict[str, str | None] | None = None,
+    resource_version: str | None = None,
+    compact_managed_fields: bool = False,
+) -> dict[str, Any]:
+    """The merge patch of a lease write: the annotations and labels (None removes one), the
+    resourceVersion it is compare-and-swap on; with `compact_managed_fields`, managedFields
+    becomes the operator's entry for them alone (api/written.py)."""
+    metadata: dict[str, Any] = {"annotations": annotations}
+    if resource_version is not None:
+        metadata["resourceVersion"] = resource_version
+    if labels:
+        metadata["labels"] = labels
+    if compact_managed_fields:
+        metadata["managedFields"] = [
+            lease_entry(FIELD_MANAGER, f"{GROUP}/{VERSION}", annotations, labels or {})
+        ]
+    return {"metadata": metadata}
+
+
 class KubeWriter:
     """Typed, CAS-minded wrappers around the few calls the operator makes."""
 
@@ -291,16 +313,13 @@ class KubeWriter:
         labels: dict[str, str | None] | None = None,
         compact_managed_fields: bool = False,
     ) -> bytes:
-        """Merge the annotations and labels; with `compact_managed_fields`, managedFields
-        becomes the operator's entry for these annotations alone (api/written.py)."""
-        metadata: dict[str, Any] = {"resourceVersion": resource_version, "annotations": annotations}
-        if labels:
-            metadata["labels"] = labels
-        if compact_managed_fields:
-            metadata["managedFields"] = [
-                lease_entry(FIELD_MANAGER, f"{GROUP}/{VERSION}", annotations, labels or {})
-            ]
-        return await self._merge_patch(namespace, name, {"metadata": metadata})
+        body = lease_patch(
+            annotations,
+            labels=labels,
+            resource_version=resource_version,
+            compact_managed_fields=compact_managed_fields,
+        )
+        return await self._merge_patch(namespace, name, body)
 
     async def patch_task_status(
         self, namespace: str, name: str, *, resource_version: str, status: dict[str, Any]
