@@ -16,9 +16,10 @@ import pytest
 from kubernetes import client
 from kubernetes_asyncio import client as k8s
 
+from tasklease.controlplane.cluster import free_port
 from tasklease.kube.client import api_client
 from tasklease.kube.leader import LeaderElector
-from tests.integration.support import Cluster, OperatorProcess, wait_for
+from tests.integration.support import Cluster, OperatorProcess, scrape, wait_for
 from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.cluster
@@ -225,3 +226,48 @@ def test_operator_that_loses_its_lease_stops_and_exits_non_zero(
         assert "released the Lease" not in log  # not ours to release
     finally:
         operator.stop()
+
+
+def test_only_the_leader_exports_leading(
+    control_plane: Any, cluster: Cluster, tmp_path: Path
+) -> None:
+    """`tasklease_leading` (TaskleaseNotLeading's witness) is 1 on the replica that leads and
+    0 on the standby, and moves to the standby when the leader stops."""
+    namespace = cluster.namespace
+
+    def replica(name: str) -> OperatorProcess:
+        return OperatorProcess(
+            kubeconfig=control_plane.kubeconfig,
+            namespace=namespace,
+            log_path=tmp_path / f"{name}.log",
+            metrics_port=free_port(),
+            extra_env={
+                "TASKLEASE_LEADER_ELECTION": "true",
+                "TASKLEASE_LEADER_ELECTION_NAMESPACE": namespace,
+                "HOSTNAME": name,
+            },
+        ).start()
+
+    def leading(operator: OperatorProcess) -> float | None:
+        return scrape(operator.metrics_port).get("tasklease_leading")
+
+    first = replica("operator-a")
+    second: OperatorProcess | None = None
+    try:
+        wait_for("the first replica to lead", lambda: "leading (Lease" in first.log(), timeout=60)
+        second = replica("operator-b")
+        standby = second
+        wait_for(
+            "the standby's metrics",
+            lambda: leading(standby) is not None,
+            timeout=30,
+            retrying=(OSError,),
+        )
+        assert leading(first) == 1
+        assert leading(standby) == 0
+        first.stop()  # releases the Lease: the standby leads at once
+        wait_for("the standby to export leading", lambda: leading(standby) == 1, timeout=30)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

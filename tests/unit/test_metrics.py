@@ -1,8 +1,9 @@
-"""The informer gauge: what a scrape says before and after the first listing."""
+"""The workload's gauges: whether the replica leads, and what a scrape says of each informer
+before and after its first listing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import generate_latest
 
@@ -14,6 +15,12 @@ class FakeInformer:
     resource: str
     namespace: str | None
     synced: bool = False
+
+
+@dataclass
+class FakeWorkload:
+    informers: list[FakeInformer] = field(default_factory=list)
+    running: bool = False
 
 
 def _samples(metrics: OperatorMetrics) -> dict[str, float]:
@@ -30,7 +37,7 @@ def test_informer_synced_follows_each_informer() -> None:
     tasks = FakeInformer("tasks", "team-a")
     pods = FakeInformer("pods", None)
     metrics = OperatorMetrics()
-    metrics.attach_informers([tasks, pods])
+    metrics.attach_workload(FakeWorkload([tasks, pods], running=True))
 
     # A standby (or an operator still listing) says so: nothing is synced yet.
     assert _samples(metrics) == {
@@ -43,3 +50,18 @@ def test_informer_synced_follows_each_informer() -> None:
         'tasklease_informer_synced{namespace="team-a",resource="tasks"}': 1.0,
         'tasklease_informer_synced{namespace="",resource="pods"}': 0.0,
     }
+
+
+def test_leading_follows_the_workload() -> None:
+    workload = FakeWorkload()
+    metrics = OperatorMetrics()
+    metrics.attach_workload(workload)
+
+    def leading() -> float | None:
+        return metrics.registry.get_sample_value("tasklease_leading")
+
+    assert leading() == 0.0  # a standby
+    workload.running = True
+    assert leading() == 1.0
+    workload.running = False  # stopped leading
+    assert leading() == 0.0

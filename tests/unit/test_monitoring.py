@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import pytest
 import yaml
@@ -29,6 +28,7 @@ from tests.monitoring.queries import (
     metric_names,
     panel_queries,
 )
+from tests.unit.test_metrics import FakeInformer, FakeWorkload
 
 RUNBOOK_PREFIX = "docs/monitoring.md#"
 # Series Prometheus itself makes for every target.
@@ -107,13 +107,6 @@ def test_every_dashboard_panel_is_described_in_the_docs() -> None:
         assert all(source["uid"] == "${datasource}" for source in sources), panel["title"]
 
 
-@dataclass
-class _FakeInformer:
-    resource: str
-    namespace: str | None
-    synced: bool = True
-
-
 class _FakeCache:
     def phase_counts(self) -> dict[Phase, int]:
         return {}
@@ -129,7 +122,7 @@ def _exported_families() -> dict[str, str]:
     """Every metric family the operator's /metrics can carry: its name and type."""
     metrics = OperatorMetrics()
     metrics.attach(_FakeCache())
-    metrics.attach_informers([_FakeInformer("tasks", None)])
+    metrics.attach_workload(FakeWorkload([FakeInformer("tasks", None)]))
     return {family.name: family.type for family in metrics.registry.collect()}
 
 

@@ -107,7 +107,7 @@ async def start_operator(memo: kopf.Memo, **_: Any) -> None:
     if operator.metrics_port:
         metrics.serve(operator.metrics_port)
     workload = Workload(api, reconciler, namespaces, sight=sight)
-    metrics.attach_informers(workload.informers)
+    metrics.attach_workload(workload)
     memo[MEMO_WORKLOAD] = workload
     memo[MEMO_WRITER] = writer
     if not operator.leader_election:

@@ -10,7 +10,7 @@ every 15 seconds is not.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -52,6 +52,15 @@ class WatchState(Protocol):
     def namespace(self) -> str | None: ...
     @property
     def synced(self) -> bool: ...
+
+
+class WorkloadState(Protocol):
+    """The work as the metrics see it (tasklease.operator.workload.Workload)."""
+
+    @property
+    def informers(self) -> Sequence[WatchState]: ...
+    @property
+    def running(self) -> bool: ...
 
 
 class OperatorMetrics:
@@ -144,10 +153,11 @@ class OperatorMetrics:
         """Export per-Task figures computed from `cache` at scrape time."""
         self.registry.register(_CacheCollector(cache))
 
-    def attach_informers(self, informers: Iterable[WatchState]) -> None:
-        """Export whether each informer has delivered its first listing: until all have,
-        the operator decides without knowing everything (after a start or a takeover)."""
-        self.registry.register(_InformerCollector(list(informers)))
+    def attach_workload(self, workload: WorkloadState) -> None:
+        """Export whether this replica leads (runs the work; a standby does not), and
+        whether each informer has delivered its first listing: until all have, the leader
+        decides without knowing everything (after a start or a takeover)."""
+        self.registry.register(_WorkloadCollector(workload))
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -226,17 +236,23 @@ class _CacheCollector(Collector):
         yield ages
 
 
-class _InformerCollector(Collector):
-    def __init__(self, informers: list[WatchState]) -> None:
-        self._informers = informers
+class _WorkloadCollector(Collector):
+    def __init__(self, workload: WorkloadState) -> None:
+        self._workload = workload
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "tasklease_leading",
+            "1 while this replica leads and does the work (with leader election off: once "
+            "started); a standby exports 0.",
+            value=1.0 if self._workload.running else 0.0,
+        )
         synced = GaugeMetricFamily(
             "tasklease_informer_synced",
             "1 once the informer of a resource has listed it (a standby lists nothing).",
             labels=["resource", "namespace"],
         )
-        for informer in self._informers:
+        for informer in self._workload.informers:
             synced.add_metric(
                 [informer.resource, informer.namespace or ""], 1.0 if informer.synced else 0.0
             )
