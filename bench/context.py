@@ -119,8 +119,7 @@ class BenchRun:
 def prepare_cluster(plane: Any) -> None:
     """The CRDs and the bench's namespaces, each with its default ServiceAccount (pods
     cannot be created before it exists)."""
-    plane.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
-    plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+    plane.apply_crds(REPO_ROOT / "crds")
     for namespace in (NAMESPACE, JOBS_NAMESPACE, PROBE_NAMESPACE):
         plane.kubectl("create", "namespace", namespace)
     deadline = time.monotonic() + 60

@@ -578,7 +578,7 @@ async def build_variants(
     for crd in crds:
         plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(crd))
     if crds:
-        plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+        plane.wait_crds_established()
     if policies and "task_sa_policies" in wanted:
         for doc in policy_documents(policy_namespace):
             plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(doc))
@@ -974,8 +974,7 @@ def main(argv: list[str] | None = None) -> int:
         binaries=obtain_binaries(progress=sys.stderr),
         extra_args={"kube-apiserver": apiserver_args},
     ) as plane:
-        plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-        plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+        plane.apply_crds(CRD_FILE)
         found = asyncio.run(measure(plane, args))
     print(json.dumps(found))
     return 0

@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     repo = Path(__file__).resolve().parents[1]
     with ControlPlane.start() as plane, tempfile.TemporaryDirectory() as scratch:
-        plane.kubectl("apply", "--server-side", "-f", str(repo / "crds"))
-        plane.kubectl("wait", "--for", "condition=established", "crd", "--all")
+        plane.apply_crds(repo / "crds")
         workdir = Path(scratch)
         manifest = workdir / "tasks.yaml"
         with manifest.open("w") as out:

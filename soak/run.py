@@ -461,8 +461,7 @@ class _Observed:
 
 
 def _run_on(plane: ControlPlane, folder: Path, config: Config, rng: random.Random) -> _Observed:
-    plane.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
-    plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+    plane.apply_crds(REPO_ROOT / "crds")
     plane.kubectl("create", "namespace", NAMESPACE)
     api = config_client(plane)
     core = client.CoreV1Api(api)

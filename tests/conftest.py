@@ -122,9 +122,7 @@ def control_plane(
             path for path in CRDS_DIR.glob("*") if path.suffix in {".yaml", ".yml", ".json"}
         )
         if manifests:
-            files = [arg for path in manifests for arg in ("-f", str(path))]
-            plane.kubectl("apply", "--server-side", *files)
-            plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+            plane.apply_crds(*manifests)
         yield plane
 
 

@@ -197,3 +197,38 @@ def test_no_process_left_behind_after_stop(
             up.wait()
         for pid in component_pids(state_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_applied_crds_are_served_once_applied(
+    control_plane: ControlPlane, kubectl: Any, namespace: str, tmp_path: Path
+) -> None:
+    """`apply_crds` returns once the new CRD is Established: an object of it can be created
+    at once (`kubectl wait --for=condition=established` could fail instead, on a CRD whose
+    status had no conditions yet)."""
+    group = f"{namespace}.example.com"
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"probes.{group}"},
+        "spec": {
+            "group": group,
+            "names": {"plural": "probes", "singular": "probe", "kind": "Probe"},
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object"}},
+                }
+            ],
+        },
+    }
+    manifest = tmp_path / "crd.json"
+    manifest.write_text(json.dumps(crd))
+    try:
+        control_plane.apply_crds(manifest)
+        probe = {"apiVersion": f"{group}/v1", "kind": "Probe", "metadata": {"name": "p"}}
+        kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(probe))
+    finally:
+        kubectl("delete", "crd", f"probes.{group}", "--wait=false", check=False)

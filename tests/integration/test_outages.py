@@ -64,8 +64,7 @@ def own_plane(control_plane_binaries: Any, tmp_path: Path) -> Iterator[Any]:
     from tasklease.controlplane import ControlPlane
 
     with ControlPlane.start(binaries=control_plane_binaries) as plane:
-        plane.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))
-        plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+        plane.apply_crds(CRDS_DIR)
         plane.kubectl("create", "namespace", NAMESPACE)
         wait_for(
             "the namespace's default ServiceAccount",

@@ -152,8 +152,7 @@ def plane_without_streaming(control_plane_binaries: Any) -> Iterator[Any]:
         binaries=control_plane_binaries,
         extra_args={"kube-apiserver": ["--feature-gates=WatchList=false"]},
     ) as plane:
-        plane.kubectl("apply", "--server-side", "-f", str(CRDS_DIR))
-        plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+        plane.apply_crds(CRDS_DIR)
         yield plane
 
 

@@ -428,6 +428,35 @@ class ControlPlane:
             raise KubectlError(result.returncode, argv, result.stdout, result.stderr)
         return result
 
+    def apply_crds(self, *paths: Path, timeout: float = 60.0) -> None:
+        """`kubectl apply --server-side` the manifests at `paths`, then wait until every CRD
+        is Established."""
+        self.kubectl(
+            "apply", "--server-side", *(arg for path in paths for arg in ("-f", str(path)))
+        )
+        self.wait_crds_established(timeout=timeout)
+
+    def wait_crds_established(self, *, timeout: float = 60.0) -> None:
+        """Wait until every CRD is Established. Not `kubectl wait --for=condition=established`:
+        that fails at once, rather than waiting, on a CRD whose status has no conditions yet
+        (kubernetes#66439), which a CRD just created can be."""
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = json.loads(self.kubectl("get", "crd", "-o", "json").stdout)
+            pending = [
+                crd["metadata"]["name"]
+                for crd in listed["items"]
+                if not any(
+                    condition.get("type") == "Established" and condition.get("status") == "True"
+                    for condition in (crd.get("status") or {}).get("conditions") or ()
+                )
+            ]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"CRDs not Established after {timeout:.0f}s: {pending}")
+            time.sleep(0.2)
+
     # -- start-up ----------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], extra: Mapping[str, Sequence[str]]) -> Child:

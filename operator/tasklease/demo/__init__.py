@@ -120,8 +120,7 @@ def run(*, keep: bool, state_dir: Path, out: Callable[[str], None]) -> int:
     examples = _repo_root() / "examples"
     out("starting the local control plane (etcd, kube-apiserver, kube-controller-manager)")
     with ControlPlane.start(state_dir / "controlplane") as plane:
-        plane.kubectl("apply", "--server-side", "-f", str(_repo_root() / "crds"))
-        plane.kubectl("wait", "--for", "condition=established", "crd", "--all", "--timeout=60s")
+        plane.apply_crds(_repo_root() / "crds")
         api = config.new_client_from_config(config_file=str(plane.kubeconfig))
         core = client.CoreV1Api(api)
         custom = client.CustomObjectsApi(api)
