@@ -450,7 +450,9 @@ async def make_tasks(
             # The operator's hand-out as it writes it (compactManagedFields, the default):
             # the lease annotations, managedFields its own entry for them; then its status
             # write again, as the hand-out's bookkeeping follows.
-            patch = lease_patch(body["metadata"]["annotations"], compact_managed_fields=True)
+            patch = lease_patch(
+                body["metadata"]["annotations"], compact_managed_fields=True, group=group
+            )
             code, data = await api.call(
                 "PATCH",
                 f"{path}?fieldManager={FIELD_MANAGER}",

@@ -225,10 +225,12 @@ def lease_patch(
     labels: dict[str, str | None] | None = None,
     resource_version: str | None = None,
     compact_managed_fields: bool = False,
+    group: str = GROUP,
 ) -> dict[str, Any]:
     """The merge patch of a lease write: the annotations and labels (None removes one), the
     resourceVersion it is compare-and-swap on; with `compact_managed_fields`, managedFields
-    becomes the operator's entry for them alone (api/written.py)."""
+    becomes the operator's entry for them alone (api/written.py), on a Task of API `group`
+    (the bench measures copies of the CRD under other groups)."""
     metadata: dict[str, Any] = {"annotations": annotations}
     if resource_version is not None:
         metadata["resourceVersion"] = resource_version
@@ -236,7 +238,7 @@ def lease_patch(
         metadata["labels"] = labels
     if compact_managed_fields:
         metadata["managedFields"] = [
-            lease_entry(FIELD_MANAGER, f"{GROUP}/{VERSION}", annotations, labels or {})
+            lease_entry(FIELD_MANAGER, f"{group}/{VERSION}", annotations, labels or {})
         ]
     return {"metadata": metadata}
 
